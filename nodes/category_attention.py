@@ -1,0 +1,65 @@
+"""MaskedCategoryAttention: the category identifier shapes only background pixels."""
+from __future__ import annotations
+
+import comfy.sd
+from comfy_api.v0_0_2 import io
+
+from ..productscene.attention import CategoryGate, SceneAttention
+from ..productscene.errors import ProductSceneError
+from ..productscene.library import CategoryLibrary
+from ..productscene.prompt import CategoryTokens
+from .host import install
+
+CategoryTokensType = io.Custom("CATEGORY_TOKENS")
+
+
+def apply_library_lora(model, tokens: CategoryTokens, strength: float):
+    """The library's shared LoRA on ``model``, read from the file only now that it is used."""
+    if strength == 0.0:
+        return model
+    library = CategoryLibrary.open(tokens.library_path)
+    if not library.has_lora:
+        return model
+    patched, _ = comfy.sd.load_lora_for_models(model, None, library.lora_state_dict(), strength, 0.0)
+    return patched
+
+
+class MaskedCategoryAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductSceneMaskedCategoryAttention",
+            display_name="Masked Category Attention (ProductScene)",
+            category="ProductScene",
+            description="Patches every cross-attention layer so the category identifier cannot reach "
+                        "product pixels: its attention weight on the product is exactly zero at strength 1.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x or SDXL)."),
+                io.Mask.Input("product_mask", tooltip="1 = product. One mask, or one per image of the batch; "
+                              "same aspect ratio as the image being generated."),
+                CategoryTokensType.Input("category_tokens", tooltip="From Category Tokens: which prompt rows "
+                                         "hold the identifier, and the library it came from."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1 = the identifier's weight on product pixels is exactly zero; lower "
+                                       "values weaken the gate smoothly (0 = no gate)."),
+                io.Int.Input("grow", default=1, min=0, max=16,
+                             tooltip="Grow the protected area by this many latent pixels (8 image pixels "
+                                     "each) so the category does not colour the product's edge."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Strength of the library's shared LoRA, if it has one (0 = off)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model; sample it with the Category Tokens "
+                                             "conditioning as the positive prompt.")],
+        )
+
+    @classmethod
+    def execute(cls, model, product_mask, category_tokens, strength, grow, lora_strength) -> io.NodeOutput:
+        if not all(hasattr(category_tokens, a) for a in ("rows", "context_rows", "library_path")):
+            raise ProductSceneError("category_tokens: expected the output of a Category Tokens node")
+        gate = CategoryGate(product_mask, category_tokens.rows, category_tokens.context_rows,
+                            strength=strength, grow=grow)
+        patched = install(model, SceneAttention().with_gate(gate))
+        return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
+
+
+NODES = [MaskedCategoryAttention]
