@@ -1,0 +1,115 @@
+"""Model folders of ProductScene inside ComfyUI's ``folder_paths``.
+
+Importing this module registers ``models/category_libraries`` (``.safetensors`` only). Category
+libraries may also sit in ``models/embeddings``: those are recognised by their header.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..productscene.errors import ProductSceneError
+from ..productscene.library import CategoryLibrary
+
+LIBRARY_FOLDER = "category_libraries"
+EMBEDDINGS_FOLDER = "embeddings"
+_EXTENSIONS = {".safetensors"}
+
+
+def register() -> None:
+    """Add ``category_libraries`` (under ``models_dir``) unless extra_model_paths already did."""
+    default = os.path.join(folder_paths.models_dir, LIBRARY_FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(LIBRARY_FOLDER)
+    if entry is None:
+        folder_paths.folder_names_and_paths[LIBRARY_FOLDER] = ([default], set(_EXTENSIONS))
+    else:
+        paths, exts = entry
+        if default not in paths:
+            paths.append(default)
+        if isinstance(exts, set):
+            exts.update(_EXTENSIONS)
+        else:
+            folder_paths.folder_names_and_paths[LIBRARY_FOLDER] = (paths, set(exts) | _EXTENSIONS)
+
+
+register()
+
+_HEADER_CACHE: dict[str, tuple[float, int, CategoryLibrary | None]] = {}
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return list(folder_paths.get_filename_list(folder))
+    except KeyError:
+        return []
+
+
+def open_cached(path: str) -> CategoryLibrary | None:
+    """The library at ``path`` (header only), or None if it is not a category library.
+    Cached by (mtime, size) so combo lists do not re-read unchanged files."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = os.path.realpath(path)
+    hit = _HEADER_CACHE.get(key)
+    if hit is not None and hit[0] == st.st_mtime and hit[1] == st.st_size:
+        return hit[2]
+    lib = None
+    if CategoryLibrary.is_library(path):
+        try:
+            lib = CategoryLibrary.open(path)
+        except ProductSceneError:
+            lib = None
+    _HEADER_CACHE[key] = (st.st_mtime, st.st_size, lib)
+    return lib
+
+
+def list_libraries() -> list[str]:
+    """Files of ``category_libraries`` plus ``.safetensors`` files of ``embeddings`` that are
+    category libraries (judged by header). Names are relative to their folder."""
+    out = [n for n in _names(LIBRARY_FOLDER) if n.lower().endswith(".safetensors")]
+    seen = set(out)
+    for name in _names(EMBEDDINGS_FOLDER):
+        if not name.lower().endswith(".safetensors") or name in seen:
+            continue
+        path = folder_paths.get_full_path(EMBEDDINGS_FOLDER, name)
+        if path and open_cached(path) is not None:
+            out.append(name)
+            seen.add(name)
+    return sorted(out)
+
+
+def _check_name(name, what: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ProductSceneError(f"{what}: expected a file name, got {name!r}")
+    norm = name.replace("\\", "/")
+    if (os.path.isabs(name) or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":")
+            or ".." in norm.split("/")):
+        raise ProductSceneError(
+            f"{what}: {name!r} is not allowed; give a file name inside the models folder "
+            f"(no absolute paths, no '..')")
+    return name
+
+
+def resolve(folder: str, name: str, what: str = "library") -> str:
+    """Full path of ``name`` in the ComfyUI models folder ``folder``; refuses names that reach
+    outside the folder and names that do not exist."""
+    _check_name(name, what)
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ProductSceneError(f"{what}: {name!r} was not found in models/{folder}")
+    return path
+
+
+def resolve_library(name: str, what: str = "library") -> str:
+    """A library name as listed by :func:`list_libraries` -> full path (category_libraries first,
+    then embeddings)."""
+    _check_name(name, what)
+    for folder in (LIBRARY_FOLDER, EMBEDDINGS_FOLDER):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise ProductSceneError(
+        f"{what}: {name!r} was not found in models/{LIBRARY_FOLDER} or models/{EMBEDDINGS_FOLDER}")

@@ -1,0 +1,393 @@
+"""Category library: one safetensors file holding the identifier vectors of many categories.
+
+Format (``productscene.format = category_library``, version 1), see docs/design.md:
+tensors ``vectors.<encoder>`` ``[C, n, width]`` for every encoder of the family and optional LoRA
+tensors ``lora.<comfy lora key>``; metadata (JSON strings) ``categories``, ``init_words``,
+``base_family``, ``vectors_per_token``, ``encoders``, ``training``, ``license``, ``created_by``.
+
+Host-free. ``CategoryLibrary.open`` reads the header only; a category's vectors are read row by row
+(``safe_open`` + ``get_slice``) and the LoRA only when ``lora_state_dict()`` is called.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from safetensors import safe_open
+
+from . import __version__
+from .errors import ProductSceneError
+from .files import check_format, load_tensors, read_header, save_safetensors_atomic
+
+FORMAT = "category_library"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+FAMILIES: dict[str, dict[str, int]] = {
+    "sd15": {"clip_l": 768},
+    "sd2": {"clip_h": 1024},
+    "sdxl": {"clip_l": 768, "clip_g": 1280},
+}
+# library encoder name -> key of ComfyUI's tokenizer output
+TOKENIZER_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
+ENCODER_OF_TOKENIZER_KEY = {v: k for k, v in TOKENIZER_KEYS.items()}
+
+VECTOR_PREFIX = "vectors."
+LORA_PREFIX = "lora."
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_HEADER_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def check_family(family: str, what: str = "family") -> dict[str, int]:
+    """Return ``{encoder: width}`` of a family or raise naming ``what``."""
+    if family not in FAMILIES:
+        raise ProductSceneError(
+            f"{what}: unknown base model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return dict(FAMILIES[family])
+
+
+def family_of_encoders(encoders: Mapping[str, int]) -> str | None:
+    """The family whose encoders/widths are exactly ``encoders`` (e.g. from a CLIP), else None."""
+    enc = {str(k): int(v) for k, v in encoders.items()}
+    for fam, spec in FAMILIES.items():
+        if spec == enc:
+            return fam
+    return None
+
+
+def suggest(name: str, names, limit: int = 3) -> str:
+    """' Did you mean: a, b?' (or '') for an unknown name."""
+    names = list(names)
+    close = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
+    lower = {n.lower(): n for n in names}
+    if name.lower() in lower and lower[name.lower()] not in close:
+        close.insert(0, lower[name.lower()])
+    return f" Did you mean: {', '.join(repr(c) for c in close[:limit])}?" if close else ""
+
+
+def _check_names(names) -> list[str]:
+    names = list(names)
+    if not names:
+        raise ProductSceneError("names: a category library needs at least one category")
+    seen = set()
+    dups = []
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            raise ProductSceneError(f"names: category names must be non-empty strings, got {n!r}")
+        if n in seen and n not in dups:
+            dups.append(n)
+        seen.add(n)
+    if dups:
+        raise ProductSceneError(f"names: duplicate category names {dups[:10]}; every category must be unique")
+    return names
+
+
+def _as_2d(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+        raise ProductSceneError(f"{what}: expected a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2:
+        raise ProductSceneError(f"{what}: expected [n, width] vectors, got shape {list(t.shape)}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LibraryData:
+    """An in-memory library (what the builders return); ``write`` saves it."""
+    names: list[str]
+    family: str
+    vectors: dict[str, torch.Tensor]          # {encoder: [C, n, width]}
+    init_words: dict[str, str] = field(default_factory=dict)
+
+    def write(self, path, lora=None, training=None, license=None, created_by=None) -> str:
+        return CategoryLibrary.write(path, self.names, self.vectors, self.family, self.init_words,
+                                     lora=lora, training=training, license=license,
+                                     created_by=created_by)
+
+
+class CategoryLibrary:
+    """A category library file opened from its header. Vectors and LoRA are read lazily."""
+
+    def __init__(self, path: str, metadata: dict, index: dict):
+        self.path = path
+        self.metadata = metadata
+        self._index = index
+        base = os.path.basename(path)
+        check_format(metadata, FORMAT, SUPPORTED_VERSIONS, path=path)
+        self.format_version = int(metadata["productscene.format_version"])
+
+        def field_json(key, default=None, required=True):
+            if key not in metadata:
+                if required:
+                    raise ProductSceneError(f"{base}: category library metadata lacks {key!r}")
+                return default
+            try:
+                return json.loads(metadata[key])
+            except json.JSONDecodeError:
+                raise ProductSceneError(f"{base}: metadata {key!r} is not valid JSON") from None
+
+        self.family = field_json("base_family")
+        check_family(self.family, what=f"library {base}")
+        self.encoders = {str(k): int(v) for k, v in field_json("encoders").items()}
+        if self.encoders != FAMILIES[self.family]:
+            raise ProductSceneError(
+                f"library {base}: encoders {self.encoders} do not match family {self.family!r} "
+                f"(expected {FAMILIES[self.family]})")
+        self.names = list(field_json("categories"))
+        _check_names(self.names)
+        self._row = {n: i for i, n in enumerate(self.names)}
+        self.vectors_per_token = int(field_json("vectors_per_token"))
+        words = field_json("init_words", default=None, required=False)
+        if isinstance(words, dict):
+            self.init_words = {str(k): str(v) for k, v in words.items()}
+        elif isinstance(words, list):
+            self.init_words = {n: w for n, w in zip(self.names, words) if w is not None}
+        else:
+            self.init_words = {}
+        self.training = field_json("training", default=None, required=False)
+        lic = metadata.get("license")
+        self.license = field_json("license", required=False) if lic is not None else None
+        cb = metadata.get("created_by")
+        self.created_by = field_json("created_by", required=False) if cb is not None else None
+
+        C, n = len(self.names), self.vectors_per_token
+        for enc, width in self.encoders.items():
+            key = VECTOR_PREFIX + enc
+            if key not in index:
+                raise ProductSceneError(f"library {base}: tensor {key!r} is missing")
+            dtype, shape = index[key]
+            if dtype not in _HEADER_FLOAT_DTYPES or shape != (C, n, width):
+                raise ProductSceneError(
+                    f"library {base}: tensor {key!r} should be float [{C}, {n}, {width}], "
+                    f"got {dtype} {list(shape)}")
+        self.lora_keys = sorted(k[len(LORA_PREFIX):] for k in index if k.startswith(LORA_PREFIX))
+
+    # -- reading ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path) -> "CategoryLibrary":
+        """Read the header only (names, family, encoders, vectors_per_token, init words)."""
+        path = os.fspath(path)
+        metadata, index = read_header(path)
+        return cls(path, metadata, index)
+
+    @staticmethod
+    def is_library(path) -> bool:
+        """True if ``path`` is a safetensors file whose header says category library."""
+        try:
+            meta, _ = read_header(path)
+        except (ProductSceneError, OSError):
+            return False
+        return meta.get("productscene.format") == FORMAT
+
+    def __len__(self):
+        return len(self.names)
+
+    def __contains__(self, category):
+        return category in self._row
+
+    def __repr__(self):
+        return (f"CategoryLibrary({os.path.basename(self.path)!r}, family={self.family!r}, "
+                f"categories={len(self.names)}, n={self.vectors_per_token}, lora={self.has_lora})")
+
+    def index(self, category: str) -> int:
+        """Row of ``category``; unknown names raise with close suggestions."""
+        try:
+            return self._row[category]
+        except (KeyError, TypeError):
+            raise ProductSceneError(
+                f"category: {category!r} is not in library {os.path.basename(self.path)} "
+                f"({len(self.names)} categories).{suggest(str(category), self.names)}") from None
+
+    def vectors(self, category: str) -> dict[str, torch.Tensor]:
+        """``{encoder: [n, width]}`` float32 for one category, reading only that row."""
+        i = self.index(category)
+        out = {}
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                for enc in self.encoders:
+                    out[enc] = f.get_slice(VECTOR_PREFIX + enc)[i:i + 1][0].to(torch.float32)
+        except Exception as e:
+            raise ProductSceneError(
+                f"library {os.path.basename(self.path)}: could not read vectors of {category!r} ({e})") from None
+        return out
+
+    def all_vectors(self) -> dict[str, torch.Tensor]:
+        """``{encoder: [C, n, width]}`` float32 for every category (trainers, CLI)."""
+        t = load_tensors(self.path, [VECTOR_PREFIX + e for e in self.encoders])
+        return {e: t[VECTOR_PREFIX + e].to(torch.float32) for e in self.encoders}
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self.lora_keys)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shared LoRA in ComfyUI LoRA key format (``lora.`` prefix removed); {} if none."""
+        if not self.lora_keys:
+            return {}
+        t = load_tensors(self.path, [LORA_PREFIX + k for k in self.lora_keys])
+        return {k: t[LORA_PREFIX + k] for k in self.lora_keys}
+
+    def info(self) -> dict:
+        """A JSON-able summary (for a CLI ``info`` command or a UI)."""
+        return {
+            "path": self.path, "format_version": self.format_version, "family": self.family,
+            "encoders": dict(self.encoders), "vectors_per_token": self.vectors_per_token,
+            "categories": len(self.names), "lora_tensors": len(self.lora_keys),
+            "training": self.training, "license": self.license, "created_by": self.created_by,
+        }
+
+    # -- writing ---------------------------------------------------------------------------
+    @staticmethod
+    def write(path, names, vectors: Mapping[str, torch.Tensor], family: str, init_words=None,
+              lora: Mapping[str, torch.Tensor] | None = None, training=None, license=None,
+              created_by=None) -> str:
+        """Validate and write a library atomically. ``vectors = {encoder: [C, n, width]}``;
+        ``init_words`` a {name: word} dict or a list aligned with ``names``; ``lora`` a ComfyUI
+        LoRA state dict (keys without the ``lora.`` prefix). Returns the path."""
+        spec = check_family(family)
+        names = _check_names(names)
+        C = len(names)
+        vectors = dict(vectors)
+        if set(vectors) != set(spec):
+            raise ProductSceneError(
+                f"vectors: family {family!r} needs encoders {sorted(spec)}, got {sorted(vectors)}")
+        n = None
+        tensors = {}
+        for enc, width in spec.items():
+            t = vectors[enc]
+            if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES or t.dim() != 3:
+                raise ProductSceneError(
+                    f"vectors: {enc} must be a float tensor [C, n, width], got "
+                    f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.shape[0] != C:
+                raise ProductSceneError(f"vectors: {enc} has {t.shape[0]} rows but there are {C} names")
+            if t.shape[2] != width:
+                raise ProductSceneError(
+                    f"vectors: {enc} vectors are {t.shape[2]} wide, family {family!r} needs {width}")
+            if n is None:
+                n = int(t.shape[1])
+            elif t.shape[1] != n:
+                raise ProductSceneError(f"vectors: all encoders need the same vectors per token, got {n} and {t.shape[1]}")
+            if n < 1:
+                raise ProductSceneError("vectors: at least one vector per token is needed")
+            if not torch.isfinite(t).all():
+                raise ProductSceneError(f"vectors: {enc} contains NaN or infinite values")
+            tensors[VECTOR_PREFIX + enc] = t.detach().cpu().contiguous()
+        if init_words is None:
+            words = [None] * C
+        elif isinstance(init_words, Mapping):
+            unknown = [k for k in init_words if k not in set(names)]
+            if unknown:
+                raise ProductSceneError(f"init_words: names not in the library: {unknown[:5]}")
+            words = [init_words.get(nm) for nm in names]
+        else:
+            words = list(init_words)
+            if len(words) != C:
+                raise ProductSceneError(f"init_words: {len(words)} words for {C} categories")
+        for k, v in (lora or {}).items():
+            if not isinstance(v, torch.Tensor):
+                raise ProductSceneError(f"lora: {k!r} must be a tensor")
+            tensors[LORA_PREFIX + k] = v.detach().cpu().contiguous()
+        metadata = {
+            "categories": json.dumps(names, ensure_ascii=False),
+            "init_words": json.dumps(words, ensure_ascii=False),
+            "base_family": json.dumps(family),
+            "vectors_per_token": json.dumps(n),
+            "encoders": json.dumps(spec),
+            "training": json.dumps(training, ensure_ascii=False, default=str),
+            "license": json.dumps(license, ensure_ascii=False),
+            "created_by": json.dumps(created_by or f"ProductScene {__version__}"),
+        }
+        save_safetensors_atomic(tensors, path, metadata, kind=FORMAT, version=FORMAT_VERSION)
+        return os.fspath(path)
+
+    # -- builders --------------------------------------------------------------------------
+    @staticmethod
+    def from_embedding_files(files: Mapping[str, str], family: str) -> LibraryData:
+        """Build from standard textual-inversion safetensors files ``{category: path}``.
+
+        SD1.5/SD2: ``emb_params`` ``[n, width]`` (or ``string_to_param.*``, or ``clip_l``/``clip_h``);
+        SDXL: ``clip_l`` ``[n, 768]`` and ``clip_g`` ``[n, 1280]``. Every file must give the same n.
+        """
+        spec = check_family(family)
+        names = _check_names(files.keys())
+        per_enc: dict[str, list[torch.Tensor]] = {e: [] for e in spec}
+        n = None
+        first = None
+        for name in names:
+            path = os.fspath(files[name])
+            base = os.path.basename(path)
+            tensors = load_tensors(path)
+            for enc, width in spec.items():
+                t = _pick_embedding(tensors, enc, width, len(spec) == 1, f"embedding file {base}")
+                t = _as_2d(t, f"embedding file {base} ({enc})")
+                if t.shape[1] != width:
+                    raise ProductSceneError(
+                        f"embedding file {base}: {enc} vectors are {t.shape[1]} wide, "
+                        f"family {family!r} needs {width}")
+                if n is None:
+                    n, first = t.shape[0], base
+                elif t.shape[0] != n:
+                    raise ProductSceneError(
+                        f"embedding file {base}: has {t.shape[0]} vectors per token but {first} has {n}; "
+                        f"all categories of a library need the same count")
+                per_enc[enc].append(t.to(torch.float32))
+        return LibraryData(names, family, {e: torch.stack(v) for e, v in per_enc.items()}, {})
+
+    @staticmethod
+    def from_words(words: Mapping[str, str], family: str,
+                   token_embedding: Callable[[str], Mapping[str, torch.Tensor]]) -> LibraryData:
+        """Build by initialising each category from a word: ``token_embedding(word)`` returns
+        ``{encoder: [n, width]}`` (e.g. the text encoder's token embeddings of that word)."""
+        spec = check_family(family)
+        names = _check_names(words.keys())
+        per_enc: dict[str, list[torch.Tensor]] = {e: [] for e in spec}
+        n = None
+        for name in names:
+            word = words[name]
+            if not isinstance(word, str) or not word.strip():
+                raise ProductSceneError(f"words: init word of {name!r} must be a non-empty string")
+            emb = token_embedding(word)
+            if set(emb) != set(spec):
+                raise ProductSceneError(
+                    f"token_embedding: returned encoders {sorted(emb)} for {word!r}, family {family!r} needs {sorted(spec)}")
+            for enc, width in spec.items():
+                t = _as_2d(emb[enc], f"token_embedding({word!r})[{enc}]")
+                if t.shape[1] != width:
+                    raise ProductSceneError(
+                        f"token_embedding: {enc} vectors of {word!r} are {t.shape[1]} wide, family {family!r} needs {width}")
+                if n is None:
+                    n = t.shape[0]
+                elif t.shape[0] != n:
+                    raise ProductSceneError(
+                        f"words: {word!r} gives {t.shape[0]} vectors but earlier words gave {n}; "
+                        f"all categories need the same count (use single-token words)")
+                per_enc[enc].append(t.detach().to(torch.float32).cpu())
+        return LibraryData(names, family, {e: torch.stack(v) for e, v in per_enc.items()},
+                           {k: words[k] for k in names})
+
+
+def _pick_embedding(tensors: dict, enc: str, width: int, single: bool, what: str) -> torch.Tensor:
+    if enc in tensors:
+        return tensors[enc]
+    if single:
+        if "emb_params" in tensors:
+            return tensors["emb_params"]
+        stp = [k for k in tensors if k.startswith("string_to_param.")]
+        if len(stp) == 1:
+            return tensors[stp[0]]
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+    raise ProductSceneError(
+        f"{what}: no {enc} vectors found (keys: {sorted(tensors)[:8]}); expected "
+        + ("'emb_params' or 'string_to_param.*'" if single else f"'{enc}'"))
+
+
+def open_library(path) -> CategoryLibrary:
+    return CategoryLibrary.open(path)
