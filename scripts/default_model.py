@@ -1,0 +1,351 @@
+"""Build and cache the embedded default model and category library of the demo.
+
+No diffusion weights can be downloaded where this project is built and tested, so the demo's
+default model is a *reduced but detectable SD1.5 checkpoint with random weights*:
+
+- UNet: ComfyUI's own SD1.5 UNet class with ``model_channels`` 320, ``context_dim`` 768,
+  ``channel_mult`` [1, 2], one res block and transformer depth 1 per level (about 107M parameters);
+- the standard CLIP-L text encoder (123M) and the standard SD VAE (84M);
+- every tensor drawn from a seeded generator (small fan-in scaled normals, norms at 1, biases at 0;
+  never uninitialised memory), saved in fp16 as one safetensors file of about 630 MB with keys
+  ``model.diffusion_model.*``, ``cond_stage_model.transformer.text_model.*``,
+  ``first_stage_model.*`` so that ComfyUI's CheckpointLoaderSimple detects it as SD1.5 and returns
+  MODEL, CLIP and VAE.
+
+It proves the pipeline (every node runs on ComfyUI's real model classes, the product pixels come
+back untouched); it draws no meaningful background. Its category library holds one identifier per
+sample category, initialised from this model's own CLIP token embedding of a describing word, and is
+untrained.
+
+Files (atomic writes; rebuilt only when missing or when ``BUILDER_VERSION`` / the categories change):
+    <repo>/.cache/productscene/default-sd15-random.safetensors
+    <repo>/.cache/productscene/default-categories.safetensors
+
+Usage (the venv python): ``python scripts/default_model.py [--force] [--no-verify]``.
+Importable: ``ensure_default_model()``, ``ensure_default_library()``, ``ensure_defaults()``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = ROOT / ".cache" / "productscene"
+CHECKPOINT_NAME = "default-sd15-random.safetensors"
+LIBRARY_NAME = "default-categories.safetensors"
+MANIFEST = ROOT / "samples" / "products" / "manifest.json"
+
+# Bump when what the builder writes changes: cached files of another version are rebuilt.
+BUILDER_VERSION = "1"
+SEED = 20240531
+
+UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                "dropout": 0.0}
+
+# Fallback when the samples manifest is missing: category -> describing word.
+FALLBACK_WORDS = {"perfume": "perfume", "tools": "tools", "tea": "tea", "sneakers": "sneakers"}
+
+DESCRIPTION = (
+    "ProductScene embedded default model: a reduced SD1.5-architecture checkpoint (UNet "
+    "model_channels 320, channel_mult [1,2], 1 res block and transformer depth 1 per level; "
+    "standard CLIP-L text encoder and SD VAE) with SEEDED RANDOM weights. Not trained: it proves "
+    "the ComfyUI pipeline and that product pixels stay untouched, and draws no meaningful "
+    "background. Use a real SD1.5 checkpoint for real backgrounds.")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def comfy_path() -> Path:
+    env = os.environ.get("COMFYUI_PATH")
+    return Path(env) if env else ROOT / ".venv" / "comfyui"
+
+
+def _import_paths() -> None:
+    # ComfyUI's tree must come before the repo root: the repo has a nodes/ package and ComfyUI a
+    # nodes.py, and `import nodes` must give ComfyUI's.
+    if str(comfy_path()) not in sys.path:
+        sys.path.insert(0, str(comfy_path()))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    if "comfy.model_management" not in sys.modules:
+        import torch
+        if not torch.cuda.is_available():
+            from comfy.cli_args import args   # ComfyUI picks its device on import: say CPU first
+            args.cpu = True
+
+
+def checkpoint_path(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or CACHE_DIR) / CHECKPOINT_NAME
+
+
+def library_path(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or CACHE_DIR) / LIBRARY_NAME
+
+
+def _header_meta(path: Path) -> dict | None:
+    """Metadata of a safetensors file, header only; None when missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 * 1024 * 1024:
+                return None
+            return (json.loads(f.read(n)).get("__metadata__") or {})
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the checkpoint
+def _shapes() -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{checkpoint key: shape}`` of every tensor, from ComfyUI's own classes built on the meta
+    device (no memory, no initialisation)."""
+    _import_paths()
+    import torch
+    import comfy.ops
+    from comfy.clip_model import CLIPTextModel
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    ops = comfy.ops.disable_weight_init
+    clip_config = json.loads((comfy_path() / "comfy" / "sd1_clip_config.json").read_text())
+    out = {}
+    with torch.device("meta"):
+        unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="meta", operations=ops)
+        for k, v in unet.state_dict().items():
+            out["model.diffusion_model." + k] = tuple(v.shape)
+        clip = CLIPTextModel(clip_config, torch.float32, "meta", ops)
+        for k, v in clip.state_dict().items():
+            # text_projection and logit_scale are not part of an SD1.5 checkpoint
+            if k.startswith("text_projection") or "logit_scale" in k:
+                continue
+            out["cond_stage_model.transformer." + k] = tuple(v.shape)
+        vae = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+        for k, v in vae.state_dict().items():
+            out["first_stage_model." + k] = tuple(v.shape)
+    return out
+
+
+def _random_tensor(key: str, shape, gen):
+    """Small seeded random values: fan-in scaled normals for weights, 1 for norm scales,
+    0 for biases, 0.02 / 0.01 normals for token / position embeddings."""
+    import torch
+    if "position_ids" in key:
+        return torch.arange(shape[-1], dtype=torch.float32).expand(*shape).clone()
+    if key.endswith(".bias") or len(shape) == 0:
+        return torch.zeros(shape)
+    if len(shape) == 1:                      # GroupNorm / LayerNorm scales
+        return torch.ones(shape)
+    if "token_embedding" in key:
+        return torch.randn(shape, generator=gen) * 0.02
+    if "position_embedding" in key:
+        return torch.randn(shape, generator=gen) * 0.01
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=gen) * (1.0 / math.sqrt(fan_in))
+
+
+def build_checkpoint(path: Path, seed: int = SEED) -> Path:
+    _import_paths()
+    import torch
+    from productscene.files import save_safetensors_atomic
+
+    shapes = _shapes()
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    params = {"unet": 0, "clip": 0, "vae": 0}
+    for key in sorted(shapes):
+        t = _random_tensor(key, shapes[key], gen)
+        tensors[key] = t.to(torch.float16)
+        part = "unet" if key.startswith("model.") else "clip" if key.startswith("cond_stage") else "vae"
+        params[part] += t.numel()
+    metadata = {
+        "productscene.default_model": DESCRIPTION,
+        "productscene.builder_version": BUILDER_VERSION,
+        "productscene.seed": str(seed),
+        "productscene.trained": "false",
+        "productscene.parameters": json.dumps(params),
+        "productscene.unet_config": json.dumps(UNET_CONFIG),
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.title": "ProductScene default (random weights, SD1.5 architecture, reduced UNet)",
+    }
+    save_safetensors_atomic(tensors, path, metadata, kind="default_checkpoint", version=1)
+    return path
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Load with ComfyUI's own loader; check SD1.5 detection, a CLIP and a VAE."""
+    _import_paths()
+    import comfy.sd
+    import comfy.supported_models
+
+    t0 = time.time()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:4]
+    cfg = type(model.model.model_config)
+    if cfg is not comfy.supported_models.SD15:
+        raise RuntimeError(f"{path}: detected as {cfg.__name__}, expected SD15")
+    if clip is None or vae is None:
+        raise RuntimeError(f"{path}: loader returned clip={clip is not None} vae={vae is not None}")
+    return {"detected": cfg.__name__, "load_s": round(time.time() - t0, 2)}
+
+
+def ensure_default_model(cache_dir: Path | None = None, force: bool = False, verify: bool = True,
+                         log=say) -> Path:
+    """The cached default checkpoint; built (and verified) when missing or out of date."""
+    path = checkpoint_path(cache_dir)
+    meta = _header_meta(path)
+    if not force and meta and meta.get("productscene.builder_version") == BUILDER_VERSION:
+        return path
+    log(f"building the default model (random-weight SD1.5 architecture, ~630 MB) at {path} ...")
+    t0 = time.time()
+    build_checkpoint(path)
+    log(f"  written in {time.time() - t0:.1f} s")
+    if verify:
+        try:
+            info = verify_checkpoint(path)
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        log(f"  verified: ComfyUI detects it as {info['detected']} with CLIP and VAE (load {info['load_s']} s)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the category library
+def sample_category_words(manifest: Path = MANIFEST) -> dict[str, str]:
+    """``{category: describing word}`` for every sample category (the manifest's ``init_word``
+    when given, else the category name with ``_``/``-`` as spaces)."""
+    try:
+        data = json.loads(Path(manifest).read_text())
+    except (OSError, ValueError):
+        return dict(FALLBACK_WORDS)
+    items = data.get("products", data) if isinstance(data, dict) else data
+    if isinstance(items, dict):
+        items = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "category": v}
+                 for k, v in items.items()]
+    words: dict[str, str] = {}
+    for it in items:
+        if not isinstance(it, dict) or not it.get("category"):
+            continue
+        cat = str(it["category"])
+        words.setdefault(cat, str(it.get("init_word") or cat.replace("_", " ").replace("-", " ")))
+    return words or dict(FALLBACK_WORDS)
+
+
+def _tokenizer():
+    _import_paths()
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(str(comfy_path() / "comfy" / "sd1_tokenizer"))
+
+
+def _library_key(words: dict[str, str], ckpt_meta: dict) -> str:
+    blob = json.dumps({"v": BUILDER_VERSION, "words": words,
+                       "ckpt": [ckpt_meta.get("productscene.builder_version"), ckpt_meta.get("productscene.seed")]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_library(path: Path, ckpt: Path, words: dict[str, str]) -> Path:
+    _import_paths()
+    import torch
+    from safetensors import safe_open
+    from productscene.library import CategoryLibrary
+
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    with safe_open(str(ckpt), framework="pt") as f:
+        table = f.get_tensor(key).to(torch.float32)
+    tok = _tokenizer()
+
+    def token_embedding(word: str):
+        ids = tok(word)["input_ids"][1:-1]      # drop start/end
+        if not ids:
+            raise ValueError(f"word {word!r} has no tokens")
+        # a multi-token word: the mean of its token embeddings (one vector per identifier)
+        return {"clip_l": table[ids].mean(0, keepdim=True)}
+
+    data = CategoryLibrary.from_words(words, "sd15", token_embedding)
+    data.write(path,
+               training=None,
+               license="Same as the default model: generated by ProductScene, no training data.",
+               created_by={
+                   "by": "scripts/default_model.py",
+                   "note": ("UNTRAINED default library: each identifier is the default model's own CLIP "
+                            "token embedding of a describing word (init_words). It carries no learned "
+                            "category style."),
+                   "builder_version": BUILDER_VERSION,
+                   "key": _library_key(words, _header_meta(ckpt) or {}),
+                   "checkpoint": CHECKPOINT_NAME,
+               })
+    return path
+
+
+def ensure_default_library(checkpoint: Path | None = None, cache_dir: Path | None = None,
+                           force: bool = False, log=say) -> Path:
+    """The cached untrained default library for the sample categories."""
+    ckpt = Path(checkpoint) if checkpoint else ensure_default_model(cache_dir, log=log)
+    path = library_path(cache_dir)
+    words = sample_category_words()
+    want = _library_key(words, _header_meta(ckpt) or {})
+    meta = _header_meta(path)
+    if not force and meta:
+        try:
+            if json.loads(meta.get("created_by", "null")).get("key") == want:
+                return path
+        except (ValueError, TypeError, AttributeError):
+            pass
+    log(f"building the default category library ({', '.join(words)}; untrained) at {path}")
+    build_library(path, ckpt, words)
+    return path
+
+
+def ensure_defaults(cache_dir: Path | None = None, force: bool = False, verify: bool = True,
+                    log=say) -> tuple[Path, Path]:
+    ckpt = ensure_default_model(cache_dir, force=force, verify=verify, log=log)
+    lib = ensure_default_library(ckpt, cache_dir, force=force, log=log)
+    return ckpt, lib
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--force", action="store_true", help="rebuild even when the cached files are current")
+    ap.add_argument("--no-verify", action="store_true", help="skip loading the new checkpoint with ComfyUI")
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    ckpt, lib = ensure_defaults(a.cache_dir, force=a.force, verify=not a.no_verify)
+    say(f"default model:   {ckpt}")
+    say(f"default library: {lib}")
+    say(f"({time.time() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

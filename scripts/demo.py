@@ -1,0 +1,421 @@
+"""ProductScene demo: new category backgrounds for the sample products through a real ComfyUI.
+
+    bash scripts/demo.sh [--checkpoint PATH] [--server URL] [--out DIR] [--steps N] [--size PX]
+
+Starts ComfyUI headless on loopback with this pack installed (unless ``--server`` points at a
+running one), uploads every product of ``samples/products/``, runs the bundled API workflow
+``workflows/category_background.api.json`` once per product with the product's category from
+``samples/products/manifest.json``, and writes ``<out>/<product>.png`` plus
+``<out>/contact_sheet.png`` (input | product mask | result, one row per product).
+
+With no ``--checkpoint`` it builds (once, cached in ``.cache/productscene``) and uses the embedded
+default model: a reduced SD1.5-architecture checkpoint with random weights. See ``DEFAULT_NOTICE``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+import default_model  # noqa: E402
+
+WORKFLOW = ROOT / "workflows" / "category_background.api.json"
+SAMPLES = ROOT / "samples" / "products"
+
+DEFAULT_NOTICE = """\
+--------------------------------------------------------------------------------------------
+No --checkpoint given: using ProductScene's embedded DEFAULT MODEL.
+  What it is: a reduced SD1.5-architecture checkpoint (ComfyUI's real SD1.5 UNet class with
+  fewer levels, the standard CLIP-L text encoder and SD VAE) with SEEDED RANDOM WEIGHTS, built
+  on this machine and cached in .cache/productscene/. Its category library is UNTRAINED (each
+  category's identifier is the model's own token embedding of the category word).
+  What it proves: the whole pipeline runs in a real ComfyUI (product mask, category tokens,
+  masked category attention, background-only inpainting, exact composite) and the product
+  pixels come back bit-identical.
+  What it is NOT: it draws no meaningful background - expect coloured noise around the product.
+  For real backgrounds: --checkpoint /path/to/an-sd15-checkpoint.safetensors (and a trained
+  category library: --library PATH).
+--------------------------------------------------------------------------------------------"""
+
+
+class DemoError(RuntimeError):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+def load_manifest() -> list[dict]:
+    try:
+        data = json.loads((SAMPLES / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DemoError(f"cannot read {SAMPLES / 'manifest.json'}: {e}") from None
+    items = data.get("products", []) if isinstance(data, dict) else data
+    out = []
+    for it in items:
+        path = SAMPLES / it["file"]
+        if not path.is_file():
+            raise DemoError(f"sample product {path} listed in the manifest is missing")
+        out.append({"file": it["file"], "path": path, "category": it["category"],
+                     "name": Path(it["file"]).stem})
+    if not out:
+        raise DemoError("the samples manifest lists no products")
+    return out
+
+
+def prepare_image(src: Path, size: int, dst: Path) -> Image.Image:
+    """RGBA copy of ``src`` whose longest side is ``size`` (both sides multiples of 16, which the
+    default model's UNet needs); ``size`` 0 keeps the size (rounded down to multiples of 16)."""
+    im = Image.open(src).convert("RGBA")
+    w, h = im.size
+    scale = (size / max(w, h)) if size else 1.0
+    nw, nh = max(16, int(round(w * scale / 16)) * 16), max(16, int(round(h * scale / 16)) * 16)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.LANCZOS)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im.save(dst)
+    return im
+
+
+def is_safetensors_sd15(path: Path) -> tuple[bool, str]:
+    """(is an SD1.5 checkpoint with text encoder and VAE, token-embedding key) from the header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100 * 1024 * 1024:
+            raise DemoError(f"--checkpoint {path}: not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise DemoError(f"--checkpoint {path}: not a safetensors file (bad header)") from None
+    keys = set(header)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise DemoError(f"--checkpoint {path}: no UNet weights (model.diffusion_model.*); "
+                        f"give a full checkpoint (UNet + text encoder + VAE)")
+    if not any(k.startswith("first_stage_model.") for k in keys):
+        raise DemoError(f"--checkpoint {path}: no VAE weights (first_stage_model.*)")
+    for k in ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+              "cond_stage_model.transformer.embeddings.token_embedding.weight"):
+        if k in keys:
+            return header[k]["shape"][-1] == 768, k
+    return False, ""
+
+
+def library_for_checkpoint(ckpt: Path, words: dict[str, str]) -> Path:
+    """An UNTRAINED library for a user's SD1.5 checkpoint: its own token embedding of each
+    category word (cached by checkpoint path, size and mtime)."""
+    import hashlib
+    import torch
+    from safetensors import safe_open
+    from productscene.library import CategoryLibrary
+    if ckpt.suffix.lower() != ".safetensors":
+        raise DemoError(f"--checkpoint {ckpt}: the demo reads token embeddings only from .safetensors files; "
+                        f"give a category library made for this model with --library PATH")
+    ok, key = is_safetensors_sd15(ckpt)
+    if not ok:
+        raise DemoError(f"--checkpoint {ckpt}: not an SD1.5 checkpoint with a CLIP-L text encoder; "
+                        f"the demo's untrained library needs one. Give a category library made for "
+                        f"this model with --library PATH")
+    st = ckpt.stat()
+    tag = hashlib.sha256(f"{ckpt.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sorted(words.items())}".encode()).hexdigest()[:12]
+    out = default_model.CACHE_DIR / f"untrained-categories-{tag}.safetensors"
+    if out.is_file():
+        return out
+    with safe_open(str(ckpt), framework="pt") as f:
+        table = f.get_tensor(key).to(torch.float32)
+    tok = default_model._tokenizer()
+
+    def emb(word):
+        ids = tok(word)["input_ids"][1:-1]
+        return {"clip_l": table[ids].mean(0, keepdim=True)}
+    CategoryLibrary.from_words(words, "sd15", emb).write(
+        out, training=None, license=None,
+        created_by={"by": "scripts/demo.py", "note": f"UNTRAINED: token embeddings of the category words "
+                                                      f"from {ckpt.name}"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the workflow
+def node_of(prompt: dict, class_type: str, title: str | None = None) -> dict:
+    hits = [n for n in prompt.values() if n.get("class_type") == class_type
+            and (title is None or n.get("_meta", {}).get("title") == title)]
+    if len(hits) != 1:
+        raise DemoError(f"{WORKFLOW.name}: expected one {class_type} node, found {len(hits)}")
+    return hits[0]
+
+
+def node_id_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, n in prompt.items() if n.get("class_type") == class_type)
+
+
+def build_prompt(base: dict, *, image: str, category: str, ckpt: str, library: str, steps: int,
+                 seed: int, cfg: float, prefix: str) -> dict:
+    p = copy.deepcopy(base)
+    node_of(p, "LoadImage")["inputs"]["image"] = image
+    node_of(p, "CheckpointLoaderSimple")["inputs"]["ckpt_name"] = ckpt
+    tokens = node_of(p, "ProductSceneCategoryTokens")["inputs"]
+    tokens["library"], tokens["category"] = library, category
+    ks = node_of(p, "KSampler")["inputs"]
+    ks["steps"], ks["seed"], ks["cfg"] = int(steps), int(seed), float(cfg)
+    node_of(p, "SaveImage")["inputs"]["filename_prefix"] = prefix
+    return p
+
+
+def check_server_choices(client, ckpt: str, library: str, categories: list[str]) -> None:
+    """Clear errors, before anything is queued, when the server lacks our nodes or files."""
+    info = client.object_info()
+    missing = [t for t in ("ProductSceneProductMask", "ProductSceneCategoryTokens",
+                           "ProductSceneMaskedCategoryAttention", "ProductSceneComposite") if t not in info]
+    if missing:
+        raise DemoError(f"the ComfyUI server does not have the ProductScene nodes {missing}; install the "
+                        f"pack into its custom_nodes folder and restart it")
+    ckpts = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    if ckpt not in ckpts:
+        raise DemoError(f"checkpoint {ckpt!r} is not in the server's models/checkpoints "
+                        f"(it has: {ckpts[:10]}{' ...' if len(ckpts) > 10 else ''})")
+    libs = _combo(info["ProductSceneCategoryTokens"]["input"]["required"]["library"])
+    if library not in libs:
+        raise DemoError(f"category library {library!r} is not in the server's models/category_libraries "
+                        f"(it has: {libs[:10]})")
+    cats = _combo(info["ProductSceneCategoryTokens"]["input"]["required"]["category"])
+    lost = sorted(set(categories) - set(cats))
+    if lost:
+        raise DemoError(f"the server's category libraries lack the sample categories {lost}")
+
+
+def _combo(spec) -> list:
+    opts = spec[0]
+    if opts == "COMBO":
+        opts = spec[1].get("options", [])
+    return list(opts)
+
+
+def check_url(url: str) -> None:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/system_stats", timeout=10) as r:
+            json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DemoError(f"--server {url}: no ComfyUI answers there ({e}); start ComfyUI or leave "
+                        f"--server out to let the demo start its own") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+def product_check(uploaded: Image.Image, result: Image.Image) -> tuple[int, int, float]:
+    """(product pixels unchanged, product pixels, share of background pixels that changed).
+    Product = alpha 255 (where the product mask is exactly 1 and the composite keeps the original)."""
+    a = np.asarray(uploaded)
+    rgb, alpha = a[..., :3], a[..., 3]
+    out = np.asarray(result.convert("RGB"))
+    if out.shape != rgb.shape:
+        return 0, int((alpha == 255).sum()), 0.0
+    prod = alpha == 255
+    same = (out == rgb).all(-1)
+    bg = alpha == 0
+    changed = float((~same[bg]).mean()) if bg.any() else 0.0
+    return int(same[prod].sum()), int(prod.sum()), changed
+
+
+def _checker(size, cell=8) -> Image.Image:
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    c = (((yy // cell) + (xx // cell)) % 2) * 40 + 190
+    return Image.fromarray(np.stack([c, c, c], -1).astype(np.uint8))
+
+
+def contact_sheet(rows: list[dict], path: Path, cell: int = 256) -> None:
+    font = ImageFont.load_default()
+    label_h, pad = 22, 8
+    cols = ["input", "product mask", "result"]
+    W = pad + len(cols) * (cell + pad)
+    H = label_h + pad + len(rows) * (cell + label_h + pad)
+    sheet = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, c in enumerate(cols):
+        draw.text((pad + j * (cell + pad), 4), c, fill=(0, 0, 0), font=font)
+    for i, r in enumerate(rows):
+        y = label_h + pad + i * (cell + label_h + pad)
+        draw.text((pad, y), f"{r['name']}  [{r['category']}]  {r['note']}", fill=(0, 0, 0), font=font)
+        inp = r["input"]
+        shown = _checker(inp.size)
+        shown.paste(inp, (0, 0), inp)
+        alpha = inp.getchannel("A")
+        mask = alpha.point(lambda v: 255 if v == 255 else (128 if v > 0 else 0)).convert("RGB")
+        for j, im in enumerate([shown, mask, r["result"].convert("RGB")]):
+            im = im.copy()
+            im.thumbnail((cell, cell), Image.LANCZOS)
+            sheet.paste(im, (pad + j * (cell + pad) + (cell - im.width) // 2,
+                             y + label_h + (cell - im.height) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+def run(args) -> int:
+    t_start = time.time()
+    products = load_manifest()
+    words = default_model.sample_category_words()
+    out_dir = Path(args.out).resolve()
+    base = json.loads(WORKFLOW.read_text())
+
+    # the model and library
+    if args.server:
+        check_url(args.server)
+        if args.checkpoint is None or args.library is None:
+            raise DemoError("with --server give --checkpoint NAME and --library NAME as the server lists them "
+                            "(its models/checkpoints and models/category_libraries): the demo cannot copy "
+                            "files into another ComfyUI")
+        ckpt_file = lib_file = None
+        ckpt_name, lib_name = args.checkpoint, args.library
+    else:
+        if args.checkpoint is None:
+            log(DEFAULT_NOTICE)
+            t0 = time.time()
+            ckpt_file, lib_file = default_model.ensure_defaults()
+            log(f"default model ready in {time.time() - t0:.1f} s: {ckpt_file}")
+        else:
+            ckpt_file = Path(args.checkpoint).expanduser().absolute()
+            if not ckpt_file.is_file():
+                raise DemoError(f"--checkpoint {args.checkpoint}: no such file")
+            if ckpt_file.suffix.lower() == ".safetensors":
+                is_safetensors_sd15(ckpt_file)   # clear error for files that are no checkpoint
+            if args.library:
+                lib_file = Path(args.library).expanduser().absolute()
+                if not lib_file.is_file():
+                    raise DemoError(f"--library {args.library}: no such file")
+            else:
+                lib_file = library_for_checkpoint(ckpt_file, words)
+                log(f"no --library: using an UNTRAINED library made from {ckpt_file.name}'s own token "
+                    f"embeddings of the category words ({lib_file.name}); a trained library gives the "
+                    f"real category styles")
+        ckpt_name, lib_name = ckpt_file.name, lib_file.name
+
+    from productscene.client import ComfyClient
+    if args.server:
+        client = ComfyClient(args.server)
+        return _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start)
+    from productscene.errors import ProductSceneError
+    from productscene.launcher import ComfyServer
+    log("starting ComfyUI headless on loopback (CPU unless a GPU is present) ...")
+    t0 = time.time()
+    try:
+        server = ComfyServer(default_model.comfy_path(),
+                             models={"checkpoints": [ckpt_file], "category_libraries": [lib_file]},
+                             cpu=not args.gpu)
+        server.start()
+    except ProductSceneError as e:
+        raise DemoError(f"ComfyUI could not be started: {e}") from None
+    try:
+        log(f"ComfyUI ready at {server.url} in {time.time() - t0:.1f} s")
+        client = ComfyClient(server.url)
+        return _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start)
+    except BaseException:
+        log("last lines of the ComfyUI log:")
+        log(server.log_tail(40))
+        raise
+    finally:
+        server.stop()
+
+
+def _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start) -> int:
+    from productscene.errors import ProductSceneError
+    try:
+        check_server_choices(client, ckpt_name, lib_name, sorted({p["category"] for p in products}))
+    except ProductSceneError as e:
+        raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
+    work = out_dir / ".inputs"
+    rows = []
+    all_ok = True
+    for p in products:
+        t0 = time.time()
+        local = work / f"productscene_demo_{p['name']}.png"
+        uploaded = prepare_image(p["path"], args.size, local)
+        up = client.upload_image(local)
+        name = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
+        prompt = build_prompt(base, image=name, category=p["category"], ckpt=ckpt_name, library=lib_name,
+                              steps=args.steps, seed=args.seed, cfg=args.cfg,
+                              prefix=f"productscene_demo/{p['name']}")
+        try:
+            pid = client.queue(prompt)
+            client.wait(pid, timeout=args.timeout)
+        except ProductSceneError as e:
+            raise DemoError(f"{p['file']}: the workflow failed in ComfyUI (is the checkpoint a usable SD1.5 "
+                            f"checkpoint?): {e}") from None
+        save_id = node_id_of(prompt, "SaveImage")
+        images = client.outputs(pid, save_id)
+        if not images:
+            raise DemoError(f"{p['file']}: the workflow produced no image (see the ComfyUI log)")
+        dst = out_dir / f"{p['name']}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(client.download(images[0]))
+        result = Image.open(dst)
+        same, total, changed = product_check(uploaded, result)
+        ok = same == total and total > 0
+        all_ok &= ok
+        note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
+        log(f"  {p['file']:<22} [{p['category']}] -> {dst}  ({note}; {time.time() - t0:.1f} s)")
+        rows.append({"name": p["name"], "category": p["category"], "input": uploaded, "result": result,
+                     "note": note})
+    sheet = out_dir / "contact_sheet.png"
+    contact_sheet(rows, sheet)
+    log(f"contact sheet: {sheet}")
+    log(f"wall time: {time.time() - t_start:.1f} s")
+    if not all_ok:
+        log("WARNING: some product pixels changed (see above)")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="New category backgrounds for the sample products, through a "
+                                             "real ComfyUI (headless, loopback).")
+    ap.add_argument("--checkpoint", help="SD1.5 checkpoint file (.safetensors). Default: the embedded "
+                                         "random-weight default model (proves the pipeline, no real backgrounds). "
+                                         "With --server: the checkpoint's name as that server lists it.")
+    ap.add_argument("--library", help="category library file (default: an untrained one for the sample "
+                                      "categories). With --server: its name as the server lists it.")
+    ap.add_argument("--server", help="URL of a running ComfyUI with ProductScene installed "
+                                     "(default: start one on loopback)")
+    ap.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder (default output/demo)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 for the default model, 20 otherwise)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="longest image side in px, rounded to multiples of 16 (default 256 for the default model, 512 otherwise)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each image")
+    ap.add_argument("--gpu", action="store_true", help="let the started ComfyUI use a GPU (default: --cpu)")
+    args = ap.parse_args(argv)
+    default = args.checkpoint is None
+    if args.steps is None:
+        args.steps = 4 if default else 20
+    if args.size is None:
+        args.size = 256 if default else 512
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
+    if args.size < 0 or (args.size and args.size < 16):
+        ap.error("--size must be 0 (keep) or at least 16")
+    try:
+        return run(args)
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The bundled category-background workflow: canvas file and API twin describe the same graph, every
+node type is known to a real ComfyUI server, and the API workflow runs end to end through that
+server on a sample product with the default (random-weight, detectable SD1.5) checkpoint: product
+pixels come back bit-identical, the background changes, and two categories give two backgrounds."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+CANVAS = WORKFLOWS / "category_background.json"
+API = WORKFLOWS / "category_background.api.json"
+SAMPLE = ROOT / "samples" / "products" / "perfume_bottle.png"
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _load_default_model_module():
+    spec = importlib.util.spec_from_file_location("productscene_default_model", ROOT / "scripts" / "default_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _is_widget(spec) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _input_specs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) in the order the frontend lays out the node's inputs (required, optional)."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    out = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            out.append((name, info["input"][section][name]))
+    return out
+
+
+def canvas_widgets(node: dict, info: dict) -> dict:
+    """Map a canvas node's ``widgets_values`` to input names, dropping the frontend-only extra values
+    (``control_after_generate`` after a seed, the upload button's value after LoadImage's image)."""
+    values = list(node.get("widgets_values") or [])
+    linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+    out = {}
+    for name, spec in _input_specs(info):
+        if not _is_widget(spec) or name in linked:
+            continue
+        assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+        out[name] = values.pop(0)
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if opts.get("control_after_generate"):
+            assert values and values[0] in ("fixed", "increment", "decrement", "randomize"), node["id"]
+            values.pop(0)
+        if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
+            if values and values[0] in ("image", "video", "audio"):
+                values.pop(0)
+    assert not values, f"node {node['id']} ({node['type']}): widget values left over: {values}"
+    return out
+
+
+def canvas_graph(canvas: dict) -> tuple[dict, set]:
+    nodes = {str(n["id"]): n for n in canvas["nodes"]}
+    links = set()
+    for link_id, origin, oslot, target, tslot, typ in canvas["links"]:
+        tnode = nodes[str(target)]
+        inp = tnode["inputs"][tslot]
+        assert inp["link"] == link_id, f"link {link_id}: target input does not point back"
+        onode = nodes[str(origin)]
+        assert link_id in onode["outputs"][oslot]["links"], f"link {link_id}: origin output does not list it"
+        assert onode["outputs"][oslot]["type"] == typ == inp["type"], f"link {link_id}: type mismatch"
+        links.add((str(origin), int(oslot), str(target), inp["name"]))
+    return nodes, links
+
+
+def api_graph(api: dict) -> set:
+    links = set()
+    for nid, node in api.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                links.add((str(value[0]), int(value[1]), nid, name))
+    return links
+
+
+def test_canvas_file_shape():
+    canvas = json.loads(CANVAS.read_text())
+    assert canvas["version"] == 0.4
+    ids = [n["id"] for n in canvas["nodes"]]
+    assert len(ids) == len(set(ids))
+    assert canvas["last_node_id"] >= max(ids)
+    assert canvas["last_link_id"] >= max(l[0] for l in canvas["links"])
+    for n in canvas["nodes"]:
+        for key in ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order"):
+            assert key in n, f"node {n.get('id')}: lacks {key!r}"
+    canvas_graph(canvas)  # links consistent in both directions
+
+
+def test_twins_describe_the_same_graph(comfy_server):
+    server, client = comfy_server
+    object_info = client.object_info()
+    canvas = json.loads(CANVAS.read_text())
+    api = json.loads(API.read_text())
+    nodes, canvas_links = canvas_graph(canvas)
+
+    assert {k: n["type"] for k, n in nodes.items()} == {k: n["class_type"] for k, n in api.items()}
+    assert canvas_links == api_graph(api)
+    unknown = sorted({n["class_type"] for n in api.values()} - set(object_info))
+    assert not unknown, f"node types unknown to the server: {unknown}"
+
+    for nid, node in nodes.items():
+        info = object_info[node["type"]]
+        api_widgets = {k: v for k, v in api[nid]["inputs"].items() if not isinstance(v, list)}
+        assert canvas_widgets(node, info) == api_widgets, f"node {nid} ({node['type']}): widget values differ"
+        assert node.get("title") == api[nid].get("_meta", {}).get("title")
+        # every required input is given, links carry the type the input expects
+        required = info["input"].get("required", {})
+        for name, spec in required.items():
+            assert name in api[nid]["inputs"], f"node {nid} ({node['type']}): required input {name!r} missing"
+            value = api[nid]["inputs"][name]
+            if isinstance(value, list):
+                origin = api[value[0]]["class_type"]
+                out_type = object_info[origin]["output"][value[1]]
+                want = spec[0]
+                assert want == out_type or (isinstance(want, str) and out_type in want.split(",")), \
+                    f"node {nid}.{name}: gets {out_type} from {origin}, expects {want}"
+
+
+@pytest.fixture(scope="module")
+def default_files():
+    dm = _load_default_model_module()
+    return dm.ensure_defaults(log=lambda *_: None)
+
+
+def _link_into(server, folder: str, path: Path) -> str:
+    dst = Path(server.base_dir) / "models" / folder / path.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(path, dst)
+    return path.name
+
+
+def _run(client, api: dict, set_inputs: dict) -> np.ndarray:
+    prompt = json.loads(json.dumps(api))
+    for (nid, name), value in set_inputs.items():
+        prompt[nid]["inputs"][name] = value
+    pid = client.queue(prompt)
+    client.wait(pid, timeout=600)
+    save_id = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
+    images = client.outputs(pid, save_id)
+    assert len(images) == 1, images
+    data = client.download(images[0])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_category_workflow_end_to_end(comfy_server, default_files, tmp_path):
+    server, client = comfy_server
+    ckpt, lib = default_files
+    ckpt_name = _link_into(server, "checkpoints", Path(ckpt))
+    lib_name = _link_into(server, "category_libraries", Path(lib))
+
+    # a small copy of a sample product keeps the CPU run short (multiples of 16 px for the UNet)
+    product = Image.open(SAMPLE).convert("RGBA").resize((96, 96), Image.LANCZOS)
+    local = tmp_path / "ps_test_product.png"
+    product.save(local)
+    up = client.upload_image(local)
+    uploaded = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
+    rgba = np.asarray(product)
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    inside, outside = alpha == 255, alpha == 0
+    assert inside.sum() > 100 and outside.sum() > 100
+
+    api = json.loads(API.read_text())
+    ids = {n["class_type"]: k for k, n in api.items()}
+    common = {
+        (ids["CheckpointLoaderSimple"], "ckpt_name"): ckpt_name,
+        (ids["ProductSceneCategoryTokens"], "library"): lib_name,
+        (ids["LoadImage"], "image"): uploaded,
+        (ids["KSampler"], "steps"): 1,
+        (ids["KSampler"], "seed"): 7,
+    }
+    results = {}
+    for category in ("perfume", "tools"):
+        results[category] = _run(client, api, {**common, (ids["ProductSceneCategoryTokens"], "category"): category})
+
+    for category, out in results.items():
+        assert out.shape == rgb.shape, category
+        # inside the product mask: the input's pixels, bit for bit
+        assert np.array_equal(out[inside], rgb[inside]), f"{category}: product pixels changed"
+        # the background was generated anew
+        changed = (out[outside] != rgb[outside]).any(-1).mean()
+        assert changed > 0.5, f"{category}: only {changed:.0%} of the background changed"
+    # same seed, two categories: two different backgrounds, the same product
+    a, b = results["perfume"], results["tools"]
+    assert (a[outside] != b[outside]).any(-1).mean() > 0.1
+    assert np.array_equal(a[inside], b[inside])
