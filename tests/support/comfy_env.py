@@ -1,0 +1,136 @@
+"""Make the real ComfyUI importable in this process, on the CPU, with a private base directory.
+
+Import this module before anything imports ``comfy``, ``nodes`` or ``folder_paths``
+(``tests/conftest.py`` does it at collection time). Importing it:
+
+* puts the ComfyUI tree on ``sys.path[0]`` (default ``<repo>/.venv/comfyui``, made by
+  ``scripts/setup_host.sh``; the environment variable ``PRODUCTSCENE_COMFYUI`` overrides it).
+  It must sit *before* the repo root: the repo has a ``nodes/`` package and ComfyUI a ``nodes.py``;
+  ``import nodes`` must give ComfyUI's. (The pack's own ``nodes/`` is only ever imported as a
+  subpackage of the pack, see :func:`import_pack`.)
+* sets ComfyUI's parsed arguments before ``comfy.model_management`` reads them: ``--cpu``
+  (``PRODUCTSCENE_COMFY_GPU=1`` leaves device choice to ComfyUI), and a temporary
+  ``--base-directory`` so that ``folder_paths`` (models/, input/, output/, user/, temp/) never
+  touches the shared tree. The directory is removed at interpreter exit.
+* hides ComfyUI's import-time warnings (torchaudio missing, ...), and turns off tqdm progress bars.
+
+Nothing here imports ``productscene``: the core stays host-free.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMFYUI_DIR = Path(os.environ.get("PRODUCTSCENE_COMFYUI") or REPO_ROOT / ".venv" / "comfyui").resolve()
+
+if not (COMFYUI_DIR / "main.py").is_file() or not (COMFYUI_DIR / "comfy").is_dir():
+    raise RuntimeError(
+        f"ComfyUI tree not found at {COMFYUI_DIR} (no main.py / comfy/). Run `bash scripts/setup_host.sh` "
+        "or point PRODUCTSCENE_COMFYUI at a ComfyUI 0.3.75 checkout."
+    )
+
+_comfy_str = str(COMFYUI_DIR)
+if _comfy_str in sys.path:
+    sys.path.remove(_comfy_str)
+sys.path.insert(0, _comfy_str)
+
+# Private base directory for folder_paths (models/, input/, output/, temp/, user/, custom_nodes/).
+BASE_DIR = Path(tempfile.mkdtemp(prefix="productscene-comfy-base-"))
+for _sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
+    (BASE_DIR / _sub).mkdir()
+atexit.register(shutil.rmtree, BASE_DIR, True)
+
+# SWIG extension types (sentencepiece, ...) warn "builtin type ... has no __module__" on import and exit.
+warnings.filterwarnings("ignore", message=r"builtin type swig", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r"builtin type Swig", category=DeprecationWarning)
+
+FORCE_CPU = os.environ.get("PRODUCTSCENE_COMFY_GPU", "") not in ("1", "true", "yes")
+
+_NOISY = ("torchaudio missing", "ACE model", "MMAudio")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # pragma: no cover - trivial
+        msg = record.getMessage()
+        return not any(n in msg for n in _NOISY)
+
+
+def _configure() -> None:
+    already = "comfy.model_management" in sys.modules
+    import comfy.options  # noqa: F401  (args_parsing stays False: ComfyUI parses [] not pytest's argv)
+    import comfy.cli_args as cli_args
+
+    if already and FORCE_CPU and not cli_args.args.cpu:
+        raise RuntimeError("comfy.model_management was imported before tests.support.comfy_env; "
+                           "import comfy_env first so ComfyUI picks the CPU")
+    if FORCE_CPU:
+        cli_args.args.cpu = True
+    cli_args.args.base_directory = str(BASE_DIR)
+    cli_args.args.disable_auto_launch = True
+    cli_args.args.auto_launch = False
+    cli_args.args.database_url = "sqlite:///:memory:"
+
+    root = logging.getLogger()
+    noise = _DropNoise()
+    root.addFilter(noise)
+    for h in root.handlers:
+        h.addFilter(noise)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # import-time chatter only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # SWIG modules' "no __module__"
+            import comfy.model_management  # noqa: F401
+            import comfy.utils
+            import folder_paths  # noqa: F401
+    finally:
+        logging.disable(previous)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+
+_configure()
+
+
+def import_comfy_nodes():
+    """Import ComfyUI's ``nodes`` module (core nodes; the heavy part, ~5 s) quietly and return it."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import nodes
+    finally:
+        logging.disable(previous)
+    return nodes
+
+
+@functools.cache
+def import_pack(name: str = "productscene_pack_under_test") -> types.ModuleType:
+    """Import the repo as a ComfyUI pack package called ``name`` (not the repo folder's name), the
+    way ComfyUI does, so ``nodes/*.py`` with their relative imports (``from ..productscene...``)
+    can be unit-tested: ``pack = import_pack(); pack.nodes.product_mask.SomeNode``.
+    Does not register anything in ``nodes.NODE_CLASS_MAPPINGS`` (tests/test_loader.py does that
+    through ComfyUI's own loader)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
