@@ -8,9 +8,8 @@ from ..productscene.attention import CategoryGate, SceneAttention
 from ..productscene.errors import ProductSceneError
 from ..productscene.library import CategoryLibrary
 from ..productscene.prompt import CategoryTokens
+from .category_tokens import CategoryTokensType
 from .host import install
-
-CategoryTokensType = io.Custom("CATEGORY_TOKENS")
 
 
 def apply_library_lora(model, tokens: CategoryTokens, strength: float):
