@@ -15,16 +15,6 @@ from productscene.library import FAMILIES, CategoryLibrary
 TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
 
-@pytest.fixture(scope="module")
-def pack():
-    return comfy_env.import_pack()
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes():
-    return comfy_env.import_comfy_nodes()
-
-
 @pytest.fixture
 def folders(tmp_path, monkeypatch, pack):
     """Fresh category_libraries and embeddings folders for one test."""

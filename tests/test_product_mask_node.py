@@ -17,16 +17,6 @@ SAMPLES = REPO / "samples" / "products"
 
 
 @pytest.fixture(scope="module")
-def pack():
-    return comfy_env.import_pack()
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes():
-    return comfy_env.import_comfy_nodes()
-
-
-@pytest.fixture(scope="module")
 def manifest():
     return json.loads((SAMPLES / "manifest.json").read_text())["products"]
 
