@@ -77,10 +77,12 @@ class TinyModels:
 
 @torch.no_grad()
 def init_weights(module: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
-    """Overwrite every parameter / floating buffer of ``module`` deterministically (in place)."""
+    """Overwrite every parameter / floating buffer of ``module`` deterministically (in place).
+    The noise schedule (``model_sampling``'s sigma tables) is configuration, not weights: kept."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     tensors = list(module.named_parameters()) + [
-        (n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+        (n, b) for n, b in module.named_buffers()
+        if b.is_floating_point() and not n.startswith("model_sampling.")]
     for name, p in tensors:
         leaf = name.rsplit(".", 1)[-1]
         if p.ndim >= 2:

@@ -1,0 +1,233 @@
+"""Command line: ``python -m productscene <command> ...``.
+
+Commands
+  train-categories  train a category library from a data set (BG60k or folder layout)
+  check-dataset     check a data set and list every problem (nothing is written)
+  build-library     build a category library from textual-inversion embedding files
+
+The core never imports ComfyUI. ``train-categories`` finds a ComfyUI tree (``--comfyui``, env
+``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and loads the pack's own host adapter
+(``nodes/training_host.py``) by path, so the node and the command line run the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import sys
+import types
+from pathlib import Path
+
+from .errors import ProductSceneError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_ALIAS = "_productscene_pack"
+
+
+# ------------------------------------------------------------------------------ host loading
+def find_comfyui(path: str | None = None) -> Path:
+    candidates = [path, os.environ.get("COMFYUI_PATH"), str(REPO_ROOT / ".venv" / "comfyui")]
+    for c in candidates:
+        if not c:
+            continue
+        p = Path(c).expanduser().resolve()
+        if (p / "comfy").is_dir() and (p / "comfy" / "model_management.py").is_file():
+            return p
+        if c is path or c == os.environ.get("COMFYUI_PATH"):
+            raise ProductSceneError(f"comfyui: {c!r} is not a ComfyUI folder (no comfy/model_management.py)")
+    raise ProductSceneError(
+        "comfyui: no ComfyUI found; pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI checkout")
+
+
+def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
+    """Import ComfyUI from ``comfyui`` and return the pack's ``nodes/training_host.py`` module.
+
+    The adapter's relative imports (``from ..productscene...``) resolve to THIS process's core
+    modules (aliased under a private package name), so errors and types are shared.
+    """
+    root = str(find_comfyui(comfyui))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.options  # noqa: F401  (ComfyUI parses no argv unless asked)
+    import comfy.cli_args as cli_args
+    if cpu:
+        cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # our own tqdm bar
+
+    core = sys.modules[__package__]
+    for info in pkgutil.walk_packages(core.__path__, prefix=core.__name__ + "."):
+        if info.name.endswith(("__main__", ".cli")):
+            continue
+        importlib.import_module(info.name)
+    if PACK_ALIAS not in sys.modules:
+        pack = types.ModuleType(PACK_ALIAS)
+        pack.__path__ = [str(REPO_ROOT)]
+        sys.modules[PACK_ALIAS] = pack
+        nodes_pkg = types.ModuleType(PACK_ALIAS + ".nodes")
+        nodes_pkg.__path__ = [str(REPO_ROOT / "nodes")]
+        nodes_pkg.__package__ = PACK_ALIAS + ".nodes"
+        sys.modules[PACK_ALIAS + ".nodes"] = nodes_pkg
+        for name, module in list(sys.modules.items()):
+            if name == core.__name__ or name.startswith(core.__name__ + "."):
+                sys.modules[PACK_ALIAS + "." + name] = module
+    return importlib.import_module(PACK_ALIAS + ".nodes.training_host")
+
+
+# ------------------------------------------------------------------------------ commands
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "productscene", "latents")
+
+
+def cmd_check_dataset(args) -> int:
+    from .train.datasets import check, open_dataset
+    ds = open_dataset(args.data, args.layout, args.split)
+    bar = _bar(len(ds), "checking")
+    report = check(ds, deep=not args.shallow, progress=(lambda i, n: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.message(limit=None))
+    return 0 if report.ok else 1
+
+
+def _bar(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="step" if desc == "training" else "img", dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("PRODUCTSCENE_PROGRESS") != "1")
+
+
+def cmd_train_categories(args) -> int:
+    from .train.recipes.categories import CategoryConfig
+    from .train.datasets import check, open_dataset
+    if args.check_only:
+        args.shallow, args.json = False, False
+        return cmd_check_dataset(args)
+    # every data problem before any model work
+    report = check(open_dataset(args.data, args.layout, args.split))
+    if not report.ok:
+        print(report.message(limit=None), file=sys.stderr)
+        return 1
+    config = CategoryConfig(template=args.template, vectors_per_token=args.vectors, rank=args.rank,
+                            batch_size=args.batch_size, resolution=args.resolution, steps=args.steps,
+                            lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
+    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
+    import comfy.sd
+    if not os.path.isfile(args.checkpoint):
+        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
+    if clip is None or vae is None:
+        raise ProductSceneError(f"checkpoint: {args.checkpoint} has no text encoder or no VAE; use a full checkpoint")
+    ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    bar = _bar(args.steps, "training")
+
+    def progress(step, total, loss):
+        if bar:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.refresh()
+
+    try:
+        run = host_mod.train_categories(
+            model, clip, vae, args.data, args.layout, args.out, config=config, seed=args.seed,
+            checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
+            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)),
+            cache_dir=args.cache_dir or _default_cache(), autocast=args.autocast, progress=progress,
+            license=args.license, gradient_checkpoint=args.gradient_checkpointing, split=args.split)
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
+        return 130
+    if bar:
+        bar.close()
+    h = run.result.history
+    print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
+          f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+    return 0
+
+
+def cmd_build_library(args) -> int:
+    from .library import CategoryLibrary
+    folder = Path(args.from_embeddings)
+    if not folder.is_dir():
+        raise ProductSceneError(f"from-embeddings: {str(folder)!r} is not a folder")
+    files = {p.stem: str(p) for p in sorted(folder.glob("*.safetensors"))}
+    if not files:
+        raise ProductSceneError(f"from-embeddings: no .safetensors embedding files in {folder}")
+    data = CategoryLibrary.from_embedding_files(files, args.family)
+    path = data.write(args.out, license=args.license)
+    print(f"wrote {path}: {len(files)} categories ({args.family})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m productscene", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(sp):
+        sp.add_argument("--data", required=True, help="data set folder")
+        sp.add_argument("--layout", choices=["folder", "bg60k"], default="folder", help="data set layout")
+        sp.add_argument("--split", choices=["train", "test"], default="train", help="BG60k split (bg60k / bg1k)")
+
+    c = sub.add_parser("check-dataset", help="check a data set; list every problem")
+    data_args(c)
+    c.add_argument("--shallow", action="store_true", help="read headers only (no empty-mask test)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=cmd_check_dataset)
+
+    t = sub.add_parser("train-categories", help="train a category library")
+    data_args(t)
+    t.add_argument("--checkpoint", help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+    t.add_argument("--out", help="category library to write (.safetensors)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=5e-3, help="learning rate of the identifier vectors")
+    t.add_argument("--lr-lora", type=float, default=1e-4, help="learning rate of the shared LoRA")
+    t.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    t.add_argument("--vectors", type=int, default=1, help="vectors per identifier")
+    t.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--template", default="a product photo on a {category} background")
+    t.add_argument("--init-word", default=None, help="init every identifier from this word (default: each name's first word)")
+    t.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the training checkpoint (default path, or the one given)")
+    t.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--check-only", action="store_true", help="only check the data set")
+    t.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/productscene/latents)")
+    t.add_argument("--autocast", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--license", default=None, help="licence text stored in the library")
+    t.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
+    t.add_argument("--cpu", action="store_true", help="run on the CPU")
+    t.set_defaults(func=cmd_train_categories)
+
+    b = sub.add_parser("build-library", help="build a category library from embedding files")
+    b.add_argument("--from-embeddings", required=True, help="folder of <category>.safetensors TI files")
+    b.add_argument("--family", choices=["sd15", "sd2", "sdxl"], required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--license", default=None)
+    b.set_defaults(func=cmd_build_library)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train-categories" and not args.check_only and (not args.checkpoint or not args.out):
+        parser.error("train-categories needs --checkpoint and --out (or --check-only)")
+    try:
+        return int(args.func(args) or 0)
+    except ProductSceneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,116 @@
+"""The Train Category Library node at host level (ComfyUI's real classes, tiny models)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+CATS = ("perfume", "tea", "tools")
+
+
+def write_data(root, per_category=2, size=64, seed=0):
+    g = np.random.default_rng(seed)
+    for i, c in enumerate(CATS):
+        (root / c).mkdir(parents=True)
+        for k in range(per_category):
+            a = np.zeros((size, size, 4), np.uint8)
+            a[..., :3] = g.integers(0, 255, 3)
+            x0, y0 = g.integers(4, size - 28, 2)
+            a[y0:y0 + 20, x0:x0 + 20, :3] = 250
+            a[y0:y0 + 20, x0:x0 + 20, 3] = 255
+            Image.fromarray(a, "RGBA").save(root / c / f"{k}.png")
+    return root
+
+
+def _kwargs(tm, data, **over):
+    kw = dict(model=tm.model, clip=tm.clip, vae=tm.vae, data_folder=str(data), layout="folder", steps=3,
+              lr_tokens=1e-2, lr_lora=1e-3, lora_rank=2, resolution=64, batch_size=2,
+              template="a product photo on a {category} background", output_name="node_lib",
+              checkpoint_every=0, resume=False, seed=0)
+    kw.update(over)
+    return kw
+
+
+def test_node_schema(pack):
+    schema = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary.define_schema()
+    assert schema.node_id == "ProductSceneTrainCategoryLibrary" and schema.category == "ProductScene/training"
+    assert all(getattr(i, "tooltip", None) for i in schema.inputs)
+    assert pack.nodes.train_categories.ProductSceneTrainCategoryLibrary in pack.nodes.train_categories.NODES
+
+
+def test_node_trains_and_writes_a_library_the_loader_accepts(pack, sd15, tmp_path):
+    import comfy.lora
+    node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
+    data = write_data(tmp_path / "data")
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        out = node.execute(**_kwargs(sd15, data, output_name="node_lib"))
+    name, graph = out.args
+    assert name == "node_lib.safetensors"
+    assert graph.shape[0] == 1 and graph.shape[-1] == 3
+    lib_mod = pack.productscene.library
+    path = os.path.join(pack.nodes.train_categories.library_folder(), name)
+    lib = lib_mod.CategoryLibrary.open(path)
+    assert lib.names == list(CATS) and lib.family == "sd15" and lib.has_lora
+    assert lib.training["steps"] == 3 and lib.training["categories"] == 3
+    assert lib.init_words == {"perfume": "perfume", "tea": "tea", "tools": "tools"}
+    # the Category Tokens loader's family check passes and encodes with the trained identifier
+    tokens, ct = pack.nodes.category_tokens.encode_category_prompt(
+        sd15.clip, name, "tea", "a product photo on a {category} background")
+    assert ct.family == "sd15" and len(ct.rows) == 1
+    assert torch.equal(ct.vectors["clip_l"], lib.vectors("tea")["clip_l"])
+    # the shared LoRA loads with ComfyUI's LoRA loader key mapping
+    key_map = comfy.lora.model_lora_keys_unet(sd15.model.model, {})
+    patches = comfy.lora.load_lora(lib.lora_state_dict(), key_map, log_missing=False)
+    assert len(patches) == len(lib.lora_keys) // 3 > 0
+
+
+def test_bad_data_set_one_error_nothing_written(pack, sd15, tmp_path):
+    node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
+    data = write_data(tmp_path / "data")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "tea" / "plain.png")
+    (data / "tools" / "broken.png").write_bytes(b"garbage")
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(data / "perfume" / "empty.png")
+    err_type = pack.productscene.errors.ProductSceneError
+    with torch.inference_mode(), pytest.raises(err_type) as err:
+        node.execute(**_kwargs(sd15, data, output_name="bad_lib"))
+    msg = str(err.value)
+    assert "3 problem(s)" in msg and "plain.png" in msg and "broken.png" in msg and "empty.png" in msg
+    tc = pack.nodes.train_categories
+    assert not os.path.exists(os.path.join(tc.library_folder(), "bad_lib.safetensors"))
+    assert not os.path.exists(os.path.join(tc.work_folder("checkpoints"), "bad_lib.checkpoint.safetensors"))
+
+
+def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp_path):
+    import comfy.model_management as mm
+    import comfy.utils
+    node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
+    tc = pack.nodes.train_categories
+    engine = pack.productscene.train.engine
+    data = write_data(tmp_path / "data")
+
+    def hook(value, total, preview, node_id=None):
+        if value == 2:
+            mm.interrupt_current_processing(True)  # what the UI's cancel button does
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+    state = os.path.join(tc.work_folder("checkpoints"), "cancel_lib.checkpoint.safetensors")
+    info = engine.read_checkpoint_info(state)
+    assert info["step"] == 2 and len(info["history"]) == 2
+    assert not os.path.exists(os.path.join(tc.library_folder(), "cancel_lib.safetensors"))
+
+    with torch.inference_mode():
+        out = node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib", resume=True))
+    lib = pack.productscene.library.CategoryLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
+    assert lib.training["steps"] == 5
+    assert engine.read_checkpoint_info(state)["step"] == 5
