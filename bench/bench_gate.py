@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     pack = comfy_env.import_pack()
     gate_node = pack.nodes.category_attention.MaskedCategoryAttention
@@ -72,7 +75,8 @@ def main() -> None:
         gated_t.append(g)
         ratios.append(g / v)
     device = comfy.model_management.get_torch_device()
-    print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device}")
+    print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
+          f"threads={torch.get_num_threads()}")
     print(f"vanilla s/run: {', '.join(f'{t:.2f}' for t in vanilla_t)}  median {statistics.median(vanilla_t):.2f}")
     print(f"gated   s/run: {', '.join(f'{t:.2f}' for t in gated_t)}  median {statistics.median(gated_t):.2f}")
     print(f"gated/vanilla ratio (median of interleaved pairs): {statistics.median(ratios):.3f}")

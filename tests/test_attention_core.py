@@ -96,7 +96,8 @@ def test_reference_injection_reaches_background_only_and_respects_its_window():
     injection = ReferenceInjection(tokens, projections, product_mask(), weight=0.7, start=0.2, end=0.6)
     scene = SceneAttention().with_injection(injection)
     plain = sdpa(q, k, v, HEADS)
-    inside = scene(q, k, v, layer(progress=0.5))
+    with torch.no_grad():
+        inside = scene(q, k, v, layer(progress=0.5))
     delta = (inside - plain).abs().amax(-1)
     product = torch.zeros(4, 6, dtype=torch.bool)
     product[:2, :2] = True
