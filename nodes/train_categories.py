@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io
 from ..productscene.errors import ProductSceneError
 from ..productscene.train.recipes.categories import CategoryConfig
 from .paths import LIBRARY_FOLDER, _check_name
-from .training_host import check_data, train_categories
+from .training_host import ComfyProgress, check_data, train_categories
 
 DEFAULT_TEMPLATE = "a product photo on a {category} background"
 
@@ -107,7 +107,6 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         check_data(data, layout)  # every data problem, before any model work; nothing written
         out = os.path.join(library_folder(), name)
         state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
-        from .training_host import ComfyProgress
         run = train_categories(model, clip, vae, data, layout, out, config=config, seed=seed,
                                checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
                                cache_dir=work_folder("latent_cache"), progress=ComfyProgress(steps),
