@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -41,22 +42,25 @@ def find_comfyui(path: str | None = None) -> Path:
         "comfyui: no ComfyUI found; pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI checkout")
 
 
+def _standalone() -> types.ModuleType:
+    """``nodes/standalone.py``, loaded by path: ComfyUI's bootstrap lives on the adapter side."""
+    module = sys.modules.get(PACK_ALIAS + "_standalone")
+    if module is None:
+        spec = importlib.util.spec_from_file_location(PACK_ALIAS + "_standalone", REPO_ROOT / "nodes" / "standalone.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module
+    return module
+
+
 def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
     """Import ComfyUI from ``comfyui`` and return the pack's ``nodes/training_host.py`` module.
 
     The adapter's relative imports (``from ..productscene...``) resolve to THIS process's core
     modules (aliased under a private package name), so errors and types are shared.
     """
-    root = str(find_comfyui(comfyui))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.options  # noqa: F401  (ComfyUI parses no argv unless asked)
-    import comfy.cli_args as cli_args
-    if cpu:
-        cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False  # our own tqdm bar
+    standalone = _standalone()
+    standalone.configure(str(find_comfyui(comfyui)), cpu=cpu)
 
     core = sys.modules[__package__]
     for info in pkgutil.walk_packages(core.__path__, prefix=core.__name__ + "."):
@@ -112,6 +116,8 @@ def cmd_train_categories(args) -> int:
     if args.check_only:
         args.shallow, args.json = False, False
         return cmd_check_dataset(args)
+    if not os.path.isfile(args.checkpoint):
+        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
     # every data problem before any model work
     report = check(open_dataset(args.data, args.layout, args.split))
     if not report.ok:
@@ -121,12 +127,7 @@ def cmd_train_categories(args) -> int:
                             batch_size=args.batch_size, resolution=args.resolution, steps=args.steps,
                             lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
     host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
-    import comfy.sd
-    if not os.path.isfile(args.checkpoint):
-        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
-    if clip is None or vae is None:
-        raise ProductSceneError(f"checkpoint: {args.checkpoint} has no text encoder or no VAE; use a full checkpoint")
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
     ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
     bar = _bar(args.steps, "training")
 

@@ -68,3 +68,16 @@ def comfy_server():
     threads = str(TORCH_THREADS)
     with ComfyServer(comfy_env.COMFYUI_DIR, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as server:
         yield server, server.client()
+
+
+@pytest.fixture(scope="session")
+def default_model_files():
+    """(checkpoint, library) of the demo's embedded default model, built once and cached in
+    .cache/productscene (scripts/default_model.py): a detectable SD1.5 checkpoint, random weights."""
+    import importlib.util
+
+    path = comfy_env.REPO_ROOT / "scripts" / "default_model.py"
+    spec = importlib.util.spec_from_file_location("productscene_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ensure_defaults(log=lambda *_: None)
