@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.support import comfy_env
-from tests.support.models import encode, sample, tiny_sd15, tiny_sdxl
+from tests.support.models import encode, sample, tiny, tiny_sd15
 
 import comfy.ldm.modules.attention as comfy_attention
 
@@ -100,10 +100,10 @@ def identifier_mass(records, masks, rows, chunk_kind):
     return out
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 @pytest.mark.parametrize("latent_hw", [(16, 16), (10, 14)])
 def test_identifier_never_reaches_product_pixels(monkeypatch, family, latent_hw):
-    tm = tiny_sd15() if family == "sd15" else tiny_sdxl()
+    tm = tiny(family)
     masks = two_masks(latent_hw)
     layers = len(host.cross_attention_keys(tm.model))
 

@@ -1,13 +1,21 @@
-"""The bundled category-background workflow: canvas file and API twin describe the same graph, every
-node type is known to a real ComfyUI server, and the API workflow runs end to end through that
-server on a sample product with the default (random-weight, detectable SD1.5) checkpoint: product
-pixels come back bit-identical, the background changes, and two categories give two backgrounds."""
+"""The bundled workflows. Every canvas file in workflows/ and its API twin (``x.json`` and
+``x.api.json``) describe the same graph, their links are consistent and typed as the server's
+/object_info says, and every node type is known to a real ComfyUI server. End to end through that
+server, with the default (random-weight, detectable SD1.5) checkpoint:
+
+- category background: on a sample product the product pixels come back bit-identical, the
+  background changes, and two categories give two backgrounds;
+- category library training: a tiny folder data set trains a library (2 steps, 64 px) that the
+  library reader opens with the data set's categories and a LoRA, the loss graph is saved, and the
+  new library is offered by the Category Tokens node."""
 from __future__ import annotations
 
 import importlib.util
 import io
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 CANVAS = WORKFLOWS / "category_background.json"
 API = WORKFLOWS / "category_background.api.json"
-SAMPLE = ROOT / "samples" / "products" / "perfume_bottle.png"
+TRAIN_API = WORKFLOWS / "category_library_training.api.json"
+SAMPLES = ROOT / "samples" / "products"
+SAMPLE = SAMPLES / "perfume_bottle.png"
+
+# every canvas workflow (x.json) with its API twin (x.api.json)
+CANVAS_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+API_FILES = sorted(WORKFLOWS.glob("*.api.json"))
+
+
+def api_twin(canvas_path: Path) -> Path:
+    return canvas_path.with_name(canvas_path.name[:-len(".json")] + ".api.json")
+
+
+workflow_params = pytest.mark.parametrize("canvas_path", CANVAS_FILES, ids=[p.stem for p in CANVAS_FILES])
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -32,6 +53,16 @@ def _load_default_model_module():
 
 def _is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _has_control_widget(name: str, spec) -> bool:
+    """The frontend's rule (useIntWidget): an INT input gets a ``control_after_generate`` widget when
+    its spec asks for one or, when the spec says nothing, when it is named ``seed``/``noise_seed``."""
+    if spec[0] != "INT":
+        return False
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    control = opts.get("control_after_generate")
+    return bool(control) if control is not None else name in ("seed", "noise_seed")
 
 
 def _input_specs(info: dict) -> list[tuple[str, list]]:
@@ -56,7 +87,7 @@ def canvas_widgets(node: dict, info: dict) -> dict:
         assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
         out[name] = values.pop(0)
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if opts.get("control_after_generate"):
+        if _has_control_widget(name, spec):
             assert values and values[0] in ("fixed", "increment", "decrement", "randomize"), node["id"]
             values.pop(0)
         if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
@@ -89,24 +120,45 @@ def api_graph(api: dict) -> set:
     return links
 
 
-def test_canvas_file_shape():
-    canvas = json.loads(CANVAS.read_text())
+def test_every_workflow_has_its_twin():
+    assert CANVAS_FILES, "no workflows found"
+    assert sorted(api_twin(p) for p in CANVAS_FILES) == API_FILES, "canvas and API files do not pair up"
+    assert {p.name for p in CANVAS_FILES} >= {"category_background.json", "category_library_training.json"}
+
+
+@workflow_params
+def test_canvas_file_shape(canvas_path):
+    canvas = json.loads(canvas_path.read_text())
     assert canvas["version"] == 0.4
     ids = [n["id"] for n in canvas["nodes"]]
     assert len(ids) == len(set(ids))
     assert canvas["last_node_id"] >= max(ids)
     assert canvas["last_link_id"] >= max(l[0] for l in canvas["links"])
+    link_ids = [l[0] for l in canvas["links"]]
+    assert len(link_ids) == len(set(link_ids))
     for n in canvas["nodes"]:
         for key in ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order"):
             assert key in n, f"node {n.get('id')}: lacks {key!r}"
     canvas_graph(canvas)  # links consistent in both directions
+    # every link an input or output names exists (no dangling ends)
+    for n in canvas["nodes"]:
+        for inp in n["inputs"]:
+            assert inp.get("link") is None or inp["link"] in link_ids, f"node {n['id']}.{inp['name']}: dangling link"
+        for out in n["outputs"]:
+            for link in out.get("links") or []:
+                assert link in link_ids, f"node {n['id']}.{out['name']}: dangling link {link}"
 
 
-def test_twins_describe_the_same_graph(comfy_server):
-    server, client = comfy_server
-    object_info = client.object_info()
-    canvas = json.loads(CANVAS.read_text())
-    api = json.loads(API.read_text())
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    _server, client = comfy_server
+    return client.object_info()
+
+
+@workflow_params
+def test_twins_describe_the_same_graph(canvas_path, object_info):
+    canvas = json.loads(canvas_path.read_text())
+    api = json.loads(api_twin(canvas_path).read_text())
     nodes, canvas_links = canvas_graph(canvas)
 
     assert {k: n["type"] for k, n in nodes.items()} == {k: n["class_type"] for k, n in api.items()}
@@ -119,11 +171,16 @@ def test_twins_describe_the_same_graph(comfy_server):
         api_widgets = {k: v for k, v in api[nid]["inputs"].items() if not isinstance(v, list)}
         assert canvas_widgets(node, info) == api_widgets, f"node {nid} ({node['type']}): widget values differ"
         assert node.get("title") == api[nid].get("_meta", {}).get("title")
+        # canvas outputs are the server's outputs, in order
+        assert [o["type"] for o in node["outputs"]] == list(info["output"]), f"node {nid} ({node['type']}): outputs"
         # every required input is given, links carry the type the input expects
         required = info["input"].get("required", {})
-        for name, spec in required.items():
+        optional = info["input"].get("optional", {})
+        for name in required:
             assert name in api[nid]["inputs"], f"node {nid} ({node['type']}): required input {name!r} missing"
-            value = api[nid]["inputs"][name]
+        for name, value in api[nid]["inputs"].items():
+            spec = required.get(name) or optional.get(name)
+            assert spec is not None, f"node {nid} ({node['type']}): unknown input {name!r}"
             if isinstance(value, list):
                 origin = api[value[0]]["class_type"]
                 out_type = object_info[origin]["output"][value[1]]
@@ -200,3 +257,68 @@ def test_category_workflow_end_to_end(comfy_server, default_files, tmp_path):
     a, b = results["perfume"], results["tools"]
     assert (a[outside] != b[outside]).any(-1).mean() > 0.1
     assert np.array_equal(a[inside], b[inside])
+
+
+def _combo_options(spec) -> list:
+    if isinstance(spec[0], list):
+        return spec[0]
+    return (spec[1] if len(spec) > 1 else {}).get("options", [])
+
+
+def test_training_workflow_end_to_end(comfy_server, default_files):
+    from productscene.library import CategoryLibrary
+
+    server, client = comfy_server
+    ckpt, _lib = default_files
+    ckpt_name = _link_into(server, "checkpoints", Path(ckpt))
+    base = Path(server.base_dir)
+
+    # a tiny folder data set in the server's input folder: 2 categories x 2 cut-outs (alpha), 64 px
+    tag = uuid.uuid4().hex[:8]
+    data_name = f"ps_test_categories_{tag}"
+    categories = {"perfume": "perfume_bottle.png", "tools": "wrench.png"}
+    for category, sample in categories.items():
+        folder = base / "input" / data_name / category
+        folder.mkdir(parents=True)
+        cut = Image.open(SAMPLES / sample).convert("RGBA").resize((64, 64), Image.LANCZOS)
+        assert (np.asarray(cut)[..., 3] == 0).any() and (np.asarray(cut)[..., 3] == 255).any()
+        cut.save(folder / "a.png")
+        cut.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "b.png")
+
+    api = json.loads(TRAIN_API.read_text())
+    ids = {n["class_type"]: k for k, n in api.items()}
+    train = ids["ProductSceneTrainCategoryLibrary"]
+    output_name = f"ps_test_library_{tag}"
+    prompt = json.loads(json.dumps(api))
+    prompt[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = ckpt_name
+    prompt[train]["inputs"].update(data_folder=data_name, steps=2, resolution=64, batch_size=2,
+                                   output_name=output_name, checkpoint_every=0, resume=False)
+    t0 = time.monotonic()
+    pid = client.queue(prompt)
+    client.wait(pid, timeout=300)
+    elapsed = time.monotonic() - t0
+
+    # the library: written where the node says, with the data set's categories and the shared LoRA
+    library_name = output_name + ".safetensors"  # the node's ``library`` output (.safetensors added)
+    path = base / "models" / "category_libraries" / library_name
+    assert path.is_file(), f"no library at {path} (run took {elapsed:.1f} s)"
+    lib = CategoryLibrary.open(path)
+    assert sorted(lib.names) == sorted(categories)
+    assert lib.family == "sd15"
+    assert lib.has_lora and lib.lora_keys
+    assert lib.training["steps"] == 2 and lib.training["categories"] == 2
+
+    # the loss graph was saved and is downloadable: a real picture, not a blank
+    images = client.outputs(pid, ids["SaveImage"])
+    assert len(images) == 1, images
+    png = client.download(images[0])
+    graph = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert graph.shape[0] >= 64 and graph.shape[1] >= 64, graph.shape
+    assert len(np.unique(graph.reshape(-1, 3), axis=0)) >= 3, "loss graph is (nearly) one colour"
+
+    # the new library is offered by Category Tokens (ComfyUI re-lists combo options per request)
+    info = client.object_info("ProductSceneCategoryTokens")["ProductSceneCategoryTokens"]
+    options = _combo_options(info["input"]["required"]["library"])
+    assert library_name in options, options
+    index = client._get("/productscene/libraries")
+    assert sorted(index[library_name]["categories"]) == sorted(categories)
