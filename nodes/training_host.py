@@ -72,6 +72,19 @@ def differentiable_clip(clip):
             del m.forward
 
 
+def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
+    """Checkpoints loaded inside a ComfyUI run are created under ``torch.inference_mode``: their
+    weights are inference tensors, which autograd cannot save for backward. Swap each for a normal
+    copy (once; the copies stay in the model and serve inference the same)."""
+    for child in module.modules():
+        for name, p in list(child._parameters.items()):
+            if p is not None and p.is_inference():
+                child._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in list(child._buffers.items()):
+            if b is not None and b.is_inference():
+                child._buffers[name] = b.clone()
+
+
 def model_family(model_patcher) -> str:
     cfg = getattr(model_patcher.model, "model_config", None)
     ctx = (getattr(cfg, "unet_config", None) or {}).get("context_dim")
@@ -135,6 +148,8 @@ class ComfyTrainingHost:
         with training_mode():
             mm.load_models_gpu([self.model], memory_required=0, force_full_load=True)
             self._loaded = True
+            for module in (self.base, self.clip.cond_stage_model):
+                trainable_copies_of_inference_tensors(module)
             flags = [(p, p.requires_grad) for p in self.base.parameters()]
             for p, _ in flags:
                 p.requires_grad_(False)

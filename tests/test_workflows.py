@@ -10,7 +10,6 @@ server, with the default (random-weight, detectable SD1.5) checkpoint:
   new library is offered by the Category Tokens node."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from productscene.errors import ProductSceneError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -42,13 +43,6 @@ def api_twin(canvas_path: Path) -> Path:
 workflow_params = pytest.mark.parametrize("canvas_path", CANVAS_FILES, ids=[p.stem for p in CANVAS_FILES])
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def _load_default_model_module():
-    spec = importlib.util.spec_from_file_location("productscene_default_model", ROOT / "scripts" / "default_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _is_widget(spec) -> bool:
@@ -189,12 +183,6 @@ def test_twins_describe_the_same_graph(canvas_path, object_info):
                     f"node {nid}.{name}: gets {out_type} from {origin}, expects {want}"
 
 
-@pytest.fixture(scope="module")
-def default_files():
-    dm = _load_default_model_module()
-    return dm.ensure_defaults(log=lambda *_: None)
-
-
 def _link_into(server, folder: str, path: Path) -> str:
     dst = Path(server.base_dir) / "models" / folder / path.name
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -216,9 +204,9 @@ def _run(client, api: dict, set_inputs: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_category_workflow_end_to_end(comfy_server, default_files, tmp_path):
+def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_path):
     server, client = comfy_server
-    ckpt, lib = default_files
+    ckpt, lib = default_model_files
     ckpt_name = _link_into(server, "checkpoints", Path(ckpt))
     lib_name = _link_into(server, "category_libraries", Path(lib))
 
@@ -265,11 +253,11 @@ def _combo_options(spec) -> list:
     return (spec[1] if len(spec) > 1 else {}).get("options", [])
 
 
-def test_training_workflow_end_to_end(comfy_server, default_files):
+def test_training_workflow_end_to_end(comfy_server, default_model_files):
     from productscene.library import CategoryLibrary
 
     server, client = comfy_server
-    ckpt, _lib = default_files
+    ckpt, _lib = default_model_files
     ckpt_name = _link_into(server, "checkpoints", Path(ckpt))
     base = Path(server.base_dir)
 
