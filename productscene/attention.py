@@ -267,7 +267,7 @@ class SceneAttention:
         """Additive logit bias [batch, Nq, Nk] from every gate, built once per layer shape."""
         if not self.gates:
             return None
-        key = (tuple(layer.hw), tuple(layer.latent_hw), tuple(layer.chunks), batch, nk, str(device), dtype)
+        key = (layer.hw, layer.latent_hw, layer.chunks, batch, nk, device, dtype)
         cached = self._bias.get(key)
         if cached is not None:
             return cached
