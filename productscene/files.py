@@ -143,8 +143,6 @@ def load_tensors(path, keys: Iterable[str] | None = None) -> dict[str, torch.Ten
         raise _not_safetensors(path, str(e)) from None
 
 
-load_safetensors = load_tensors  # the name docs/design.md uses
-
 
 def check_format(meta: dict, kind: str, supported_versions, path=None) -> int:
     """Check ``productscene.format == kind`` and that the version is supported; return the version.

@@ -387,7 +387,3 @@ def _pick_embedding(tensors: dict, enc: str, width: int, single: bool, what: str
     raise ProductSceneError(
         f"{what}: no {enc} vectors found (keys: {sorted(tensors)[:8]}); expected "
         + ("'emb_params' or 'string_to_param.*'" if single else f"'{enc}'"))
-
-
-def open_library(path) -> CategoryLibrary:
-    return CategoryLibrary.open(path)
