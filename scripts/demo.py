@@ -19,8 +19,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +29,9 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import default_model  # noqa: E402
+from productscene.client import ComfyClient  # noqa: E402
+from productscene.errors import ProductSceneError  # noqa: E402
+from productscene.files import read_header  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "category_background.api.json"
 SAMPLES = ROOT / "samples" / "products"
@@ -95,24 +96,19 @@ def prepare_image(src: Path, size: int, dst: Path) -> Image.Image:
 
 def is_safetensors_sd15(path: Path) -> tuple[bool, str]:
     """(is an SD1.5 checkpoint with text encoder and VAE, token-embedding key) from the header."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100 * 1024 * 1024:
-            raise DemoError(f"--checkpoint {path}: not a safetensors file")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise DemoError(f"--checkpoint {path}: not a safetensors file (bad header)") from None
-    keys = set(header)
+    try:
+        _, index = read_header(path)
+    except ProductSceneError as e:
+        raise DemoError(f"--checkpoint {e}") from None
+    keys = set(index)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise DemoError(f"--checkpoint {path}: no UNet weights (model.diffusion_model.*); "
                         f"give a full checkpoint (UNet + text encoder + VAE)")
     if not any(k.startswith("first_stage_model.") for k in keys):
         raise DemoError(f"--checkpoint {path}: no VAE weights (first_stage_model.*)")
-    for k in ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-              "cond_stage_model.transformer.embeddings.token_embedding.weight"):
+    for k in (default_model.TOKEN_EMBEDDING_KEY, "cond_stage_model.transformer.embeddings.token_embedding.weight"):
         if k in keys:
-            return header[k]["shape"][-1] == 768, k
+            return index[k][1][-1] == 768, k
     return False, ""
 
 
@@ -120,9 +116,6 @@ def library_for_checkpoint(ckpt: Path, words: dict[str, str]) -> Path:
     """An UNTRAINED library for a user's SD1.5 checkpoint: its own token embedding of each
     category word (cached by checkpoint path, size and mtime)."""
     import hashlib
-    import torch
-    from safetensors import safe_open
-    from productscene.library import CategoryLibrary
     if ckpt.suffix.lower() != ".safetensors":
         raise DemoError(f"--checkpoint {ckpt}: the demo reads token embeddings only from .safetensors files; "
                         f"give a category library made for this model with --library PATH")
@@ -136,18 +129,10 @@ def library_for_checkpoint(ckpt: Path, words: dict[str, str]) -> Path:
     out = default_model.CACHE_DIR / f"untrained-categories-{tag}.safetensors"
     if out.is_file():
         return out
-    with safe_open(str(ckpt), framework="pt") as f:
-        table = f.get_tensor(key).to(torch.float32)
-    tok = default_model._tokenizer()
-
-    def emb(word):
-        ids = tok(word)["input_ids"][1:-1]
-        return {"clip_l": table[ids].mean(0, keepdim=True)}
-    CategoryLibrary.from_words(words, "sd15", emb).write(
-        out, training=None, license=None,
+    return default_model.write_untrained_library(
+        out, ckpt, words, key=key,
         created_by={"by": "scripts/demo.py", "note": f"UNTRAINED: token embeddings of the category words "
                                                       f"from {ckpt.name}"})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,9 +193,8 @@ def _combo(spec) -> list:
 
 def check_url(url: str) -> None:
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/system_stats", timeout=10) as r:
-            json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        ComfyClient(url, timeout=10).system_stats()
+    except ProductSceneError as e:
         raise DemoError(f"--server {url}: no ComfyUI answers there ({e}); start ComfyUI or leave "
                         f"--server out to let the demo start its own") from None
 
@@ -306,11 +290,9 @@ def run(args) -> int:
                     f"real category styles")
         ckpt_name, lib_name = ckpt_file.name, lib_file.name
 
-    from productscene.client import ComfyClient
     if args.server:
         client = ComfyClient(args.server)
         return _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start)
-    from productscene.errors import ProductSceneError
     from productscene.launcher import ComfyServer
     log("starting ComfyUI headless on loopback (CPU unless a GPU is present) ...")
     t0 = time.time()
@@ -334,7 +316,6 @@ def run(args) -> int:
 
 
 def _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start) -> int:
-    from productscene.errors import ProductSceneError
     try:
         check_server_choices(client, ckpt_name, lib_name, sorted({p["category"] for p in products}))
     except ProductSceneError as e:

@@ -53,7 +53,7 @@ def test_tiny_models_are_comfyui_classes(tm):
     for name, p in tm.model.model.state_dict().items():
         assert torch.isfinite(p).all(), name
     assert all(torch.isfinite(p).all() for p in tm.clip.cond_stage_model.parameters())
-    assert M.attn2_keys(tm.model)  # has cross attention
+    assert comfy_env.import_pack().nodes.host.cross_attention_keys(tm.model)  # has cross attention
 
 
 def test_builders_are_deterministic():
@@ -105,7 +105,7 @@ def test_common_ksampler_and_vae_round_trip(sd15, comfy_nodes):
 
 def test_mock_patcher_layout_matches_comfyui_unet(tm):
     mock = MockModelPatcher(tm.family, unet_config=tm.unet_config)
-    assert mock.attn2_keys() == M.attn2_keys(tm.model)
+    assert mock.attn2_keys() == comfy_env.import_pack().nodes.host.cross_attention_keys(tm.model)
     real = {key: (tb.attn2.heads, tb.attn2.dim_head) for key, _, tb in iter_attn2(tm.model.model.diffusion_model)}
     mocked = {key: (tb.attn2.heads, tb.attn2.dim_head) for key, _, tb in iter_attn2(mock.model.diffusion_model)}
     assert mocked == real

@@ -21,7 +21,7 @@ level, transformer depth 1):
   layer h, w = latent h, w at level 0 (input 1, output 2, 3) and latent // 2 at level 1;
 * sdxl: like real SDXL the first level has no transformer: ("input", 3, 0), ("middle", 0, 0),
   ("output", 0, 0), ("output", 1, 0), all at latent // 2; adm 2816 (pooled 1280 + 6 * 256 sizes).
-  Use :func:`attn2_keys` rather than hard-coding these. sd15 has 8 heads (dim 8 / 16); sd2 and sdxl
+  Use the pack's ``nodes.host.cross_attention_keys`` rather than hard-coding these. sd15 has 8 heads (dim 8 / 16); sd2 and sdxl
   64-wide heads (1 / 2 heads).
 
 Weights: every parameter and floating buffer is overwritten from a ``torch.Generator`` seeded with
@@ -267,26 +267,6 @@ def full_sd15_unet(seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def attn2_keys(model) -> list[tuple[str, int, int]]:
-    """Every cross-attention (attn2) key ``(block, block_id, transformer_index)`` of a ModelPatcher's
-    (or BaseModel's) UNet, in ComfyUI's own key format for ``set_model_attn2_replace``."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
-    base = getattr(model, "model", model)
-    unet = base.diffusion_model
-    keys = []
-    for block, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-                          ("output", unet.output_blocks)):
-        for i, seq in enumerate(blocks):
-            t_index = 0
-            for layer in seq:
-                if isinstance(layer, SpatialTransformer):
-                    for _ in layer.transformer_blocks:
-                        keys.append((block, i, t_index))
-                        t_index += 1
-    return keys
-
 
 def encode(tm: TinyModels, text: str):
     """``[[cond, {"pooled_output": pooled}]]`` conditioning, as CLIPTextEncode makes it."""
