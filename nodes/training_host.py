@@ -19,6 +19,7 @@ From a ModelPatcher, a CLIP and a VAE it builds what the host-free engine needs
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..productscene.train.datasets import LatentCache, check, open_dataset
 from ..productscene.train.engine import Trainer, gradient_checkpointing, loss_graph
 from ..productscene.train.recipes import Encoded
 from ..productscene.train.recipes.categories import BG60K_LICENSE, CachedSource, CategoryConfig, CategoryRecipe
+from .clip_text import clip_widths, token_embedding_fn
 from .host import SCENE_KEY, install
 
 CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
@@ -96,22 +98,6 @@ def model_family(model_patcher) -> str:
     return fam
 
 
-def clip_encoder_modules(clip) -> dict[str, torch.nn.Module]:
-    """Tokenizer key ("l", "g", "h") -> ComfyUI's SDClipModel for that key."""
-    keys = list(clip.tokenize("").keys())
-    out = {}
-    for key in keys:
-        module = getattr(clip.cond_stage_model, f"clip_{key}", None)
-        if module is None:
-            raise ProductSceneError(f"clip: no text encoder found for tokenizer key {key!r}")
-        out[key] = module
-    return out
-
-
-def _input_embeddings(module) -> torch.Tensor:
-    return module.transformer.get_input_embeddings().weight
-
-
 class ComfyTrainingHost:
     """``DiffusionHost`` for a ComfyUI model / CLIP / VAE (see the module docstring)."""
 
@@ -121,8 +107,8 @@ class ComfyTrainingHost:
         if model is None or clip is None:
             raise ProductSceneError("model/clip: training needs a model and its CLIP (load a checkpoint)")
         self.family = model_family(model)
-        self.modules_by_key = clip_encoder_modules(clip)
-        widths = {ENCODER_OF_TOKENIZER_KEY[k]: int(_input_embeddings(m).shape[1]) for k, m in self.modules_by_key.items()}
+        widths = {ENCODER_OF_TOKENIZER_KEY[k]: w for k, w in clip_widths(clip).items()}
+        self._embed_word = token_embedding_fn(clip)
         clip_family = family_of_encoders(widths)
         if clip_family != self.family:
             raise ProductSceneError(
@@ -166,15 +152,11 @@ class ComfyTrainingHost:
 
     # -- text ----------------------------------------------------------------------------------
     def token_vectors(self, word: str) -> dict[str, torch.Tensor]:
-        tokens = self.clip.tokenize(word)
-        empty = self.clip.tokenize("")
-        out = {}
-        for key, module in self.modules_by_key.items():
-            special = {t[0] for chunk in empty[key] for t in chunk}
-            ids = [t[0] for chunk in tokens[key] for t in chunk if isinstance(t[0], int) and t[0] not in special]
-            weight = _input_embeddings(module)
-            out[ENCODER_OF_TOKENIZER_KEY[key]] = weight[ids].detach().float().cpu() if ids else weight[:0].detach().float().cpu()
-        return out
+        """The CLIP's own embeddings of ``word``'s tokens (``[0, width]`` when it has none)."""
+        try:
+            return self._embed_word(word)
+        except ProductSceneError:
+            return {e: torch.zeros(0, w) for e, w in self.encoders.items()}
 
     def _template_tokens(self, template: str, n: int):
         key = (template, n)
@@ -240,7 +222,7 @@ class ComfyTrainingHost:
             latent = self.vae.encode(images[..., :3])
             return self.base.process_latent_in(latent.float()).cpu()
 
-    @property
+    @functools.cached_property
     def latent_namespace(self) -> str:
         """Identifies the VAE (and latent scaling) so a cache never mixes two VAEs."""
         h = hashlib.sha1(self.family.encode())

@@ -232,3 +232,32 @@ def test_lora_hooks_are_removed_and_state_dict_loads_with_comfy(sd15):
     again = LoRA(unet, rank=4, alpha=2.0, seed=9)
     again.load_comfy_state_dict(sd)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), lora.parameters()))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_restores_forward():
+    from productscene.train.engine import gradient_checkpointing
+
+    calls = []
+
+    class Counting(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Counting(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+
+    def grads():
+        net.zero_grad()
+        net(x).square().sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    plain = grads()
+    calls.clear()
+    with gradient_checkpointing([net[0], net[2]]):
+        assert "forward" in net[0].__dict__
+        checkpointed = grads()
+    assert len(calls) == 2  # the first block ran again in backward: it was checkpointed
+    assert all(torch.allclose(a, b) for a, b in zip(plain, checkpointed))
+    assert "forward" not in net[0].__dict__ and "forward" not in net[2].__dict__

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ProductSceneError
+from ..files import load_tensors, save_safetensors_atomic
 from ..masks import resize_to_layer
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -364,15 +365,13 @@ class LatentCache:
         return os.path.join(self.folder, k[:2], k + ".safetensors")
 
     def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from safetensors.torch import load_file
-        from ..files import save_safetensors_atomic
         path = self.path(i)
         if os.path.isfile(path):
             try:
-                t = load_file(path)
+                t = load_tensors(path, ["latent", "mask"])
                 self.hits += 1
                 return t["latent"].float(), t["mask"].float()
-            except Exception:  # noqa: BLE001 - a damaged cache entry is re-encoded
+            except ProductSceneError:  # a damaged cache entry is re-encoded
                 pass
         image, mask = self.dataset.load(i, self.resolution)
         with torch.no_grad():

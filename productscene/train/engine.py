@@ -31,7 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
+import torch.utils.checkpoint
+from PIL import Image, ImageDraw
 
 from ..errors import ProductSceneError
 from ..files import check_format, load_tensors, read_header, save_safetensors_atomic
@@ -383,43 +386,33 @@ def read_checkpoint_info(path) -> dict:
     return {k: json.loads(meta[k]) for k in ("name", "step", "total_steps", "seed", "phases", "history", "recipe") if k in meta}
 
 
+@contextlib.contextmanager
 def gradient_checkpointing(modules: Iterable[torch.nn.Module]):
-    """Context manager: run each module's forward under ``torch.utils.checkpoint`` (recompute in
-    backward, less activation memory); restores the original forwards on exit."""
-    import torch.utils.checkpoint as cp
+    """Run each module's forward under ``torch.utils.checkpoint`` (recompute in backward, less
+    activation memory) while inside; the original forwards come back on exit."""
+    patched = []
+    try:
+        for m in modules:
+            original = m.forward
 
-    @contextlib.contextmanager
-    def manager():
-        patched = []
-        try:
-            for m in modules:
-                original = m.forward
+            def run(*args, __f=original, **kwargs):
+                if torch.is_grad_enabled():
+                    return torch.utils.checkpoint.checkpoint(__f, *args, use_reentrant=False, **kwargs)
+                return __f(*args, **kwargs)
 
-                def run(*args, __f=original, **kwargs):
-                    if torch.is_grad_enabled():
-                        return cp.checkpoint(__f, *args, use_reentrant=False, **kwargs)
-                    return __f(*args, **kwargs)
-
-                m.forward = run
-                patched.append((m, original))
-            yield
-        finally:
-            for m, original in patched:
-                try:
-                    del m.forward  # back to the class's forward
-                except AttributeError:
-                    pass
-                if m.forward != original:
-                    m.forward = original
-    return manager()
+            m.forward = run
+            patched.append((m, original))
+        yield
+    finally:
+        for m, original in patched:
+            del m.forward  # back to the class's forward ...
+            if m.forward != original:  # ... unless the original was an instance attribute itself
+                m.forward = original
 
 
 def loss_graph(history: Sequence[float], width: int = 512, height: int = 256, smooth: int | None = None) -> torch.Tensor:
     """The loss history drawn as an IMAGE tensor ``[1, H, W, 3]`` (float 0..1): raw loss in light
     blue, a moving average in dark blue, on a white background with a light grid."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     pad = 12
