@@ -4,10 +4,10 @@ from __future__ import annotations
 import comfy.sd
 from comfy_api.v0_0_2 import io
 
-from ..productscene.attention import CategoryGate, SceneAttention
-from ..productscene.errors import ProductSceneError
-from ..productscene.library import CategoryLibrary
-from ..productscene.prompt import CategoryTokens
+from productscene.attention import CategoryGate, SceneAttention
+from productscene.errors import ProductSceneError
+from productscene.library import CategoryLibrary
+from productscene.prompt import CategoryTokens
 from .category_tokens import CategoryTokensType
 from .host import install
 
@@ -53,7 +53,7 @@ class MaskedCategoryAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, product_mask, category_tokens, strength, grow, lora_strength) -> io.NodeOutput:
-        if not all(hasattr(category_tokens, a) for a in ("rows", "context_rows", "library_path")):
+        if not isinstance(category_tokens, CategoryTokens):
             raise ProductSceneError("category_tokens: expected the output of a Category Tokens node")
         gate = CategoryGate(product_mask, category_tokens.rows, category_tokens.context_rows,
                             strength=strength, grow=grow)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import comfy.patcher_extension
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..productscene.attention import LayerInfo, SceneAttention
-from ..productscene.errors import ProductSceneError
+from productscene.attention import LayerInfo, SceneAttention
+from productscene.errors import ProductSceneError
 
 SCENE_KEY = "productscene"
 WRAPPER_KEY = "productscene"

@@ -9,8 +9,8 @@ import os
 
 import folder_paths
 
-from ..productscene.errors import ProductSceneError
-from ..productscene.library import CategoryLibrary
+from productscene.errors import ProductSceneError
+from productscene.library import CategoryLibrary
 
 LIBRARY_FOLDER = "category_libraries"
 EMBEDDINGS_FOLDER = "embeddings"

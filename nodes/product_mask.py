@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..productscene.errors import ProductSceneError
-from ..productscene.masks import (
+from productscene.errors import ProductSceneError
+from productscene.masks import (
     composite,
     feather,
     grow_or_shrink,

@@ -8,8 +8,8 @@ import folder_paths
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
-from ..productscene.errors import ProductSceneError
-from ..productscene.train.recipes.categories import CategoryConfig
+from productscene.errors import ProductSceneError
+from productscene.train.recipes.categories import CategoryConfig
 from .paths import LIBRARY_FOLDER, _check_name
 from .training_host import ComfyProgress, check_data, train_categories
 

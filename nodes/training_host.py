@@ -30,14 +30,14 @@ import comfy.clip_model
 import comfy.model_management as mm
 import comfy.utils
 
-from ..productscene.attention import SceneAttention
-from ..productscene.errors import ProductSceneError
-from ..productscene.library import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, check_family, family_of_encoders
-from ..productscene.prompt import tokenize_with_identifier
-from ..productscene.train.datasets import LatentCache, check, open_dataset
-from ..productscene.train.engine import Trainer, gradient_checkpointing, loss_graph
-from ..productscene.train.recipes import Encoded
-from ..productscene.train.recipes.categories import BG60K_LICENSE, CachedSource, CategoryConfig, CategoryRecipe
+from productscene.attention import SceneAttention
+from productscene.errors import ProductSceneError
+from productscene.library import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, check_family, family_of_encoders
+from productscene.prompt import tokenize_with_identifier
+from productscene.train.datasets import LatentCache, check, open_dataset
+from productscene.train.engine import Trainer, gradient_checkpointing, loss_graph
+from productscene.train.recipes import Encoded
+from productscene.train.recipes.categories import BG60K_LICENSE, CachedSource, CategoryConfig, CategoryRecipe
 from .clip_text import clip_widths, token_embedding_fn
 from .host import SCENE_KEY, install
 

@@ -6,8 +6,8 @@ Commands
   build-library     build a category library from textual-inversion embedding files
 
 The core never imports ComfyUI. ``train-categories`` finds a ComfyUI tree (``--comfyui``, env
-``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and loads the pack's own host adapter
-(``nodes/training_host.py``) by path, so the node and the command line run the same code.
+``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and imports this repository as a ComfyUI pack
+(``load_pack``), so the node and the command line run the same code on the same core.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import json
 import os
-import pkgutil
 import sys
 import types
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from .errors import ProductSceneError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_ALIAS = "_productscene_pack"
+PACK_NAME = "productscene_pack"
 
 
 # ------------------------------------------------------------------------------ host loading
@@ -43,42 +42,40 @@ def find_comfyui(path: str | None = None) -> Path:
 
 
 def _standalone() -> types.ModuleType:
-    """``nodes/standalone.py``, loaded by path: ComfyUI's bootstrap lives on the adapter side."""
-    module = sys.modules.get(PACK_ALIAS + "_standalone")
+    """``nodes/standalone.py``, loaded by path: ComfyUI's bootstrap lives on the adapter side and
+    must run before the pack (which imports ComfyUI) can be imported."""
+    module = sys.modules.get(PACK_NAME + "_standalone")
     if module is None:
-        spec = importlib.util.spec_from_file_location(PACK_ALIAS + "_standalone", REPO_ROOT / "nodes" / "standalone.py")
+        spec = importlib.util.spec_from_file_location(PACK_NAME + "_standalone", REPO_ROOT / "nodes" / "standalone.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[spec.name] = module
     return module
 
 
-def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
-    """Import ComfyUI from ``comfyui`` and return the pack's ``nodes/training_host.py`` module.
-
-    The adapter's relative imports (``from ..productscene...``) resolve to THIS process's core
-    modules (aliased under a private package name), so errors and types are shared.
-    """
+def load_pack(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
+    """Import ComfyUI from ``comfyui``, then this repository as a ComfyUI pack (the way ComfyUI's
+    loader does). The pack binds its core to the ``productscene`` already imported here, so the
+    command line and the nodes share one core."""
     standalone = _standalone()
     standalone.configure(str(find_comfyui(comfyui)), cpu=cpu)
+    pack = sys.modules.get(PACK_NAME)
+    if pack is None:
+        spec = importlib.util.spec_from_file_location(
+            PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = pack
+        try:
+            spec.loader.exec_module(pack)
+        except BaseException:
+            del sys.modules[PACK_NAME]
+            raise
+    return pack
 
-    core = sys.modules[__package__]
-    for info in pkgutil.walk_packages(core.__path__, prefix=core.__name__ + "."):
-        if info.name.endswith(("__main__", ".cli")):
-            continue
-        importlib.import_module(info.name)
-    if PACK_ALIAS not in sys.modules:
-        pack = types.ModuleType(PACK_ALIAS)
-        pack.__path__ = [str(REPO_ROOT)]
-        sys.modules[PACK_ALIAS] = pack
-        nodes_pkg = types.ModuleType(PACK_ALIAS + ".nodes")
-        nodes_pkg.__path__ = [str(REPO_ROOT / "nodes")]
-        nodes_pkg.__package__ = PACK_ALIAS + ".nodes"
-        sys.modules[PACK_ALIAS + ".nodes"] = nodes_pkg
-        for name, module in list(sys.modules.items()):
-            if name == core.__name__ or name.startswith(core.__name__ + "."):
-                sys.modules[PACK_ALIAS + "." + name] = module
-    return importlib.import_module(PACK_ALIAS + ".nodes.training_host")
+
+def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
+    """The pack's ComfyUI training adapter (``nodes/training_host.py``), with ComfyUI loaded."""
+    return importlib.import_module(load_pack(comfyui, cpu).__name__ + ".nodes.training_host")
 
 
 # ------------------------------------------------------------------------------ commands

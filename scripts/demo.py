@@ -4,7 +4,7 @@
 
 Starts ComfyUI headless on loopback with this pack installed (unless ``--server`` points at a
 running one), uploads every product of ``samples/products/``, runs the bundled API workflow
-``workflows/category_background.api.json`` once per product with the product's category from
+``workflows/api/category_background.json`` once per product with the product's category from
 ``samples/products/manifest.json``, and writes ``<out>/<product>.png`` plus
 ``<out>/contact_sheet.png`` (input | product mask | result, one row per product).
 
@@ -33,7 +33,7 @@ from productscene.client import ComfyClient  # noqa: E402
 from productscene.errors import ProductSceneError  # noqa: E402
 from productscene.files import read_header  # noqa: E402
 
-WORKFLOW = ROOT / "workflows" / "category_background.api.json"
+WORKFLOW = ROOT / "workflows" / "api" / "category_background.json"
 SAMPLES = ROOT / "samples" / "products"
 
 DEFAULT_NOTICE = """\

@@ -7,6 +7,10 @@ cond/uncond layout of the batch.
 """
 from __future__ import annotations
 
+import productscene
+import productscene.errors
+from productscene.prompt import CategoryTokens
+import productscene.masks
 import math
 import types
 
@@ -20,15 +24,15 @@ from tests.support.models import encode, sample, tiny, tiny_sd15
 import comfy.ldm.modules.attention as comfy_attention
 
 pack = comfy_env.import_pack()
-ProductSceneError = pack.productscene.errors.ProductSceneError  # the pack's own copy of the core
+ProductSceneError = productscene.errors.ProductSceneError
 host = pack.nodes.host
 node = pack.nodes.category_attention.MaskedCategoryAttention
 IDENTIFIER_ROWS = (4, 5)
 
 
 def tokens_value(rows=IDENTIFIER_ROWS, context_rows=77, library_path=""):
-    return types.SimpleNamespace(rows=tuple(rows), context_rows=context_rows, library_path=library_path,
-                                 category="test", family="sd15", vectors={})
+    return CategoryTokens(library_path=library_path, category="test", family="sd15", rows=tuple(rows),
+                          context_rows=context_rows, vectors={})
 
 
 def gate(model, mask, rows=IDENTIFIER_ROWS, strength=1.0, grow=0):

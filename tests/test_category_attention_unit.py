@@ -1,15 +1,15 @@
 """MaskedCategoryAttention's patching logic on the mocked model patcher (fast unit level)."""
 from __future__ import annotations
 
-import types
-
 import torch
+
+from productscene.prompt import CategoryTokens
 
 WRAPPERS = "outer_sample"
 
 
 def tokens(rows=(4,)):
-    return types.SimpleNamespace(rows=rows, context_rows=77, library_path="")
+    return CategoryTokens(library_path="", category="test", family="sd15", rows=tuple(rows), context_rows=77, vectors={})
 
 
 def mask():

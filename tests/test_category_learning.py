@@ -10,6 +10,9 @@ comparison, each category's loss with its own identifier is lower than with any 
 """
 from __future__ import annotations
 
+import productscene
+import productscene.errors
+import productscene.masks
 import numpy as np
 import pytest
 import torch
@@ -57,7 +60,7 @@ def test_category_tokens_learn_their_own_background(sd15, tmp_path):
     tm = sd15
     pack = import_pack()
     th = pack.nodes.training_host
-    core = pack.productscene
+    core = productscene
     from importlib import import_module
     cats = import_module(core.__name__ + ".train.recipes.categories")
     engine = import_module(core.__name__ + ".train.engine")

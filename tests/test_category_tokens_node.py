@@ -1,6 +1,9 @@
 """Host-level tests of the Category Tokens node (imported as a ComfyUI pack) and nodes/paths.py."""
 from __future__ import annotations
 
+import productscene
+import productscene.errors
+import productscene.masks
 import os
 
 import pytest
@@ -84,9 +87,9 @@ def test_names_reaching_outside_are_refused(pack, folders, bad, sd15):
     libs, _ = folders
     (libs.parent / "secret.safetensors").write_bytes(b"")
     paths = pack.nodes.paths
-    with pytest.raises(pack.productscene.errors.ProductSceneError, match="^library:.*not allowed"):
+    with pytest.raises(productscene.errors.ProductSceneError, match="^library:.*not allowed"):
         paths.resolve_library(bad)
-    with pytest.raises(pack.productscene.errors.ProductSceneError, match="^library:"):
+    with pytest.raises(productscene.errors.ProductSceneError, match="^library:"):
         run(pack, clip=sd15.clip, library=bad, category="tea", template=TEMPLATE)
 
 
@@ -142,7 +145,7 @@ def test_execute_matches_clip_text_encode_of_the_init_word(pack, folders, comfy_
 def test_unknown_category_in_this_library(pack, folders, sd15):
     libs, _ = folders
     make_library(libs / "shop.safetensors", sd15.clip, "sd15")
-    with pytest.raises(pack.productscene.errors.ProductSceneError, match="^category:.*'tea'"):
+    with pytest.raises(productscene.errors.ProductSceneError, match="^category:.*'tea'"):
         run(pack, clip=sd15.clip, library="shop.safetensors", category="te", template=TEMPLATE)
 
 
@@ -150,7 +153,7 @@ def test_library_of_another_family(pack, folders, sd15, sdxl, sd2):
     libs, _ = folders
     make_library(libs / "xl.safetensors", sdxl.clip, "sdxl")
     make_library(libs / "v15.safetensors", sd15.clip, "sd15")
-    Err = pack.productscene.errors.ProductSceneError
+    Err = productscene.errors.ProductSceneError
     with pytest.raises(Err, match="^library:.*sdxl.*sd15"):
         run(pack, clip=sd15.clip, library="xl.safetensors", category="tea", template=TEMPLATE)
     with pytest.raises(Err, match="^library:.*sd15.*sdxl"):
@@ -163,7 +166,7 @@ def test_non_safetensors_library_file(pack, folders, sd15):
     libs, _ = folders
     torch.save({"vectors.clip_l": torch.zeros(3, 1, 768)}, libs / "pickled.safetensors")
     (libs / "garbage.safetensors").write_bytes(os.urandom(1000))
-    Err = pack.productscene.errors.ProductSceneError
+    Err = productscene.errors.ProductSceneError
     for name in ("pickled.safetensors", "garbage.safetensors"):
         with pytest.raises(Err, match=f"{name}.*safetensors"):
             run(pack, clip=sd15.clip, library=name, category="tea", template=TEMPLATE)
@@ -174,7 +177,7 @@ def test_non_safetensors_library_file(pack, folders, sd15):
 def test_template_errors(pack, folders, sd15):
     libs, _ = folders
     make_library(libs / "shop.safetensors", sd15.clip, "sd15")
-    Err = pack.productscene.errors.ProductSceneError
+    Err = productscene.errors.ProductSceneError
     with pytest.raises(Err, match="^template:"):
         run(pack, clip=sd15.clip, library="shop.safetensors", category="tea", template="no placeholder")
     with pytest.raises(Err, match="^clip:"):

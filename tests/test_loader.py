@@ -91,3 +91,31 @@ def test_running_server_serves_the_web_extension(comfy_server):
     expected = sorted(f"/extensions/{server.pack_name}/{p.relative_to(comfy_env.REPO_ROOT / 'js').as_posix()}"
                       for p in (comfy_env.REPO_ROOT / "js").rglob("*.js"))
     assert ours == expected
+
+
+def test_core_has_one_identity_across_entry_points(loaded, comfy_nodes):
+    """The core is one module tree whichever way it is reached (ComfyUI's loader, the test's own
+    import, the command line): an error raised in the core is caught as the same class in a node,
+    and no second copy of the core exists under the pack's package name."""
+    import sys
+
+    import torch
+
+    import productscene.cli
+    import productscene.errors
+    from productscene.prompt import CategoryTokens
+
+    ok, folder, _ = loaded
+    assert ok is True
+    pack_name = str(folder).replace(".", "_x_")
+    assert not [m for m in sys.modules if m.startswith(pack_name + ".productscene")]
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["ProductSceneMaskedCategoryAttention"]
+    with pytest.raises(productscene.errors.ProductSceneError, match="^category_tokens:"):
+        node.execute(model=None, product_mask=torch.ones(1, 8, 8), category_tokens=object(),
+                     strength=1.0, grow=0, lora_strength=0.0)
+    host = sys.modules[node.__module__.rsplit(".", 1)[0] + ".host"]
+    assert host.ProductSceneError is productscene.errors.ProductSceneError
+    assert sys.modules[node.__module__].CategoryTokens is CategoryTokens
+    # the command line's pack import binds the same core
+    adapter = productscene.cli.load_host_adapter(str(comfy_env.COMFYUI_DIR))
+    assert adapter.ProductSceneError is productscene.errors.ProductSceneError

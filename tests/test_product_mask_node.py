@@ -1,5 +1,8 @@
 """Host-level tests: the product mask and composite nodes imported as a ComfyUI pack, fed the way
 ComfyUI's own LoadImage feeds them."""
+import productscene
+import productscene.errors
+import productscene.masks
 import json
 import shutil
 from pathlib import Path
@@ -130,7 +133,7 @@ def test_product_mask_white_backdrop(pack, comfy_nodes, manifest, tmp_path):
 
 def test_product_mask_errors(pack, comfy_nodes, manifest, tmp_path):
     node = pack.nodes.product_mask.ProductSceneProductMask
-    err = pack.productscene.errors.ProductSceneError
+    err = productscene.errors.ProductSceneError
     assert issubclass(err, ValueError)
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "flat.png")
     image, mask = load_like_comfy(comfy_nodes, tmp_path / "flat.png")
@@ -162,14 +165,14 @@ def test_composite_node_keeps_product_pixels(pack, comfy_nodes, manifest):
             inside = (product[0] == 1)
             assert inside.any()
             assert torch.equal(out[0][inside], image[0][inside])               # bit-identical
-            far = (product[0] == 0) & (pack.productscene.masks.grow(product, feather_px + 1)[0] == 0)
+            far = (product[0] == 0) & (productscene.masks.grow(product, feather_px + 1)[0] == 0)
             assert torch.equal(out[0][far], generated[0][far])
             assert not torch.equal(out, image) and not torch.equal(out, generated)
 
 
 def test_composite_node_refuses_vae_rounded_size(pack, comfy_nodes, manifest):
     comp_node = pack.nodes.product_mask.ProductSceneComposite
-    err = pack.productscene.errors.ProductSceneError
+    err = productscene.errors.ProductSceneError
     image, mask = load_like_comfy(comfy_nodes, SAMPLES / manifest[0]["file"])
     generated = torch.rand(1, image.shape[1] - 8, image.shape[2], 3)
     with pytest.raises(err, match=r"^generated: expected the size of original"):

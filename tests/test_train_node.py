@@ -1,6 +1,9 @@
 """The Train Category Library node at host level (ComfyUI's real classes, tiny models)."""
 from __future__ import annotations
 
+import productscene
+import productscene.errors
+import productscene.masks
 import os
 
 import numpy as np
@@ -51,7 +54,7 @@ def test_node_trains_and_writes_a_library_the_loader_accepts(pack, sd15, tmp_pat
     name, graph = out.args
     assert name == "node_lib.safetensors"
     assert graph.shape[0] == 1 and graph.shape[-1] == 3
-    lib_mod = pack.productscene.library
+    lib_mod = productscene.library
     path = os.path.join(pack.nodes.train_categories.library_folder(), name)
     lib = lib_mod.CategoryLibrary.open(path)
     assert lib.names == list(CATS) and lib.family == "sd15" and lib.has_lora
@@ -74,7 +77,7 @@ def test_bad_data_set_one_error_nothing_written(pack, sd15, tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "tea" / "plain.png")
     (data / "tools" / "broken.png").write_bytes(b"garbage")
     Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(data / "perfume" / "empty.png")
-    err_type = pack.productscene.errors.ProductSceneError
+    err_type = productscene.errors.ProductSceneError
     with torch.inference_mode(), pytest.raises(err_type) as err:
         node.execute(**_kwargs(sd15, data, output_name="bad_lib"))
     msg = str(err.value)
@@ -89,7 +92,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
     import comfy.utils
     node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
     tc = pack.nodes.train_categories
-    engine = pack.productscene.train.engine
+    engine = productscene.train.engine
     data = write_data(tmp_path / "data")
 
     def hook(value, total, preview, node_id=None):
@@ -111,6 +114,6 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
 
     with torch.inference_mode():
         out = node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib", resume=True))
-    lib = pack.productscene.library.CategoryLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
+    lib = productscene.library.CategoryLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
     assert lib.training["steps"] == 5
     assert engine.read_checkpoint_info(state)["step"] == 5

@@ -1,5 +1,5 @@
 """The bundled workflows. Every canvas file in workflows/ and its API twin (``x.json`` and
-``x.api.json``) describe the same graph, their links are consistent and typed as the server's
+``api/x.json``) describe the same graph, their links are consistent and typed as the server's
 /object_info says, and every node type is known to a real ComfyUI server. End to end through that
 server, with the default (random-weight, detectable SD1.5) checkpoint:
 
@@ -26,18 +26,19 @@ from productscene.errors import ProductSceneError
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 CANVAS = WORKFLOWS / "category_background.json"
-API = WORKFLOWS / "category_background.api.json"
-TRAIN_API = WORKFLOWS / "category_library_training.api.json"
+API = WORKFLOWS / "api" / "category_background.json"
+TRAIN_API = WORKFLOWS / "api" / "category_library_training.json"
 SAMPLES = ROOT / "samples" / "products"
 SAMPLE = SAMPLES / "perfume_bottle.png"
 
-# every canvas workflow (x.json) with its API twin (x.api.json)
-CANVAS_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
-API_FILES = sorted(WORKFLOWS.glob("*.api.json"))
+# every canvas workflow (workflows/x.json, listed by ComfyUI's template browser) with its API twin
+# (workflows/api/x.json, which the template browser does not list)
+CANVAS_FILES = sorted(WORKFLOWS.glob("*.json"))
+API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 
 
 def api_twin(canvas_path: Path) -> Path:
-    return canvas_path.with_name(canvas_path.name[:-len(".json")] + ".api.json")
+    return canvas_path.parent / "api" / canvas_path.name
 
 
 workflow_params = pytest.mark.parametrize("canvas_path", CANVAS_FILES, ids=[p.stem for p in CANVAS_FILES])
