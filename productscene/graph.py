@@ -36,8 +36,6 @@ ROLES: dict[str, Role] = {
     "output": Role("Output image", ("filename_prefix",), "the image to save; its filename prefix"),
 }
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-
 
 def is_link(value) -> bool:
     """An input fed by another node's output: ``[node_id, output_index]``."""
@@ -156,7 +154,7 @@ def input_spec(object_info: dict, class_type: str, name: str):
     return None
 
 
-def _shorten(options: list, n: int = 10) -> str:
+def shorten(options: list, n: int = 10) -> str:
     return ", ".join(map(repr, options[:n])) + (f" ... ({len(options)} in all)" if len(options) > n else "")
 
 
@@ -165,7 +163,7 @@ def check_value(spec, value) -> str | None:
     options = combo_options(spec)
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     if options is not None:
-        return None if value in options else f"{value!r} is not offered (it has: {_shorten(options)})"
+        return None if value in options else f"{value!r} is not offered (it has: {shorten(options)})"
     kind = spec[0]
     if kind == "INT":
         if isinstance(value, bool) or not isinstance(value, int):

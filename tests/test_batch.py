@@ -110,18 +110,25 @@ def run_cli(servers, manifest, out, *more, timeout=600):
                           timeout=timeout, env=cli_env(), cwd=REPO_ROOT)
 
 
-def start_cli(servers, manifest, out, *more):
-    return subprocess.Popen(cli_args(servers, manifest, out, *more), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def interrupted_run(servers, manifest, out, what, condition, act, timeout=300):
+    """Start the client, wait until ``condition()`` holds (polling what the test can observe),
+    then ``act(process)``; returns the client's (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(cli_args(servers, manifest, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=cli_env(), cwd=REPO_ROOT)
-
-
-def wait_until(what, condition, timeout=300, proc=None):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the client exited ({proc.returncode}) before {what}:\n{proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if proc.poll() is not None:
+                raise AssertionError(f"the client exited ({proc.returncode}) before {what}:\n{proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+        act(proc)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, stderr
 
 
 def records(out: Path) -> list[dict]:
@@ -247,17 +254,17 @@ def test_server_killed_and_restarted_mid_run(servers, tmp_path):
     a = running(servers[0])
     manifest = catalogue(tmp_path / "data", 14)
     out = tmp_path / "out"
-    proc = start_cli([a], manifest, out)
-    try:
-        wait_until("3 rows done and a prompt in flight", lambda: len(records(out)) >= 3 and in_flight(a), proc=proc)
+    killed_at = []
+
+    def kill_and_restart(_client):
         a.kill()
-        assert len(records(out)) < 14
+        killed_at.append(len(records(out)))
         a.restart()
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stdout + stderr
+
+    code, stdout, stderr = interrupted_run([a], manifest, out, "3 rows done and a prompt in flight",
+                                           lambda: len(records(out)) >= 3 and in_flight(a), kill_and_restart)
+    assert code == 0, stdout + stderr
+    assert killed_at[0] < 14
     recs = records(out)
     check_outputs(manifest, out, recs)                 # none lost, none written twice
     assert "stopped answering" in stdout
@@ -271,17 +278,11 @@ def test_client_killed_then_resumed_runs_only_the_unfinished_rows(servers, tmp_p
     a = running(servers[0])
     manifest = catalogue(tmp_path / "data", 12, start=100)
     out = tmp_path / "out"
-    proc = start_cli([a], manifest, out)
-    try:
-        wait_until("4 rows done", lambda: len(records(out)) >= 4, proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, _, _ = interrupted_run([a], manifest, out, "4 rows done", lambda: len(records(out)) >= 4,
+                                lambda client: client.send_signal(signal.SIGKILL))
+    assert code == -signal.SIGKILL
     first = {rec["output"] for rec in records(out)}
     assert 4 <= len(first) < 12
-    queued_before = (out / JOURNAL_NAME).read_text().count('"queued"')
 
     again = run_cli([a], manifest, out)
     assert again.returncode != 0 and "--resume" in again.stderr      # no silent restart over earlier work
@@ -292,9 +293,11 @@ def test_client_killed_then_resumed_runs_only_the_unfinished_rows(servers, tmp_p
     recs = records(out)
     check_outputs(manifest, out, recs)
     assert {r["output"] for r in recs[len(first):]} == {f"item-{i:03d}.png" for i in range(100, 112)} - first
-    journal = (out / JOURNAL_NAME).read_text().splitlines()
-    queued_after = [json.loads(line) for line in journal if '"queued"' in line][queued_before:]
-    assert not {e["output"] for e in queued_after} & first, "a finished row was queued again"
+    # each row was queued once over both runs: finished rows not again, and the prompts the killed
+    # client had in flight were collected from the server rather than queued a second time
+    journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
+    queued = [e["output"] for e in journal if e["event"] == "queued"]
+    assert sorted(queued) == sorted(set(queued)) and len(queued) == 12, queued
 
 
 def test_brand_reference_binding_folder_mode_and_websocket_progress(servers, tmp_path):
@@ -337,16 +340,11 @@ def test_two_servers_one_killed_the_other_finishes(servers, tmp_path):
     a, b = (running(s) for s in servers)
     manifest = catalogue(tmp_path / "data", 14, start=300)
     out = tmp_path / "out"
-    proc = start_cli([a, b], manifest, out)
-    try:
-        wait_until("both servers delivered a row and b has a prompt in flight",
-                   lambda: {r["server"] for r in records(out)} == {a.url, b.url} and in_flight(b), proc=proc)
-        b.kill()    # not restarted
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stdout + stderr
+    code, stdout, stderr = interrupted_run(
+        [a, b], manifest, out, "both servers delivered a row and b has a prompt in flight",
+        lambda: {r["server"] for r in records(out)} == {a.url, b.url} and in_flight(b),
+        lambda _client: b.kill())    # not restarted
+    assert code == 0, stdout + stderr
     recs = records(out)
     check_outputs(manifest, out, recs)
     assert f"{b.url}: " in stdout and "stopped answering" in stdout

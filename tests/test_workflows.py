@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from productscene import graph
 from productscene.errors import ProductSceneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +193,12 @@ def _link_into(server, folder: str, path: Path) -> str:
     return path.name
 
 
-def _run(client, api: dict, set_inputs: dict) -> np.ndarray:
-    prompt = json.loads(json.dumps(api))
-    for (nid, name), value in set_inputs.items():
-        prompt[nid]["inputs"][name] = value
+def _run(client, api: dict, values: dict) -> np.ndarray:
+    """Run the workflow with ``values`` bound by the binding convention (productscene.graph)."""
+    prompt = graph.bind(api, values)
     pid = client.queue(prompt)
     client.wait(pid, timeout=600)
-    save_id = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
-    images = client.outputs(pid, save_id)
+    images = client.outputs(pid, graph.target(prompt, "output")[0])
     assert len(images) == 1, images
     data = client.download(images[0])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -222,18 +221,13 @@ def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_pat
     inside, outside = alpha == 255, alpha == 0
     assert inside.sum() > 100 and outside.sum() > 100
 
+    # the API twin as shipped, bound the way the batch client binds it (node titles)
     api = json.loads(API.read_text())
-    ids = {n["class_type"]: k for k, n in api.items()}
-    common = {
-        (ids["CheckpointLoaderSimple"], "ckpt_name"): ckpt_name,
-        (ids["ProductSceneCategoryTokens"], "library"): lib_name,
-        (ids["LoadImage"], "image"): uploaded,
-        (ids["KSampler"], "steps"): 1,
-        (ids["KSampler"], "seed"): 7,
-    }
+    common = {"Checkpoint.ckpt_name": ckpt_name, "Category prompt.library": lib_name, "product": uploaded,
+              "Sampler.steps": 1, "seed": 7}
     results = {}
     for category in ("perfume", "tools"):
-        results[category] = _run(client, api, {**common, (ids["ProductSceneCategoryTokens"], "category"): category})
+        results[category] = _run(client, api, {**common, "category": category})
 
     for category, out in results.items():
         assert out.shape == rgb.shape, category
@@ -246,12 +240,6 @@ def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_pat
     a, b = results["perfume"], results["tools"]
     assert (a[outside] != b[outside]).any(-1).mean() > 0.1
     assert np.array_equal(a[inside], b[inside])
-
-
-def _combo_options(spec) -> list:
-    if isinstance(spec[0], list):
-        return spec[0]
-    return (spec[1] if len(spec) > 1 else {}).get("options", [])
 
 
 def test_training_workflow_end_to_end(comfy_server, default_model_files):
@@ -307,7 +295,7 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
 
     # the new library is offered by Category Tokens (ComfyUI re-lists combo options per request)
     info = client.object_info("ProductSceneCategoryTokens")["ProductSceneCategoryTokens"]
-    options = _combo_options(info["input"]["required"]["library"])
+    options = graph.combo_options(info["input"]["required"]["library"])
     assert library_name in options, options
     index = client._get("/productscene/libraries")
     assert sorted(index[library_name]["categories"]) == sorted(categories)
