@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from productscene import graph
+from productscene.graph import bind, combo_options, target
 from productscene.errors import ProductSceneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,10 +195,10 @@ def _link_into(server, folder: str, path: Path) -> str:
 
 def _run(client, api: dict, values: dict) -> np.ndarray:
     """Run the workflow with ``values`` bound by the binding convention (productscene.graph)."""
-    prompt = graph.bind(api, values)
+    prompt = bind(api, values)
     pid = client.queue(prompt)
     client.wait(pid, timeout=600)
-    images = client.outputs(pid, graph.target(prompt, "output")[0])
+    images = client.outputs(pid, target(prompt, "output")[0])
     assert len(images) == 1, images
     data = client.download(images[0])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -295,7 +295,7 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
 
     # the new library is offered by Category Tokens (ComfyUI re-lists combo options per request)
     info = client.object_info("ProductSceneCategoryTokens")["ProductSceneCategoryTokens"]
-    options = graph.combo_options(info["input"]["required"]["library"])
+    options = combo_options(info["input"]["required"]["library"])
     assert library_name in options, options
     index = client._get("/productscene/libraries")
     assert sorted(index[library_name]["categories"]) == sorted(categories)
