@@ -6,7 +6,9 @@ waits on what it can observe (provenance records written, a prompt in the server
 it acts, never on a sleep."""
 from __future__ import annotations
 
+import datetime
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +243,11 @@ def test_fifty_rows_each_output_belongs_to_its_row(servers, tmp_path):
     recs = records(out)
     assert len(recs) == 50
     check_outputs(manifest, out, recs)
+    # two prompts in flight: when a prompt finished, the next one was already waiting in the queue
+    runs = sorted(recs, key=lambda r: r["timings"]["server_start_ms"])
+    queued_ms = [datetime.datetime.fromisoformat(r["timings"]["queued_at"]).timestamp() * 1000 for r in runs]
+    waiting = sum(q < prev["timings"]["server_end_ms"] for prev, q in zip(runs, queued_ms[1:]))
+    assert waiting >= 0.9 * (len(runs) - 1), f"the next prompt was queued in time for only {waiting} of 49 rows"
     workflow_sha = graph.workflow_hash(json.loads(WORKFLOW.read_text()))
     client = ComfyClient(a.url)
     for rec in recs[:5]:  # the record names the server's own run of this row
@@ -298,6 +307,99 @@ def test_client_killed_then_resumed_runs_only_the_unfinished_rows(servers, tmp_p
     journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
     queued = [e["output"] for e in journal if e["event"] == "queued"]
     assert sorted(queued) == sorted(set(queued)) and len(queued) == 12, queued
+
+
+def test_ctrl_c_stops_with_status_130_and_says_how_to_resume(servers, tmp_path):
+    a = running(servers[0])
+    manifest = catalogue(tmp_path / "data", 8, start=400)
+    out = tmp_path / "out"
+    code, stdout, _ = interrupted_run([a], manifest, out, "1 row done", lambda: len(records(out)) >= 1,
+                                      lambda client: client.send_signal(signal.SIGINT))
+    assert code == 130, stdout
+    assert "interrupted" in stdout and "--resume" in stdout
+    assert 1 <= len(records(out)) < 8
+
+
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """HTTP in front of a real server that answers 503 to the first ``faults[(method, path prefix)]``
+    matching requests and forwards everything else (no websocket: the client falls back to polling)."""
+
+    def __init__(self, target: str, faults: dict):
+        self.target, self.faults, self.injected = target, dict(faults), []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        proxy = self.server
+        with proxy.lock:
+            for (method, prefix), left in proxy.faults.items():
+                if self.command == method and self.path.startswith(prefix) and left > 0:
+                    proxy.faults[(method, prefix)] -= 1
+                    proxy.injected.append((method, prefix))
+                    self.send_error(503, "injected")
+                    return
+        if self.path.startswith("/ws"):
+            self.send_error(404)
+            return
+        request = urllib.request.Request(proxy.target + self.path, data=body or None, method=self.command,
+                                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                status, headers, data = r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            status, headers, data = e.code, e.headers, e.read()
+        self.send_response(status)
+        self.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _relay
+
+
+def test_transient_errors_are_retried_and_failed_rows_are_summarised(servers, tmp_path):
+    a = running(servers[0])
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        product(data / f"q{i}.png", 500 + i)
+    (data / "m.csv").write_text(
+        "product,category,prompt,output\n"
+        "q0.png,tea,,plain\n"
+        'q1.png,tools,"a {category} workbench, top view",custom\n'
+        "q2.png,tea,a prompt without the placeholder,broken\n")
+    proxy = FlakyProxy(a.url, {("POST", "/upload/image"): 1, ("POST", "/prompt"): 2, ("GET", "/view"): 1,
+                               ("GET", "/history/"): 2})
+    try:
+        summary = run_batch(Options(workflow=WORKFLOW, servers=[proxy.url], out=tmp_path / "out", retries=3,
+                                    poll=0.2, sets={"Sampler.steps": "1"}), manifest=data / "m.csv")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert len(proxy.injected) == 6, proxy.injected      # every fault was met, and retried past
+    assert summary.exit_code == 1 and summary.done == 2
+    (where, output, why), = summary.failed
+    assert (where, output) == ("line 4", "broken.png")
+    assert "ProductSceneCategoryTokens" in why and "{category}" in why, why
+    message = summary.message()
+    assert "1 failed" in message and "line 4 (broken.png)" in message and "--resume" in message
+    recs = {r["output"]: r for r in records(tmp_path / "out")}
+    assert sorted(recs) == ["custom.png", "plain.png"]
+    sent = ComfyClient(a.url).history(recs["custom.png"]["prompt_id"])["prompt"][2]
+    assert graph.target(sent, "prompt") and sent[graph.target(sent, "prompt")[0]]["inputs"]["template"] == \
+        "a {category} workbench, top view"
+    assert recs["custom.png"]["values"] == {"prompt": "a {category} workbench, top view"}
 
 
 def test_brand_reference_binding_folder_mode_and_websocket_progress(servers, tmp_path):

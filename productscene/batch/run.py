@@ -187,6 +187,11 @@ class BatchRun:
             if server.up:
                 server.up, server.down_since, server.ever_down = False, time.monotonic(), True
                 server.uploads.clear()        # a restarted server may have lost its input folder
+                for t in self.adopted[server.url]:   # prompts of an earlier run: queued anew elsewhere
+                    t.adopt = None
+                self.queue.extend(self.adopted[server.url])
+                self.adopted[server.url].clear()
+                self.cond.notify_all()
                 self.log(f"server {server.url} stopped answering")
         delay = 0.2
         while not self._over():
@@ -319,6 +324,7 @@ class BatchRun:
             finally:
                 server.forget(prompt_id)
             if state == "lost":
+                server.uploads.clear()        # restarted: its input folder may be new as well
                 task.lost += 1
                 self.log(f"{row.where}: prompt {prompt_id} was lost by {server.url} (restarted?); queueing it again")
                 prompt_id = None
