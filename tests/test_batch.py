@@ -139,6 +139,12 @@ def records(out: Path) -> list[dict]:
     return read_provenance(out / PROVENANCE_NAME)
 
 
+def queued_outputs(out: Path) -> list[str]:
+    """The output of every prompt the client queued, from its journal (one per prompt)."""
+    journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
+    return [e["output"] for e in journal if e["event"] == "queued"]
+
+
 def in_flight(server) -> bool:
     try:
         return bool(ComfyClient(server.url, timeout=5).queue_ids())
@@ -277,9 +283,7 @@ def test_server_killed_and_restarted_mid_run(servers, tmp_path):
     recs = records(out)
     check_outputs(manifest, out, recs)                 # none lost, none written twice
     assert "stopped answering" in stdout
-    journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
-    queued = [e for e in journal if e["event"] == "queued"]
-    assert len(queued) > 14, "no prompt was queued again after the restart"
+    assert len(queued_outputs(out)) > 14, "no prompt was queued again after the restart"
     assert any(rec["attempts"] > 1 for rec in recs)
 
 
@@ -304,8 +308,7 @@ def test_client_killed_then_resumed_runs_only_the_unfinished_rows(servers, tmp_p
     assert {r["output"] for r in recs[len(first):]} == {f"item-{i:03d}.png" for i in range(100, 112)} - first
     # each row was queued once over both runs: finished rows not again, and the prompts the killed
     # client had in flight were collected from the server rather than queued a second time
-    journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
-    queued = [e["output"] for e in journal if e["event"] == "queued"]
+    queued = queued_outputs(out)
     assert sorted(queued) == sorted(set(queued)) and len(queued) == 12, queued
 
 
