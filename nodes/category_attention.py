@@ -41,9 +41,10 @@ class MaskedCategoryAttention(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 = the identifier's weight on product pixels is exactly zero; lower "
                                        "values weaken the gate smoothly (0 = no gate)."),
-                io.Int.Input("grow", default=1, min=0, max=16,
-                             tooltip="Grow the protected area by this many latent pixels (8 image pixels "
-                                     "each) so the category does not colour the product's edge."),
+                io.Int.Input("grow_latent_px", default=1, min=0, max=16,
+                             tooltip="Grow the protected area by this many LATENT pixels (8 image pixels "
+                                     "each) so the category does not colour the product's edge. (Product "
+                                     "Mask's grow_px counts image pixels and changes the mask itself.)"),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the library's shared LoRA, if it has one (0 = off)."),
             ],
@@ -52,11 +53,11 @@ class MaskedCategoryAttention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, product_mask, category_tokens, strength, grow, lora_strength) -> io.NodeOutput:
+    def execute(cls, model, product_mask, category_tokens, strength, grow_latent_px, lora_strength) -> io.NodeOutput:
         if not isinstance(category_tokens, CategoryTokens):
             raise ProductSceneError("category_tokens: expected the output of a Category Tokens node")
         gate = CategoryGate(product_mask, category_tokens.rows, category_tokens.context_rows,
-                            strength=strength, grow=grow)
+                            strength=strength, grow_latent_px=grow_latent_px)
         patched = install(model, SceneAttention().with_gate(gate))
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
 

@@ -8,14 +8,12 @@ from comfy_api.v0_0_2 import io
 from productscene.errors import ProductSceneError
 from productscene.library import (ENCODER_OF_TOKENIZER_KEY, FAMILIES, CategoryLibrary,
                                     family_of_encoders)
-from productscene.prompt import (CategoryTokens, check_template, library_vectors_by_key,
-                                   tokenize_with_identifier)
+from productscene.prompt import (DEFAULT_TEMPLATE, CategoryTokens, check_template, library_vectors_by_key,
+                                 tokenize_with_identifier)
 from .clip_text import clip_widths
 from .paths import list_libraries, open_cached, resolve_library
 
 CategoryTokensType = io.Custom("CATEGORY_TOKENS")
-
-DEFAULT_TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
 
 def _describe(encoders: dict) -> str:

@@ -8,6 +8,8 @@ kept: its effect is added to ours as the difference it makes to plain attention.
 """
 from __future__ import annotations
 
+import torch
+
 import comfy.patcher_extension
 from comfy.ldm.modules import attention as comfy_attention
 
@@ -18,10 +20,17 @@ SCENE_KEY = "productscene"
 WRAPPER_KEY = "productscene"
 
 
-def comfy_kernel(q, k, v, heads, bias=None, attn_precision=None):
+def comfy_kernel(q, k, v, heads, bias=None, extra_options=None):
+    """ComfyUI's attention, given the layer's options so that an ``optimized_attention_override``
+    another pack put in ``transformer_options`` sees our calls too (the options ComfyUI hands an
+    attn2 replace are ``transformer_options`` minus the patch tables)."""
+    options = extra_options or {}
+    precision = options.get("attn_precision")
     if bias is None:
-        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision)
-    return comfy_attention.optimized_attention_masked(q, k, v, heads, mask=bias, attn_precision=attn_precision)
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
+                                                   transformer_options=options)
+    return comfy_attention.optimized_attention_masked(q, k, v, heads, mask=bias, attn_precision=precision,
+                                                      transformer_options=options)
 
 
 def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
@@ -65,25 +74,37 @@ def layer_info(extra_options, scene: SceneAttention) -> LayerInfo:
 
 
 class Attn2Trampoline:
-    """The attn2 replace on one layer: runs the model's SceneAttention, plus what was there before."""
+    """The attn2 replace on one layer: runs the model's SceneAttention, plus what was there before.
 
-    def __init__(self, key, previous=None):
+    ``scene`` is the object installed with it (for ComfyUI's ``.to()`` / ``models()`` hand-offs
+    when the model is loaded or offloaded); the call itself reads the object from the options, so
+    a trainer can pass a per-step one."""
+
+    def __init__(self, key, previous=None, scene: SceneAttention | None = None):
         self.key = key
         self.previous = previous
+        self.scene = scene
 
     def __call__(self, q, k, v, extra_options):
         scene = extra_options.get(SCENE_KEY)
         heads = extra_options["n_heads"]
-        precision = extra_options.get("attn_precision")
         if scene is None:
             if self.previous is not None:
                 return self.previous(q, k, v, extra_options)
-            return comfy_kernel(q, k, v, heads, attn_precision=precision)
-        kernel = lambda q_, k_, v_, h_, bias=None: comfy_kernel(q_, k_, v_, h_, bias, attn_precision=precision)
+            return comfy_kernel(q, k, v, heads, extra_options=extra_options)
+        kernel = lambda q_, k_, v_, h_, bias=None: comfy_kernel(q_, k_, v_, h_, bias, extra_options)
         out = scene(q, k, v, layer_info(extra_options, scene), kernel=kernel)
         if self.previous is not None:
             out = out + (self.previous(q, k, v, extra_options) - kernel(q, k, v, heads))
         return out
+
+    def to(self, device_or_dtype):
+        if isinstance(device_or_dtype, (torch.device, str)) and self.scene is not None:
+            self.scene.to(torch.device(device_or_dtype))
+        return self
+
+    def models(self) -> list:
+        return self.scene.models() if self.scene is not None else []
 
 
 def scene_of(model_patcher) -> SceneAttention | None:
@@ -94,12 +115,13 @@ def install(model_patcher, scene: SceneAttention):
     """A clone of ``model_patcher`` with ``scene`` merged into its attention object."""
     m = model_patcher.clone()
     existing = scene_of(m)
-    m.model_options.setdefault("transformer_options", {})[SCENE_KEY] = existing.merged(scene) if existing else scene
+    merged = existing.merged(scene) if existing else scene
+    m.model_options.setdefault("transformer_options", {})[SCENE_KEY] = merged
     replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for key in cross_attention_keys(m):
         current = replaces.get(key)
-        if not isinstance(current, Attn2Trampoline):
-            m.set_model_attn2_replace(Attn2Trampoline(key, previous=current), *key)
+        previous = current.previous if isinstance(current, Attn2Trampoline) else current
+        m.set_model_attn2_replace(Attn2Trampoline(key, previous=previous, scene=merged), *key)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _check_before_sampling)
     return m

@@ -17,6 +17,7 @@ Only per-resolution caches change inside them.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -91,7 +92,7 @@ class CategoryGate:
     """Keeps the identifier tokens away from product pixels."""
 
     def __init__(self, mask: torch.Tensor, token_rows: Sequence[int], context_rows: int,
-                 strength: float = 1.0, grow: int = 0):
+                 strength: float = 1.0, grow_latent_px: int = 0):
         validate_mask(mask, name="mask")
         rows = sorted(int(r) for r in token_rows)
         if not rows or rows[0] < 0 or rows[-1] >= context_rows:
@@ -99,13 +100,13 @@ class CategoryGate:
                 f"category_tokens: identifier rows {rows} do not lie inside the {context_rows}-row prompt")
         if not 0.0 <= float(strength) <= 1.0:
             raise ProductSceneError(f"strength: expected a value from 0 to 1, got {strength}")
-        if int(grow) < 0:
-            raise ProductSceneError(f"grow: expected 0 or more latent pixels, got {grow}")
-        self.mask = mask.detach().float().cpu()
+        if int(grow_latent_px) < 0:
+            raise ProductSceneError(f"grow_latent_px: expected 0 or more latent pixels, got {grow_latent_px}")
+        self.mask = mask.detach().float()  # stays where it was given (training: on the model's device)
         self.token_rows = tuple(rows)
         self.context_rows = int(context_rows)
         self.strength = float(strength)
-        self.grow = int(grow)
+        self.grow_latent_px = int(grow_latent_px)
         self._queries: dict = {}
 
     @property
@@ -114,14 +115,20 @@ class CategoryGate:
         return -math.inf if self.strength >= 1.0 else math.log1p(-self.strength)
 
     def product_queries(self, hw: tuple[int, int], latent_hw: tuple[int, int], device) -> torch.Tensor:
-        """[Bm, h*w] bool: which queries of a layer of size ``hw`` are product positions."""
+        """[Bm, h*w] bool: which queries of a layer of size ``hw`` are product positions (computed
+        once per layer size and device, where the mask lives, then moved once)."""
         key = (hw, latent_hw, str(device))
         cached = self._queries.get(key)
         if cached is None:
-            m = grow(resize_to_layer(self.mask, *latent_hw), self.grow)
+            m = grow(resize_to_layer(self.mask, *latent_hw), self.grow_latent_px)
             cached = (resize_to_layer(m, *hw) > 0.5).flatten(1).to(device)
             self._queries[key] = cached
         return cached
+
+    def to(self, device) -> "CategoryGate":
+        """Move the mask where the model runs (the host's load hand-off); values never change."""
+        self.mask = self.mask.to(device)
+        return self
 
     def __deepcopy__(self, memo):  # immutable: ComfyUI deep-copies model_options on every clone
         return self
@@ -130,30 +137,55 @@ class CategoryGate:
 class AttentionCapture:
     """Records, for each named token, its attention map at the layers a loss needs.
 
-    ``token_rows`` maps a name to the context rows of its token (several rows are summed).
-    ``downsample`` selects layers whose size is the latent's divided by it (Break-A-Scene uses
-    16x16 at 512 px: 4); ``None`` captures every cross-attention layer.
-    Maps keep their autograd graph, so a loss on them trains the UNet and the embeddings.
+    ``token_rows`` maps a name to the context rows of its token (several rows are summed): one
+    sequence of rows for every prompt of the batch, or one sequence per prompt (prompts of a batch
+    may hold different tokens at different rows, e.g. Break-A-Scene's union sampling; an empty
+    sequence gives a zero map for that prompt). ``downsample`` selects layers whose size is the
+    latent's divided by it (Break-A-Scene uses 16x16 at 512 px: 4); ``None`` captures every
+    cross-attention layer. Maps keep their autograd graph, so a loss on them trains the UNet and
+    the embeddings. Only the selected token columns are kept, never full probabilities.
     """
 
-    def __init__(self, token_rows: Mapping[str, Sequence[int]], downsample: int | None = None):
+    def __init__(self, token_rows: Mapping[str, Sequence[int] | Sequence[Sequence[int]]],
+                 downsample: int | None = None):
         if not token_rows:
             raise ProductSceneError("token_rows: expected at least one token to capture")
-        self.token_rows = {name: tuple(int(r) for r in rows) for name, rows in token_rows.items()}
+        self.token_rows = {}
+        for name, rows in token_rows.items():
+            rows = list(rows)
+            per_prompt = bool(rows) and not isinstance(rows[0], numbers.Integral)
+            self.token_rows[name] = (tuple(tuple(int(r) for r in item) for item in rows) if per_prompt
+                                     else tuple(int(r) for r in rows))
         self.downsample = downsample
         self._maps: dict[str, list[torch.Tensor]] = {name: [] for name in self.token_rows}
-        self._product_mass: list[torch.Tensor] = []
+        self._columns: dict = {}
 
     def wants(self, layer: LayerInfo) -> bool:
         return self.downsample is None or tuple(layer.hw) == downsampled_hw(layer.latent_hw, self.downsample)
 
+    def columns(self, name: str, batch: int, nk: int, device) -> torch.Tensor:
+        """[batch, Nk] 0/1: the key columns of ``name`` for every prompt of the batch."""
+        key = (name, batch, nk, str(device))
+        cached = self._columns.get(key)
+        if cached is None:
+            rows = self.token_rows[name]
+            per_prompt = rows if rows and not isinstance(rows[0], int) else (rows,)
+            if batch % len(per_prompt):
+                raise ProductSceneError(f"capture: {len(per_prompt)} prompts' rows for a batch of {batch}")
+            cached = torch.zeros(len(per_prompt), nk)
+            for i, item in enumerate(per_prompt):
+                cached[i, [r for r in item if r < nk]] = 1.0
+            cached = cached.repeat(batch // len(per_prompt), 1).to(device)
+            self._columns[key] = cached
+        return cached
+
     def record(self, probs: torch.Tensor, layer: LayerInfo) -> None:
         h, w = layer.hw
         mean = probs.mean(dim=1)  # over heads: [B, Nq, Nk]
-        nk = mean.shape[-1]
-        for name, rows in self.token_rows.items():
-            cols = [r for r in rows if r < nk]
-            self._maps[name].append(mean[:, :, cols].sum(-1).reshape(-1, h, w))
+        b, _, nk = mean.shape
+        for name in self.token_rows:
+            cols = self.columns(name, b, nk, mean.device).to(mean.dtype)
+            self._maps[name].append((mean @ cols[:, :, None])[..., 0].reshape(b, h, w))
 
     def maps(self) -> dict[str, torch.Tensor]:
         """name -> [B, h, w], the mean over captured layers (all captured layers share one size
@@ -214,6 +246,14 @@ class ReferenceInjection:
         background = background.repeat(b // background.shape[0], 1) if background.shape[0] != b else background
         return out * (self.weight * background[:, :, None])
 
+    def to(self, device) -> "ReferenceInjection":
+        self.tokens = self.tokens.to(device)
+        self._background.to(device)
+        return self
+
+    def models(self) -> list:
+        return []
+
     def __deepcopy__(self, memo):
         return self
 
@@ -244,6 +284,16 @@ class SceneAttention:
 
     def __deepcopy__(self, memo):
         return self
+
+    def to(self, device) -> "SceneAttention":
+        """Host hand-off when the model moves: the parts' tensors follow it to ``device``."""
+        for part in self.gates + self.injections:
+            part.to(device)
+        return self
+
+    def models(self) -> list:
+        """Models the parts need loaded beside the UNet (the host loads them with it)."""
+        return [m for part in self.injections for m in part.models()]
 
     def check_batch(self, images: int) -> None:
         """Raise before sampling when a gate's mask batch cannot pair with ``images`` latents."""

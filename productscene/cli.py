@@ -22,6 +22,7 @@ import types
 from pathlib import Path
 
 from .errors import ProductSceneError
+from .prompt import DEFAULT_TEMPLATE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "productscene_pack"
@@ -60,22 +61,29 @@ def load_pack(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType
     command line and the nodes share one core."""
     standalone = _standalone()
     standalone.configure(str(find_comfyui(comfyui)), cpu=cpu)
-    pack = sys.modules.get(PACK_NAME)
+    return import_repo_as_pack(PACK_NAME)
+
+
+def import_repo_as_pack(name: str) -> types.ModuleType:
+    """This repository imported as a package called ``name``, the way ComfyUI's loader imports a
+    custom-node folder (ComfyUI must be importable already). Imported once per name."""
+    pack = sys.modules.get(name)
     if pack is None:
         spec = importlib.util.spec_from_file_location(
-            PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
         pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = pack
+        sys.modules[name] = pack
         try:
             spec.loader.exec_module(pack)
         except BaseException:
-            del sys.modules[PACK_NAME]
+            del sys.modules[name]
             raise
     return pack
 
 
 def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
-    """The pack's ComfyUI training adapter (``nodes/training_host.py``), with ComfyUI loaded."""
+    """The pack's ComfyUI training adapter (``nodes/training_host.py``: the host only; the run
+    itself is the core's), with ComfyUI loaded."""
     return importlib.import_module(load_pack(comfyui, cpu).__name__ + ".nodes.training_host")
 
 
@@ -110,15 +118,16 @@ def _bar(total, desc, **options):
 
 
 def cmd_train_categories(args) -> int:
-    from .train.recipes.categories import CategoryConfig
+    from .train.recipes.categories import CategoryConfig, train_category_library
     from .train.datasets import check, open_dataset
     if args.check_only:
         args.shallow, args.json = False, False
         return cmd_check_dataset(args)
     if not os.path.isfile(args.checkpoint):
         raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
-    # every data problem before any model work
-    report = check(open_dataset(args.data, args.layout, args.split))
+    # every data problem before any model work; the run reuses this report (one deep check)
+    dataset = open_dataset(args.data, args.layout, args.split)
+    report = check(dataset)
     if not report.ok:
         print(report.message(limit=None), file=sys.stderr)
         return 1
@@ -128,6 +137,7 @@ def cmd_train_categories(args) -> int:
     host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
     ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    latents = _bar(len(dataset), "latents")
     bar = _bar(args.steps, "training")
 
     def progress(step, total, loss):
@@ -136,20 +146,28 @@ def cmd_train_categories(args) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()
 
+    def latent_progress(n, total):
+        if latents:
+            latents.n = n
+            latents.refresh()
+
     try:
-        run = host_mod.train_categories(
-            model, clip, vae, args.data, args.layout, args.out, config=config, seed=args.seed,
-            checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)),
-            cache_dir=args.cache_dir or _default_cache(), autocast=args.autocast, progress=progress,
-            license=args.license, gradient_checkpoint=args.gradient_checkpointing, split=args.split)
+        run = train_category_library(
+            host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
+            checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(), checkpoint_path=ckpt,
+            checkpoint_every=args.checkpoint_every,
+            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)), autocast=args.autocast,
+            progress=progress, latent_progress=latent_progress, license=args.license,
+            gradient_checkpoint=args.gradient_checkpointing)
     except KeyboardInterrupt:
-        if bar:
-            bar.close()
+        for b in (latents, bar):
+            if b:
+                b.close()
         print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
         return 130
-    if bar:
-        bar.close()
+    for b in (latents, bar):
+        if b:
+            b.close()
     h = run.result.history
     print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
           f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
@@ -240,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
     t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--template", default="a product photo on a {category} background")
+    t.add_argument("--template", default=DEFAULT_TEMPLATE, help="training prompt; {category} marks the identifier")
     t.add_argument("--init-word", default=None, help="init every identifier from this word (default: each name's first word)")
     t.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the training checkpoint (default path, or the one given)")

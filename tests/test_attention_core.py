@@ -111,7 +111,7 @@ def test_reference_injection_reaches_background_only_and_respects_its_window():
 def test_gate_rejects_bad_inputs():
     with pytest.raises(ProductSceneError, match="identifier rows"):
         CategoryGate(product_mask(), [80], 77)
-    with pytest.raises(ProductSceneError, match="grow"):
-        CategoryGate(product_mask(), [5], 77, grow=-1)
+    with pytest.raises(ProductSceneError, match="grow_latent_px"):
+        CategoryGate(product_mask(), [5], 77, grow_latent_px=-1)
     with pytest.raises(ProductSceneError, match="start/end"):
         ReferenceInjection(torch.zeros(1, 4, 12), {}, product_mask(), start=0.8, end=0.2)

@@ -83,13 +83,12 @@ def test_category_tokens_learn_their_own_background(sd15, tmp_path):
     def encode(images):
         return host.encode_images(images) * LATENT_GAIN
 
-    with host.session():
-        ds = datasets.open_dataset(train_dir, "folder")
-        assert datasets.check(ds).ok and ds.categories == list(CATEGORIES)
-        cache = datasets.LatentCache(tmp_path / "cache", ds, encode, S, namespace=host.latent_namespace)
-        recipe = cats.CategoryRecipe(host, cats.CachedSource(cache), ds.categories, config, seed=0)
-        trainer = engine.Trainer(recipe, config.phases(), seed=0, device=host.device)
-
+    ds = datasets.open_dataset(train_dir, "folder")
+    assert datasets.check(ds).ok and ds.categories == list(CATEGORIES)
+    cache = datasets.LatentCache(tmp_path / "cache", ds, encode, S, namespace=host.latent_namespace)
+    recipe = cats.CategoryRecipe(host, cats.CachedSource(cache), ds.categories, config, seed=0)
+    trainer = engine.Trainer(recipe, config.phases(), seed=0, device=host.device)
+    with host.session(lora=recipe.lora):
         held = datasets.open_dataset(held_dir, "folder")
         held_cache = datasets.LatentCache(tmp_path / "cache", held, encode, S, namespace=host.latent_namespace)
         items = [held_cache.get(i) for i in range(len(held))] * 4   # 4 noise draws per held-out image
@@ -119,7 +118,7 @@ def test_category_tokens_learn_their_own_background(sd15, tmp_path):
         assert len(recipe.identifier_product_attention) == STEPS
         assert all(v == 0.0 for v in recipe.identifier_product_attention)
         batch = recipe.batch(0, torch.Generator().manual_seed(5))
-        *_, capture, scene = recipe._forward(batch, capture_attention=True, grad=False)
+        *_, capture, scene = recipe._forward(batch, capture_attention=True)
         assert cats.CategoryRecipe.product_attention(capture, scene, batch["masks"].shape[-2:]) == 0.0
         background_mass = max(float(m.detach().max()) for m in capture.layer_maps("identifier"))
         assert background_mass > 1e-4

@@ -184,9 +184,9 @@ def test_template_errors(pack, folders, sd15):
         run(pack, clip=None, library="shop.safetensors", category="tea", template=TEMPLATE)
 
 
-def test_token_embedding_fn_builds_a_library_from_words(pack, folders, sdxl, comfy_nodes):
+def test_word_token_embeddings_build_a_library_from_words(pack, folders, sdxl, comfy_nodes):
     libs, _ = folders
-    fn = pack.nodes.clip_text.token_embedding_fn(sdxl.clip)
+    fn = pack.nodes.clip_text.word_token_embeddings(sdxl.clip)
     data = CategoryLibrary.from_words({"tea": "bamboo", "tools": "wood"}, "sdxl", fn)
     assert torch.equal(data.vectors["clip_g"][0], word_vectors(sdxl.clip, "bamboo")["clip_g"])
     data.write(libs / "words.safetensors")
