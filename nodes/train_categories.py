@@ -12,6 +12,7 @@ from productscene.errors import ProductSceneError
 from productscene.train.recipes.categories import CategoryConfig
 from .paths import LIBRARY_FOLDER, _check_name
 from .training_host import ComfyProgress, check_data, train_categories
+from .live_progress import LiveProgress
 
 DEFAULT_TEMPLATE = "a product photo on a {category} background"
 
@@ -109,7 +110,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
         run = train_categories(model, clip, vae, data, layout, out, config=config, seed=seed,
                                checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
-                               cache_dir=work_folder("latent_cache"), progress=ComfyProgress(steps),
+                               cache_dir=work_folder("latent_cache"), progress=LiveProgress(steps),
                                should_stop=mm.processing_interrupted)
         if run.library is None:  # cancelled: state saved; let ComfyUI show the run as interrupted
             mm.throw_exception_if_processing_interrupted()
