@@ -51,7 +51,7 @@ function statusWidget(node) {
 export function statusText(d) {
   const lines = [t("training.step", { step: d.step, total: d.total })];
   if (d.loss != null) lines[0] += " · " + t("training.loss", { loss: d.loss.toFixed(4) });
-  const perStep = d.step > 0 && d.elapsed ? d.elapsed / d.step : null;
+  const perStep = d.per_step;
   const parts = [];
   if (perStep) parts.push(t("training.perStep", { seconds: perStep.toFixed(perStep < 10 ? 2 : 1) }));
   parts.push(d.step >= d.total ? t("training.done", { time: duration(d.elapsed) }) : t("training.left", { time: duration(d.eta) }));

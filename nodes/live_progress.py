@@ -9,8 +9,8 @@
   ``preview_every`` seconds and always on the first and the last step;
 * a websocket message ``productscene.training`` to the client that queued the run, at most every
   ``message_every`` seconds and on the last step: ``{"node", "prompt_id", "step", "total", "loss",
-  "elapsed", "eta", "losses"}``; ``losses`` is the history averaged down to at most
-  ``MAX_POINTS`` points, for the curve the extension draws under the node's widgets.
+  "elapsed", "per_step", "eta", "losses"}`` (times in seconds; ``losses`` is the history averaged
+  down to at most ``MAX_POINTS`` points); the extension shows step, loss and time left from it.
 
 Nothing here changes what training computes; a failure to reach the browser never stops a run.
 """
@@ -79,20 +79,21 @@ class LiveProgress:
         if self.extra is not None:
             self.extra(step, total, loss)
 
-    def _eta(self, step: int, total: int, now: float) -> float | None:
+    def _per_step(self, step: int, now: float) -> float | None:
+        """Seconds per step since the first reported step (setup and caching left out)."""
         first, t0 = self._first_step
         done = step - first
-        if done <= 0 or now <= t0:
-            return None
-        return (total - step) * (now - t0) / done
+        return (now - t0) / done if done > 0 and now > t0 else None
 
     def _send(self, step, total, loss, now) -> None:
         if self._server is None or self._node is None:
             return
+        per_step = self._per_step(step, now)
         message = {
             "node": self._node, "prompt_id": self._prompt, "step": int(step), "total": int(total),
             "loss": None if loss is None or not math.isfinite(float(loss)) else float(loss),
-            "elapsed": round(now - self.started, 3), "eta": self._eta(step, total, now),
+            "elapsed": round(now - self.started, 3), "per_step": per_step,
+            "eta": None if per_step is None else per_step * (total - step),
             "losses": downsample(self.history),
         }
         try:

@@ -74,7 +74,10 @@ class Canvas:
         page.add_init_script("try { localStorage['vueNodesBannerDismissed'] = 'true' } catch (e) {}")
 
     def _on_dialog(self, dialog) -> None:
-        self.dialogs.append(dialog.message)
+        if dialog.type == "beforeunload":  # leaving the page on purpose (reload): let it go
+            dialog.accept()
+            return
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
         dialog.dismiss()
 
     def open(self, timeout_ms: int = 90_000) -> None:
@@ -95,6 +98,17 @@ class Canvas:
             await app.loadGraphData(wf, true, true, null, {showMissingNodesDialog: false});
         }""", workflow)
         self.page.wait_for_timeout(300)
+
+    def open_dialogs(self) -> list[str]:
+        """Dialogs the frontend shows (missing nodes, errors, templates ...): their text, shortened."""
+        return self.evaluate("() => [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText.slice(0, 200))")
+
+    def close_dialogs(self) -> None:
+        for _ in range(3):
+            if not self.open_dialogs():
+                return
+            self.page.locator("[role=dialog] button").last.click()  # the dialog's close button
+            self.page.wait_for_timeout(300)
 
     def fit_view(self) -> float:
         self.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
