@@ -118,3 +118,24 @@ def test_server_serves_the_translations(comfy_server):
         for node, entry in ours.items():
             assert served[lang]["nodeDefs"][node]["display_name"] == entry["display_name"]
         assert served[lang]["productscene"]["categories"]["search"]
+
+
+def test_server_puts_the_sample_cut_outs_in_its_input_folder(comfy_server):
+    # the category workflow opens with productscene_perfume_bottle.png: it must exist for a new user
+    server, _client = comfy_server
+    samples = sorted((ROOT / "samples" / "products").glob("*.png"))
+    for sample in samples:
+        copy = Path(server.base_dir) / "input" / f"productscene_{sample.name}"
+        assert copy.read_bytes() == sample.read_bytes(), copy
+    loads = [n for p in CANVAS_FILES for n in json.loads(p.read_text())["nodes"] if n["type"] == "LoadImage"]
+    assert loads and all(n["widgets_values"][0] in {f"productscene_{s.name}" for s in samples} for n in loads)
+
+
+def test_sample_copies_never_replace_a_users_file(pack, tmp_path):
+    samples = pack.nodes.samples
+    (tmp_path / "productscene_wrench.png").write_bytes(b"the user's own file")
+    written = samples.copy_samples(str(tmp_path))
+    assert "productscene_wrench.png" not in written and "productscene_perfume_bottle.png" in written
+    assert (tmp_path / "productscene_wrench.png").read_bytes() == b"the user's own file"
+    assert not list(tmp_path.glob("*.partial"))
+    assert samples.copy_samples(str(tmp_path)) == []  # idempotent

@@ -104,11 +104,17 @@ class Canvas:
         return self.evaluate("() => [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText.slice(0, 200))")
 
     def close_dialogs(self) -> None:
-        for _ in range(3):
+        """Close what is open as a user would: Escape, else the dialog's close button."""
+        for attempt in range(4):
             if not self.open_dialogs():
                 return
-            self.page.locator("[role=dialog] button").last.click()  # the dialog's close button
-            self.page.wait_for_timeout(300)
+            if attempt == 0:
+                self.page.keyboard.press("Escape")
+            else:
+                labelled = self.page.locator("[role=dialog] button[aria-label='Close' i]:visible")
+                button = labelled.first if labelled.count() else self.page.locator("[role=dialog] button:visible").last
+                button.click(timeout=5000)
+            self.page.wait_for_timeout(400)
 
     def fit_view(self) -> float:
         self.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
