@@ -26,6 +26,7 @@ from PIL import Image
 import comfy.utils
 
 from productscene.train.engine import loss_graph
+from .running_server import prompt_server
 
 EVENT = "productscene.training"
 MAX_POINTS = 200
@@ -104,11 +105,7 @@ class LiveProgress:
 
 def _where():
     """(PromptServer or None, executing node id, prompt id) of the node that builds the progress."""
-    try:
-        from server import PromptServer
-        server = getattr(PromptServer, "instance", None)
-    except ImportError:
-        server = None
+    server = prompt_server()
     node = prompt = None
     try:
         from comfy_execution.utils import get_executing_context

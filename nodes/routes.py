@@ -17,6 +17,7 @@ from aiohttp import web
 
 from productscene.errors import ProductSceneError
 from .paths import _check_name, list_libraries, open_cached, resolve_library
+from .running_server import prompt_server
 
 _BODIES: dict[str, tuple[tuple, bytes, str]] = {}
 
@@ -64,13 +65,10 @@ def categories_body(name) -> tuple[bytes, str]:
 
 
 def _register() -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
+    server = prompt_server()
+    if server is None:
         return
-    if getattr(PromptServer, "instance", None) is None:
-        return
-    routes = PromptServer.instance.routes
+    routes = server.routes
 
     @routes.get("/productscene/libraries")
     async def libraries(request):

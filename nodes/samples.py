@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .running_server import prompt_server
+
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "products"
 PREFIX = "productscene_"
 
@@ -37,11 +39,7 @@ def copy_samples(input_dir: str) -> list[str]:
 
 
 def _install() -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is None:
+    if prompt_server() is None:
         return
     import folder_paths
 
