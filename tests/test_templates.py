@@ -88,6 +88,9 @@ def test_english_node_translations_match_the_nodes(comfy_server):
     english = _load_update_locales().english_node_defs(client.object_info())
     saved = json.loads((LOCALES / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
     assert saved == english, "locales/en/nodeDefs.json is stale: run scripts/update_locales.py"
+    for node, entry in english.items():  # every input and output explains itself on the canvas
+        untold = [k for k, v in {**entry["inputs"], **entry["outputs"]}.items() if not v.get("tooltip")]
+        assert not untold and entry.get("description"), (node, untold)
 
 
 @pytest.mark.parametrize("lang", [l for l in LANGUAGES if l != "en"])
