@@ -43,8 +43,10 @@ def test_progress_preview_and_messages(captured):
         now[0] += 0.1  # 0.1 s per step
         progress(step, 20, losses[step - 1])
 
-    # every step reaches ComfyUI's progress bar; the loss curve rides along on the first and the last
-    assert [c[0] for c in hook_calls] == list(range(1, 21))
+    # the steps reach ComfyUI's progress bar (newer hosts thin out updates that carry no picture);
+    # the loss curve rides along on the first and the last
+    seen = [c[0] for c in hook_calls]
+    assert seen[0] == 1 and seen[-1] == 20 and seen == sorted(set(seen))
     with_preview = [c for c in hook_calls if c[2] is not None]
     assert [c[0] for c in with_preview] == [1, 20]
     kind, image, size = with_preview[-1][2]
