@@ -12,6 +12,7 @@ from productscene.errors import ProductSceneError
 from productscene.prompt import DEFAULT_TEMPLATE
 from productscene.train.recipes.categories import CategoryConfig, train_category_library
 from .paths import LIBRARY_FOLDER, _check_name
+from .live_progress import LiveProgress
 from .training_host import ComfyProgress, ComfyTrainingHost
 
 
@@ -107,7 +108,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         run = train_category_library(
             ComfyTrainingHost(model, clip, vae), data, os.path.join(library_folder(), name), config, layout=layout,
             seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
-            checkpoint_every=checkpoint_every, resume=resume, progress=ComfyProgress(steps),
+            checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
             latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
         if run.cancelled:  # state saved; let ComfyUI show the run as interrupted
             mm.throw_exception_if_processing_interrupted()
