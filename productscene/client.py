@@ -244,16 +244,19 @@ class ComfyClient:
         return {str(item[1]) for key in ("queue_running", "queue_pending") for item in state.get(key, [])
                 if isinstance(item, list) and len(item) > 1}
 
-    def library_categories(self) -> dict[str, list[str]] | None:
-        """``{library file: [categories]}`` from the pack's ``GET /productscene/libraries``;
+    def libraries(self) -> dict[str, dict] | None:
+        """``{library file: {"family", "count"}}`` from the pack's ``GET /productscene/libraries``;
         None when the server does not have that route (ProductScene not installed)."""
         try:
-            index = self._request("GET", "/productscene/libraries")
+            return self._request("GET", "/productscene/libraries") or {}
         except _HTTPError as e:
             if e.code == 404:
                 return None
             raise ServerError(f"ComfyUI answered GET /productscene/libraries with HTTP {e.code}") from None
-        return {name: list(info.get("categories", [])) for name, info in (index or {}).items()}
+
+    def library_categories(self, library: str) -> list[str]:
+        """One library's category names (``GET /productscene/libraries/categories``)."""
+        return list(self._get("/productscene/libraries/categories", library=library).get("categories", []))
 
     def websocket(self, poll: float = 0.5):
         """A websocket on ``/ws`` for this client's id: the server sends it the messages

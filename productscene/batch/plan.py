@@ -63,7 +63,9 @@ class _Inventory:
         client = ComfyClient(url, timeout=30)
         self.url = url
         self.info = client.object_info()
-        self.libraries = client.library_categories()
+        self.client = client
+        self.libraries = client.libraries()
+        self._categories: dict[str, list[str]] = {}
 
     def spec(self, prompt: dict, key: str):
         node_id, name = graph.target(prompt, key)
@@ -74,7 +76,11 @@ class _Inventory:
         node_id, name = graph.target(prompt, "category")
         library = prompt[node_id]["inputs"].get("library")
         if self.libraries is not None and isinstance(library, str):
-            return self.libraries.get(library), f"library {library!r}"
+            if library not in self.libraries:
+                return None, f"library {library!r}"
+            if library not in self._categories:
+                self._categories[library] = self.client.library_categories(library)
+            return self._categories[library], f"library {library!r}"
         spec = graph.input_spec(self.info, prompt[node_id]["class_type"], name)
         return (graph.combo_options(spec) if spec else None), "the category input"
 
