@@ -272,3 +272,19 @@ def test_patching_leaves_the_input_model_untouched(libraries):
     assert tm.model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {}) == before
     assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == \
         len(host.cross_attention_keys(tm.model))
+
+
+def test_two_gates_for_two_products_of_one_prompt_stack_like_one_gate_on_both(libraries):
+    tm = tiny_sd15()
+    latent_hw = (8, 8)
+    first_product, second_product = two_masks(latent_hw)[:1], torch.flip(two_masks(latent_hw)[1:], dims=(-1,))
+    both = torch.maximum(first_product, second_product)  # two products in one image
+    cond, tokens = category_prompt(tm, libraries["sd15"], "marble")
+    negative = encode(tm, "blurry")
+    stacked = gate_node.execute(gate_node.execute(tm.model, first_product, tokens, 1.0, 0, 0.0).result[0],
+                                second_product, tokens, 1.0, 0, 0.0).result[0]
+    single = gate_node.execute(tm.model, both, tokens, 1.0, 0, 0.0).result[0]
+    first = Replay().run(tm, stacked, cond, negative, latent_hw, batch=1)
+    second = Replay(first.inputs).run(tm, single, cond, negative, latent_hw, batch=1)
+    assert len(host.scene_of(stacked).gates) == 2
+    assert all(torch.equal(a[-1], b[-1]) for a, b in zip(first.outputs, second.outputs))
