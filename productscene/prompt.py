@@ -46,6 +46,15 @@ class CategoryTokens:
     rows: tuple          # row indices of the identifier in the cond context (same for every encoder)
     context_rows: int    # rows of the encoded cond
     vectors: dict        # {encoder: [n, width]} (encoder names as in the library: clip_l, clip_g, clip_h)
+    free_context: torch.Tensor | None = None  # [1, R, C]: the prompt encoded without the identifier
+    contexts: tuple = ()  # the encoded conditioning(s) [1, N, C] the identifier is in
+
+
+def category_free_template(template: str, placeholder: str = PLACEHOLDER) -> str:
+    """THE category-free prompt: the template with the identifier left out (not replaced by its
+    init word, which is itself category information; measured in BENCHMARKS.md). Product queries
+    attend this prompt's encoding, so their output cannot depend on the category."""
+    return template.replace(placeholder, " ")
 
 
 @dataclass(frozen=True)

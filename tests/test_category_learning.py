@@ -23,8 +23,12 @@ from tests.support.comfy_env import import_pack
 CATEGORIES = ("blue", "green", "red")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 230)}
 S = 64
-STEPS = 360
-T_MIN, T_MAX = 200, 800
+# With the category-free gate (product positions attend the prompt without the identifier, so the
+# category reaches the model only through background positions) the identifiers learn from less:
+# at T 200..800 and 360 steps the smallest own-token margin measured -1.0% .. -0.3% over four runs;
+# lower noise levels (where the stripes are visible) and a third more steps: +0.26% (2.1, 1.9, 0.26).
+STEPS = 480
+T_MIN, T_MAX = 100, 600
 # The harness's random VAE gives SD1.5-scaled latents with std ~0.11, ten times below a real VAE's
 # ~1; at that scale the background is a vanishing share of the signal next to unit noise. The test
 # rescales the latents to a real VAE's statistics (a constant gain on the cached latents).

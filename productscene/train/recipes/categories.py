@@ -3,7 +3,8 @@
 Learns every category's identifier vectors (one ``[C, n, width]`` tensor per text encoder, rows
 initialised from each category's init word, :func:`productscene.prompt.init_vectors`) plus ONE
 shared LoRA on the UNet, with the mask-guided gate active during training: each batch's product
-masks go into a ``CategoryGate``. The noise-prediction MSE is weighted to the background.
+masks go into a ``CategoryGate`` whose product positions attend the template encoded without the
+identifier (as at inference). The noise-prediction MSE is weighted to the background.
 
 :func:`train_category_library` is the whole run (data check, latent cache, resume, training,
 licence, summary, library file) shared by the node and the command line; hosts only adapt.
@@ -20,7 +21,7 @@ import torch
 from ...attention import AttentionCapture, CategoryGate, SceneAttention
 from ...errors import ProductSceneError
 from ...library import CategoryLibrary, check_family
-from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, check_template, init_vectors
+from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
 from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
 from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
@@ -174,6 +175,7 @@ class CategoryRecipe:
             raise ProductSceneError(f"timesteps: expected 0 <= min < max <= {host.num_timesteps}, got {self.config.min_timestep}, {hi}")
         self.t_range = (int(self.config.min_timestep), int(hi))
         self.identifier_product_attention: list[float] = []
+        self._free: torch.Tensor | None = None
 
     # -- engine protocol -------------------------------------------------------------------------
     def parameter_groups(self):
@@ -222,6 +224,15 @@ class CategoryRecipe:
                 for e in self.encoders}
         return [{e: rows[e][i] for e in self.encoders} for i in range(len(idx))]
 
+    def free_context(self) -> torch.Tensor:
+        """The template encoded without the identifier (``[1, R, C]``), what product positions
+        attend: the same for every category, encoded once per run (the identifier never reaches it,
+        so it gets no gradient through product positions)."""
+        if self._free is None:
+            with torch.no_grad():
+                self._free = self.host.encode([Prompt(category_free_template(self.config.template))]).cond.detach()
+        return self._free
+
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
         """Every category's identifier ``{encoder: [C, n, width]}`` (detached)."""
@@ -243,7 +254,7 @@ class CategoryRecipe:
         rows = enc.rows[0][PLACEHOLDER]  # one template: the same rows for every sample
         sigma = host.sigmas(batch["timesteps"].to(dev))
         x = host.add_noise(latents, noise, sigma)
-        gate = CategoryGate(masks.detach().float(), rows, enc.context_rows, strength=self.config.gate_strength,
+        gate = CategoryGate(masks.detach().float(), self.free_context(), strength=self.config.gate_strength,
                             grow_latent_px=self.config.gate_grow_latent_px)
         scene = SceneAttention().with_gate(gate)
         capture = None
