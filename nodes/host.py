@@ -4,12 +4,13 @@ The object lives in ``model_options["transformer_options"]["productscene"]``. Ev
 layer gets a small trampoline as its attn2 replace that reads the object from ``extra_options`` at
 call time, so a trainer passing a per-step object only swaps the object. An APPLY_MODEL wrapper
 matches, once per model call, each gate to the batch rows whose raw conditioning is its own; an
-OUTER_SAMPLE wrapper checks masks and conditioning once before sampling. A replace another pack put
-on a layer first (IPAdapter, InstantID, PuLID) is kept: its effect is added to ours as the
-difference it makes to plain attention.
+OUTER_SAMPLE wrapper checks masks and conditioning once before sampling. Other packs' attn2
+replaces (IPAdapter, InstantID, PuLID) compose in either order: see ``Attn2Trampoline``; only a
+replace put after the gate on a layer's own key, where it would run instead of the gate, is refused.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -22,6 +23,7 @@ from productscene.errors import ProductSceneError
 
 SCENE_KEY = "productscene"
 GATED_KEY = "productscene.gated"  # per model call: the batch rows each gate acts on
+REPLACES_KEY = "productscene.attn2"  # per model call: the attn2 replace table
 WRAPPER_KEY = "productscene"
 
 
@@ -81,8 +83,31 @@ def layer_info(extra_options, scene: SceneAttention) -> LayerInfo:
     )
 
 
+def speaks_add_protocol(fn) -> bool:
+    """IPAdapter_plus's patching protocol (InstantID and PuLID share it): a node that finds a replace
+    on a layer calls ``.add(callback, **kwargs)`` on it; the object keeps ``callback`` and ``kwargs``
+    lists and adds ``callback(out, q, k, v, extra_options, **kwargs)`` to the layer's attention
+    output while the step's sigma lies in ``[sigma_end, sigma_start]``."""
+    return (callable(getattr(fn, "add", None)) and isinstance(getattr(fn, "callback", None), list)
+            and isinstance(getattr(fn, "kwargs", None), list))
+
+
+def run_added(out, q, k, v, extra_options, holders):
+    """``out`` plus the callbacks ``holders`` (objects of the add protocol) hold, as their own
+    replace would add them. Their callbacks attend their own tokens from ``q`` (IPAdapter's image
+    tokens): computed once per layer, they add nothing that depends on the text context."""
+    sigmas = extra_options.get("sigmas")
+    sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else float("inf")
+    for holder in holders:
+        per_device = holder.get_multigpu_kwargs(q.device) if hasattr(holder, "get_multigpu_kwargs") else holder.kwargs
+        for callback, kwargs, call_kwargs in zip(holder.callback, holder.kwargs, per_device):
+            if kwargs.get("sigma_end", float("-inf")) <= sigma <= kwargs.get("sigma_start", float("inf")):
+                out = out + callback(out, q, k, v, extra_options, **call_kwargs)
+    return out.to(q.dtype)
+
+
 class Attn2Trampoline:
-    """The attn2 replace on one layer: runs the model's SceneAttention, plus what was there before.
+    """The attn2 replace on one layer: runs the model's SceneAttention, and what else acts there.
 
     ComfyUI hands an attn2 replace the already projected q, k, v; the category gate also needs this
     layer's key/value rows of its category-free context, so the trampoline keeps a *weak* reference
@@ -91,13 +116,46 @@ class Attn2Trampoline:
     copy ComfyUI makes of model_options on every clone without copying the UNet). ``scene`` is the
     object installed with it (for ComfyUI's ``.to()`` / ``models()`` hand-offs when the model is
     loaded or offloaded); the call reads the object from the options, so a trainer can pass a
-    per-step one."""
+    per-step one.
 
-    def __init__(self, key, attn2=None, previous=None, scene: SceneAttention | None = None):
+    Other packs' patches on the layer, in either order:
+    - callbacks of the add protocol (``speaks_add_protocol``: IPAdapter, InstantID, PuLID) are kept
+      in ``callback``/``kwargs``, adopted from their replace when it sat on the layer's key first or
+      added to the trampoline by a later node; a later node's replace on the block's 2-tuple key
+      (IPAdapter on SD1.5) is shadowed by the trampoline's 3-tuple key, so the trampoline finds it
+      at call time and runs its callbacks too. Each runs once per layer, added to the gated output.
+    - any other replace (``previous``, or one shadowed on the block key) is a black box: it becomes
+      the attention kernel, so product queries get ``previous(q, k_free, v_free)`` and the rest
+      ``previous(q, k, v)``; exact, at the price of calling it twice on gated rows.
+    """
+
+    def __init__(self, key, attn2=None, previous=None, scene: SceneAttention | None = None,
+                 callbacks=(), hides_block: bool = False):
         self.key = key
         self.attn2 = weakref.ref(attn2) if attn2 is not None else None
         self.previous = previous
         self.scene = scene
+        self.callback = [c for c, _ in callbacks]
+        self.kwargs = [kw for _, kw in callbacks]
+        # a foreign replace sat on this layer's own key: ComfyUI would never run the block key's
+        self.hides_block = hides_block
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def callbacks(self) -> list:
+        return list(zip(self.callback, self.kwargs))
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; a node after ours then .add()s to the
+        # clone's trampoline only. The callbacks' arguments (IPAdapter's model) are shared, not copied.
+        twin = Attn2Trampoline.__new__(Attn2Trampoline)
+        twin.__dict__.update(self.__dict__)
+        twin.previous = copy.deepcopy(self.previous, memo)
+        twin.callback, twin.kwargs = list(self.callback), [dict(kw) for kw in self.kwargs]
+        memo[id(self)] = twin
+        return twin
 
     def project(self, context):
         module = self.attn2() if self.attn2 is not None else None
@@ -105,26 +163,51 @@ class Attn2Trampoline:
             raise ProductSceneError(f"model: the cross-attention layer {self.key} is gone; patch the model again")
         return module.to_k(context), module.to_v(context)
 
+    def shadowed(self, extra_options):
+        """The replace a node put on this layer's block key (SD1.5 IPAdapter: ``("input", 1)``) that
+        ComfyUI would run here if the trampoline were not on the layer's own key."""
+        if self.hides_block or len(self.key) != 3:
+            return None
+        entry = (extra_options.get(REPLACES_KEY) or {}).get(self.key[:2])
+        return None if entry is None or isinstance(entry, Attn2Trampoline) else entry
+
     def __call__(self, q, k, v, extra_options):
         scene = extra_options.get(SCENE_KEY)
         heads = extra_options["n_heads"]
+        foreign, holders = self.previous, [self]
+        block_entry = self.shadowed(extra_options)
+        if block_entry is not None:
+            if speaks_add_protocol(block_entry):
+                holders.append(block_entry)
+            elif foreign is None:
+                foreign = block_entry
+        kernel = attention_kernel(foreign, q.shape[0], extra_options)
         if scene is None:
-            if self.previous is not None:
-                return self.previous(q, k, v, extra_options)
-            return comfy_kernel(q, k, v, heads, extra_options=extra_options)
-        kernel = lambda q_, k_, v_, h_: comfy_kernel(q_, k_, v_, h_, extra_options=extra_options)
-        out = scene(q, k, v, layer_info(extra_options, scene), kernel=kernel, project=self.project)
-        if self.previous is not None:
-            out = out + (self.previous(q, k, v, extra_options) - kernel(q, k, v, heads))
-        return out
+            out = kernel(q, k, v, heads)
+        else:
+            out = scene(q, k, v, layer_info(extra_options, scene), kernel=kernel, project=self.project)
+        return run_added(out, q, k, v, extra_options, holders)
 
     def to(self, device_or_dtype):
         if isinstance(device_or_dtype, (torch.device, str)) and self.scene is not None:
             self.scene.to(torch.device(device_or_dtype))
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
         return self
 
     def models(self) -> list:
-        return self.scene.models() if self.scene is not None else []
+        own = self.scene.models() if self.scene is not None else []
+        return own + (self.previous.models() if hasattr(self.previous, "models") else [])
+
+
+def attention_kernel(foreign, batch: int, extra_options):
+    """``kernel(q, k, v, heads)`` for the scene: ComfyUI's attention, or a foreign replace that
+    owned the layer. A gate calls the kernel with only its cond rows; the foreign replace then gets
+    options that say so (one cond chunk), as packs size their own tokens by ``cond_or_uncond``."""
+    if foreign is None:
+        return lambda q, k, v, heads: comfy_kernel(q, k, v, heads, extra_options=extra_options)
+    rows_options = dict(extra_options, cond_or_uncond=[0])
+    return lambda q, k, v, heads: foreign(q, k, v, extra_options if q.shape[0] == batch else rows_options)
 
 
 def scene_of(model_patcher) -> SceneAttention | None:
@@ -132,7 +215,12 @@ def scene_of(model_patcher) -> SceneAttention | None:
 
 
 def install(model_patcher, scene: SceneAttention):
-    """A clone of ``model_patcher`` with ``scene`` merged into its attention object."""
+    """A clone of ``model_patcher`` with ``scene`` merged into its attention object.
+
+    On every cross-attention layer the trampoline takes the layer's own (3-tuple) key and keeps
+    what was there: a trampoline's callbacks and foreign replace, a replace of the add protocol's
+    callbacks, or any other replace as a black box. A replace on the block's 2-tuple key stays in
+    place and is run by the trampoline (see ``Attn2Trampoline.shadowed``)."""
     m = model_patcher.clone()
     existing = scene_of(m)
     merged = existing.merged(scene) if existing else scene
@@ -140,8 +228,13 @@ def install(model_patcher, scene: SceneAttention):
     replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for key, attn2 in cross_attention_layers(m).items():
         current = replaces.get(key)
-        previous = current.previous if isinstance(current, Attn2Trampoline) else current
-        m.set_model_attn2_replace(Attn2Trampoline(key, attn2, previous=previous, scene=merged), *key)
+        if isinstance(current, Attn2Trampoline):
+            kept = dict(previous=current.previous, callbacks=current.callbacks(), hides_block=current.hides_block)
+        elif current is not None and speaks_add_protocol(current):
+            kept = dict(callbacks=list(zip(current.callback, current.kwargs)), hides_block=True)
+        else:
+            kept = dict(previous=current, hides_block=current is not None)
+        m.set_model_attn2_replace(Attn2Trampoline(key, attn2, scene=merged, **kept), *key)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, _check_before_sampling),
                           (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _match_gated_rows)):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
@@ -152,7 +245,9 @@ def install(model_patcher, scene: SceneAttention):
 def _match_gated_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                       **kwargs):
     """Once per model call, before any layer: which batch rows each gate acts on (a cond row whose
-    raw conditioning is the gate's own), handed to every layer through the call's options."""
+    raw conditioning is the gate's own), handed to every layer through the call's options, and the
+    call's attn2 replace table (ComfyUI hands a replace the options without it)."""
+    transformer_options[REPLACES_KEY] = transformer_options.get("patches_replace", {}).get("attn2", {})
     scene = transformer_options.get(SCENE_KEY)
     if scene is not None and scene.gates and c_crossattn is not None:
         transformer_options[GATED_KEY] = scene.gated_rows(
@@ -170,10 +265,14 @@ def _check_before_sampling(executor, noise, latent_image, sampler, sigmas, *args
         conds = getattr(executor.class_obj, "conds", None) or {}
         scene.check_contexts([c.get("cross_attn") for c in conds.get("positive", [])])
         replaces = options.get("patches_replace", {}).get("attn2", {})
-        taken = [key for key, fn in replaces.items() if not isinstance(fn, Attn2Trampoline)]
+        patcher = getattr(executor.class_obj, "model_patcher", None)
+        layers = cross_attention_keys(patcher) if patcher is not None else \
+            [key for key, fn in replaces.items() if isinstance(fn, Attn2Trampoline)]
+        taken = [key for key in layers if not isinstance(replaces.get(key), Attn2Trampoline)]
         if taken:
             raise ProductSceneError(
                 f"model: a node after Masked Category Attention replaced cross-attention on {len(taken)} "
-                f"layers (first: {taken[0]}), which would let the category reach the product. Put Masked "
-                "Category Attention after that node (IPAdapter, InstantID, PuLID, ...) so both take effect.")
+                f"layers (first: {taken[0]}) and would run instead of it, letting the category reach the "
+                "product. Connect that node (IPAdapter, InstantID, PuLID, ...) before Masked Category "
+                "Attention: MODEL -> that node -> Masked Category Attention -> KSampler.")
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)

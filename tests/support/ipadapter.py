@@ -1,0 +1,129 @@
+"""The real ComfyUI_IPAdapter_plus, loaded through ComfyUI's own custom-node loader, with random
+weights of its real "Plus" shapes.
+
+The snapshot is the tarball in ``<an ancestor of the repo>/shared/peers/`` (``PRODUCTSCENE_PEERS``
+overrides the folder). :func:`load` unpacks it once into the test base directory's custom_nodes/
+and loads it with ``nodes.load_custom_node``; its nodes then sit in ``nodes.NODE_CLASS_MAPPINGS``.
+
+:func:`write_plus_model` writes an IPAdapter "Plus" model file into ComfyUI's ``ipadapter`` model
+folder: a ``Resampler`` of the real size (16 queries over 1280-wide CLIP-vision ViT-H states; dim
+768 for SD1.5, 1280 for SDXL, depth 4) and one ``to_k_ip``/``to_v_ip`` pair per layer IPAdapter
+patches, mapping the family's context width to that layer's width (the real shapes on the full
+320-channel UNets). :func:`apply` runs its own ``IPAdapterModelLoader`` and ``IPAdapterEmbeds``
+nodes on a model with penultimate CLIP-vision states of the real shape ``[1, 257, 1280]``.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import comfy_env
+from .models import init_weights
+
+TARBALL = "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"
+CONTEXT_WIDTH = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
+
+
+def peers_folder() -> Path | None:
+    if os.environ.get("PRODUCTSCENE_PEERS"):
+        return Path(os.environ["PRODUCTSCENE_PEERS"])
+    for parent in comfy_env.REPO_ROOT.parents:
+        if (parent / "shared" / "peers" / TARBALL).is_file():
+            return parent / "shared" / "peers"
+    return None
+
+
+def skip_reason() -> str | None:
+    folder = peers_folder()
+    if folder is None or not (folder / TARBALL).is_file():
+        return f"the real IPAdapter_plus snapshot ({TARBALL}) is not in any ../shared/peers/ above the repo"
+    return None
+
+
+@functools.cache
+def load():
+    """ComfyUI's ``nodes`` module with IPAdapter_plus loaded by its own custom-node loader; returns
+    (nodes, IPAdapterPlus module)."""
+    nodes = comfy_env.import_comfy_nodes()
+    target = comfy_env.BASE_DIR / "custom_nodes"
+    with tarfile.open(peers_folder() / TARBALL) as tar:
+        tar.extractall(target, filter="data")
+    folder = target / "ComfyUI_IPAdapter_plus"
+    assert asyncio.run(nodes.load_custom_node(str(folder), module_parent="custom_nodes")), "IPAdapter_plus did not load"
+    module = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPAdapterEmbeds"].__module__]
+    return nodes, module
+
+
+def patched_keys(family: str) -> list[tuple]:
+    """The attn2 keys IPAdapter patches, in the order it numbers its ip layers (read from
+    ``ipadapter_execute``): module key ``str(2 * i + 1)`` for the i-th key."""
+    if family != "sdxl":
+        return ([("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("output", i) for i in range(3, 12)]
+                + [("middle", 1)])
+    keys = [("input", i, t) for i in (4, 5, 7, 8) for t in range(2 if i in (4, 5) else 10)]
+    keys += [("output", i, t) for i in range(6) for t in range(2 if i in (3, 4, 5) else 10)]
+    return keys + [("middle", 1, t) for t in range(10)]
+
+
+def layer_width(layers: dict, key: tuple) -> int | None:
+    """The inner width of the layer ComfyUI runs a replace at ``key`` on (None: no such layer)."""
+    attn2 = layers.get(key if len(key) == 3 else key + (0,))
+    return None if attn2 is None else attn2.to_k.out_features
+
+
+def plus_state_dict(family: str, layers: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Flat ``{"image_proj.*", "ip_adapter.<n>.to_k_ip.weight", ...}`` of random Plus weights;
+    ``layers`` is ``{attn2 key: attn2 module}`` of the model it will patch."""
+    _, module = load()
+    sdxl = family == "sdxl"
+    resampler = sys.modules[module.__package__ + ".image_proj_models"].Resampler(
+        dim=1280 if sdxl else CONTEXT_WIDTH[family], depth=4, dim_head=64, heads=20 if sdxl else 12,
+        num_queries=16, embedding_dim=1280, output_dim=CONTEXT_WIDTH[family], ff_mult=4)
+    init_weights(resampler, seed)
+    out = {f"image_proj.{k}": v.contiguous() for k, v in resampler.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    fallback = min(w for w in (layer_width(layers, k) for k in patched_keys(family)) if w)
+    for i, key in enumerate(patched_keys(family)):
+        width = layer_width(layers, key) or fallback  # a key that matches no layer never runs
+        for name in ("to_k_ip", "to_v_ip"):
+            weight = torch.rand(width, CONTEXT_WIDTH[family], generator=g) * 2 - 1
+            out[f"ip_adapter.{2 * i + 1}.{name}.weight"] = weight / CONTEXT_WIDTH[family] ** 0.5
+    return out
+
+
+def write_plus_model(family: str, layers: dict, name: str, seed: int = 0) -> str:
+    """Write the Plus model into ComfyUI's ipadapter folder; returns the file name to load."""
+    import folder_paths
+
+    load()
+    folder = folder_paths.get_folder_paths("ipadapter")[0]
+    os.makedirs(folder, exist_ok=True)
+    save_file(plus_state_dict(family, layers, seed), os.path.join(folder, name))
+    folder_paths.filename_list_cache.pop("ipadapter", None)
+    return name
+
+
+def clip_vision_states(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, negative) penultimate hidden states of ViT-H: ``[1, 257, 1280]`` each."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 257, 1280, generator=g), torch.randn(1, 257, 1280, generator=g) * 0.1
+
+
+def load_model(file_name: str):
+    nodes, _ = load()
+    return nodes.NODE_CLASS_MAPPINGS["IPAdapterModelLoader"]().load_ipadapter_model(file_name)[0]
+
+
+def apply(model, ipadapter, weight: float = 1.0, seed: int = 0, start_at: float = 0.0, end_at: float = 1.0):
+    """``IPAdapterEmbeds`` (its own node) on ``model``: returns the patched clone."""
+    nodes, _ = load()
+    pos, neg = clip_vision_states(seed)
+    node = nodes.NODE_CLASS_MAPPINGS["IPAdapterEmbeds"]()
+    return node.apply_ipadapter(model, ipadapter, pos, weight, "linear", start_at, end_at, neg_embed=neg)[0]

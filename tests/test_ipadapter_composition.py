@@ -1,0 +1,82 @@
+"""Masked Category Attention with the real ComfyUI_IPAdapter_plus, in either order.
+
+IPAdapter_plus is loaded from the shared peers snapshot through ComfyUI's own custom-node loader
+and applied with its own nodes (IPAdapterModelLoader, IPAdapterEmbeds) and random weights of its
+real "Plus" shapes, on UNets of the real SD1.5 / SD2.x / SDXL layouts (every block, so its per-layer
+keys land on the layers they land on in a real model; SD1.5's go on 2-tuple block keys, SDXL's on
+3-tuple layer keys). Every run replays the same cross-attention inputs (tests/support/replay.py),
+so each layer's output differs only by what acts on that layer:
+- IPAdapter's per-layer effect with the gate (gate + IPAdapter minus gate) equals its effect alone
+  (IPAdapter minus plain) on every layer where it fires, in both orders;
+- swapping the category changes no product position of any layer: exactly 0.0;
+- a KSampler step runs with both.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import ipadapter
+from tests.support.models import full_layout_unet, tiny
+from tests.support.replay import Replay
+from tests.test_category_attention import (category_prompt, compare, gate_node, host, libraries,  # noqa: F401
+                                           two_masks)
+from tests.support.models import encode
+
+pytestmark = pytest.mark.skipif(ipadapter.skip_reason() is not None, reason=str(ipadapter.skip_reason()))
+
+FIRING = {"sd15": 15, "sd2": 15, "sdxl": 60}  # IPAdapter's ("middle", 1...) keys match no layer
+
+
+@pytest.fixture(scope="module")
+def plus_models():
+    """family -> (UNet of the real layout, the loaded IPADAPTER of its own loader)."""
+    out = {}
+    for family in ("sd15", "sd2", "sdxl"):
+        unet = full_layout_unet(family)
+        name = ipadapter.write_plus_model(family, host.cross_attention_layers(unet), f"plus_{family}.safetensors")
+        out[family] = (unet, ipadapter.load_model(name))
+    return out
+
+
+def layer_outputs(run: Replay) -> list[torch.Tensor]:
+    return [out for *_, out in run.outputs]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_ipadapter_and_the_gate_compose_in_either_order(family, libraries, plus_models):
+    tm = tiny(family)  # its CLIP; the UNet is the real layout
+    unet, plus = plus_models[family]
+    latent_hw = (16, 16)  # the real layout's deepest cross-attention level: 4x4
+    masks = two_masks(latent_hw)
+    negative = encode(tm, "blurry")
+    cond_a, tokens_a = category_prompt(tm, libraries[family], "marble")
+    cond_b, tokens_b = category_prompt(tm, libraries[family], "workbench")
+
+    def gate(model, tokens):
+        return gate_node.execute(model, masks, tokens, 1.0, 0, 0.0).result[0]
+
+    plain = Replay().run(tm, unet, cond_a, negative, latent_hw, batch=2)
+    replay = lambda model, cond: Replay(plain.inputs).run(tm, model, cond, negative, latent_hw, batch=2)
+    alone = replay(ipadapter.apply(unet, plus), cond_a)
+    gated = replay(gate(unet, tokens_a), cond_a)
+    effect_alone = [a - p for a, p in zip(layer_outputs(alone), layer_outputs(plain))]
+    firing = [i for i, e in enumerate(effect_alone) if e.abs().max() > 0]
+    assert len(firing) == FIRING[family]
+
+    orders = {"ipadapter, then the gate": lambda tokens: gate(ipadapter.apply(unet, plus), tokens),
+              "the gate, then ipadapter": lambda tokens: ipadapter.apply(gate(unet, tokens), plus)}
+    for order, build in orders.items():
+        first, second = replay(build(tokens_a), cond_a), replay(build(tokens_b), cond_b)
+        effect_gated = [b - g for b, g in zip(layer_outputs(first), layer_outputs(gated))]
+        for i, (with_gate, without) in enumerate(zip(effect_gated, effect_alone)):
+            scale = float(without.abs().max())
+            if i in firing:
+                assert scale > 0.1, (order, i)
+                torch.testing.assert_close(with_gate, without, atol=1e-5 * max(1.0, scale), rtol=1e-4,
+                                           msg=f"{order}: layer {i}")
+            else:
+                assert float(with_gate.abs().max()) == 0.0, (order, i)
+        product, background, _ = compare(first, second, masks)
+        assert max(product) == 0.0, order  # the category reaches no product position of any layer
+        assert min(background) > 0.0, order
