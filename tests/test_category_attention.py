@@ -233,15 +233,77 @@ def test_composes_with_a_replace_already_on_the_layers(libraries):
     assert max(product) == 0.0 and min(background) > 1e-3
 
 
+class Reweight:
+    """A foreign replace that re-weights text attention (not an addition to it): key rows 1-5 get
+    3x the logit scale, as prompt-weighting and attention re-weighting packs do."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, q, k, v, extra_options):
+        self.calls += 1
+        weights = torch.ones(k.shape[1], 1, dtype=k.dtype)
+        weights[1:6] = 3.0
+        return comfy_attention.optimized_attention(q, k * weights, v, extra_options["n_heads"])
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@pytest.mark.parametrize("placement", ["before, on layer keys", "before, on block keys", "after, on block keys"])
+def test_a_replace_that_reweights_text_attention_keeps_its_effect_and_the_product_exact(placement, libraries):
+    """A foreign replace of no known protocol is the gate's attention kernel: product queries get it
+    on the category-free context. Its block-key (2-tuple) entries are shadowed by the gate's layer
+    keys in ComfyUI's lookup, so the gate runs them in either order."""
+    tm = tiny_sd15()
+    keys = host.cross_attention_keys(tm.model)
+    reweight = Reweight()
+
+    def with_reweight(model):
+        m = model.clone()
+        for key in keys:
+            m.set_model_attn2_replace(reweight, *(key if "layer" in placement else key[:2]))
+        return m
+
+    def build(tokens):
+        if placement.startswith("before"):
+            return gate_node.execute(with_reweight(tm.model), masks, tokens, 1.0, 0, 0.0).result[0]
+        return with_reweight(gate_node.execute(tm.model, masks, tokens, 1.0, 0, 0.0).result[0])
+
+    latent_hw = (8, 8)
+    masks = two_masks(latent_hw)
+    negative = encode(tm, "blurry")
+    cond_a, tokens_a = category_prompt(tm, libraries["sd15"], "marble")
+    cond_b, tokens_b = category_prompt(tm, libraries["sd15"], "workbench")
+    first = Replay().run(tm, build(tokens_a), cond_a, negative, latent_hw, batch=2)
+    assert reweight.calls == 2 * len(keys)  # every layer: all rows, then the gated rows on the free context
+    gate_alone = Replay(first.inputs).run(tm, gate_node.execute(tm.model, masks, tokens_a, 1.0, 0, 0.0).result[0],
+                                          cond_a, negative, latent_hw, batch=2)
+    second = Replay(first.inputs).run(tm, build(tokens_b), cond_b, negative, latent_hw, batch=2)
+    for (hw, latent, _, a), (*_, g) in zip(first.outputs, gate_alone.outputs):
+        product = ProductRegion(masks).for_rows(torch.tensor([0, 1]), 2, hw, latent, a.device)
+        delta = (a[:2] - g[:2]).abs().amax(-1)  # the cond rows
+        assert float(delta[product].min()) > 0.0 and float(delta[~product].min()) > 0.0  # it acts everywhere
+    product, background, _ = compare(first, second, masks)
+    assert max(product) == 0.0 and min(background) > 0.0
+
+
 def test_replace_installed_after_the_gate_is_refused_before_sampling(libraries, monkeypatch):
     tm = tiny_sd15()
     masks = two_masks((16, 16))
     cond, tokens = category_prompt(tm, libraries["sd15"], "marble")
     model = gate_node.execute(tm.model, masks[:1], tokens, 1.0, 0, 0.0).result[0].clone()
     key = host.cross_attention_keys(model)[0]
-    model.set_model_attn2_replace(lambda q, k, v, extra: comfy_attention.optimized_attention(q, k, v, extra["n_heads"]), *key)
-    with pytest.raises(ProductSceneError, match="after Masked Category Attention"):
+    model.set_model_attn2_replace(Reweight(), *key)
+    model.set_model_attn2_replace(Reweight(), "middle", 1, 0)  # matches no layer: never refused
+    calls = []
+    monkeypatch.setattr(comfy_attention, "optimized_attention", lambda *a, **k: calls.append(1))
+    with pytest.raises(ProductSceneError, match=r"^model: a node after Masked Category Attention replaced "
+                       r"cross-attention on 1 layers \(first: \('input', 1, 0\)\) .* Connect that node "
+                       r"\(IPAdapter, .*\) before Masked Category Attention: MODEL -> that node -> Masked "
+                       "Category Attention -> KSampler"):
         sample(tm, cond, encode(tm, "b"), latent_hw=(16, 16), model=model)
+    assert calls == []  # refused before any attention ran
 
 
 def test_bad_masks_are_refused_before_any_work(libraries):

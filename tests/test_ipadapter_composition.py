@@ -64,10 +64,14 @@ def test_ipadapter_and_the_gate_compose_in_either_order(family, libraries, plus_
     firing = [i for i, e in enumerate(effect_alone) if e.abs().max() > 0]
     assert len(firing) == FIRING[family]
 
+    gate_first = gate(unet, tokens_a)
     orders = {"ipadapter, then the gate": lambda tokens: gate(ipadapter.apply(unet, plus), tokens),
-              "the gate, then ipadapter": lambda tokens: ipadapter.apply(gate(unet, tokens), plus)}
+              "the gate, then ipadapter": lambda tokens: ipadapter.apply(
+                  gate_first if tokens is tokens_a else gate(unet, tokens), plus)}
+    models = {}
     for order, build in orders.items():
-        first, second = replay(build(tokens_a), cond_a), replay(build(tokens_b), cond_b)
+        models[order] = build(tokens_a)
+        first, second = replay(models[order], cond_a), replay(build(tokens_b), cond_b)
         effect_gated = [b - g for b, g in zip(layer_outputs(first), layer_outputs(gated))]
         for i, (with_gate, without) in enumerate(zip(effect_gated, effect_alone)):
             scale = float(without.abs().max())
@@ -80,3 +84,22 @@ def test_ipadapter_and_the_gate_compose_in_either_order(family, libraries, plus_
         product, background, _ = compare(first, second, masks)
         assert max(product) == 0.0, order  # the category reaches no product position of any layer
         assert min(background) > 0.0, order
+
+    # the patched models are clones: IPAdapter's .add() on the gate's trampolines left the gate's own
+    # model as it was, and a KSampler step (ComfyUI's node) runs and gives the same image in both orders
+    assert set(replaces(gate_first)) == set(host.cross_attention_keys(unet))
+    assert all(not fn.callback for fn in replaces(gate_first).values())
+    samples = [ksampler_step(model, cond_a, negative, latent_hw) for model in models.values()]
+    gate_only = ksampler_step(gate(unet, tokens_a), cond_a, negative, latent_hw)
+    assert torch.isfinite(samples[0]).all() and torch.equal(samples[0], samples[1])
+    assert float((samples[0] - gate_only).abs().max()) > 1e-3  # IPAdapter acted on the image
+
+
+def replaces(model) -> dict:
+    return model.model_options["transformer_options"]["patches_replace"]["attn2"]
+
+
+def ksampler_step(model, positive, negative, latent_hw):
+    nodes, _ = ipadapter.load()
+    latent = {"samples": torch.zeros(2, 4, *latent_hw)}
+    return nodes.KSampler().sample(model, 7, 1, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
