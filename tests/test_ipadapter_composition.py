@@ -4,7 +4,7 @@ IPAdapter_plus is loaded from the shared peers snapshot through ComfyUI's own cu
 and applied with its own nodes (IPAdapterModelLoader, IPAdapterEmbeds) and random weights of its
 real "Plus" shapes, on UNets of the real SD1.5 / SD2.x / SDXL layouts (every block, so its per-layer
 keys land on the layers they land on in a real model; SD1.5's go on 2-tuple block keys, SDXL's on
-3-tuple layer keys). Every run replays the same cross-attention inputs (tests/support/replay.py),
+3-tuple layer keys) at 64 channels, and on the tiny models (where few of its keys match a layer). Every run replays the same cross-attention inputs (tests/support/replay.py),
 so each layer's output differs only by what acts on that layer:
 - IPAdapter's per-layer effect with the gate (gate + IPAdapter minus gate) equals its effect alone
   (IPAdapter minus plain) on every layer where it fires, in both orders, and two IPAdapter nodes
@@ -18,25 +18,26 @@ import pytest
 import torch
 
 from tests.support import ipadapter
-from tests.support.models import full_layout_unet, tiny
+from tests.support.models import encode, full_layout_unet, tiny
 from tests.support.replay import Replay
 from tests.test_category_attention import (category_prompt, compare, gate_node, host, libraries,  # noqa: F401
                                            two_masks)
-from tests.support.models import encode
 
 pytestmark = pytest.mark.skipif(ipadapter.skip_reason() is not None, reason=str(ipadapter.skip_reason()))
 
-FIRING = {"sd15": 15, "sd2": 15, "sdxl": 60}  # IPAdapter's ("middle", 1...) keys match no layer
+FIRING = {("sd15", "real layout"): 15, ("sd2", "real layout"): 15, ("sdxl", "real layout"): 60,  # its
+          ("sd15", "tiny"): 2, ("sd2", "tiny"): 2, ("sdxl", "tiny"): 2}  # middle-block keys match no layer
 
 
 @pytest.fixture(scope="module")
 def plus_models():
-    """family -> (UNet of the real layout, the loaded IPADAPTER of its own loader)."""
+    """(family, layout) -> (UNet, the IPADAPTER its own loader loaded for it)."""
     out = {}
-    for family in ("sd15", "sd2", "sdxl"):
-        unet = full_layout_unet(family)
-        name = ipadapter.write_plus_model(family, host.cross_attention_layers(unet), f"plus_{family}.safetensors")
-        out[family] = (unet, ipadapter.load_model(name))
+    for family, layout in FIRING:
+        unet = full_layout_unet(family) if layout == "real layout" else tiny(family).model
+        name = ipadapter.write_plus_model(family, host.cross_attention_layers(unet),
+                                          f"plus_{family}_{layout.replace(' ', '_')}.safetensors")
+        out[family, layout] = (unet, ipadapter.load_model(name))
     return out
 
 
@@ -44,10 +45,11 @@ def layer_outputs(run: Replay) -> list[torch.Tensor]:
     return [out for *_, out in run.outputs]
 
 
+@pytest.mark.parametrize("layout", ["real layout", "tiny"])
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
-def test_ipadapter_and_the_gate_compose_in_either_order(family, libraries, plus_models):
-    tm = tiny(family)  # its CLIP; the UNet is the real layout
-    unet, plus = plus_models[family]
+def test_ipadapter_and_the_gate_compose_in_either_order(family, layout, libraries, plus_models):
+    tm = tiny(family)  # its CLIP; the UNet is the real layout (64 channels) or the tiny one
+    unet, plus = plus_models[family, layout]
     latent_hw = (16, 16)  # the real layout's deepest cross-attention level: 4x4
     masks = two_masks(latent_hw)
     negative = encode(tm, "blurry")
@@ -63,7 +65,7 @@ def test_ipadapter_and_the_gate_compose_in_either_order(family, libraries, plus_
     gated = replay(gate(unet, tokens_a), cond_a)
     effect_alone = [a - p for a, p in zip(layer_outputs(alone), layer_outputs(plain))]
     firing = [i for i, e in enumerate(effect_alone) if e.abs().max() > 0]
-    assert len(firing) == FIRING[family]
+    assert len(firing) == FIRING[family, layout]
 
     gate_first = gate(unet, tokens_a)
     orders = {"ipadapter, then the gate": lambda tokens: gate(ipadapter.apply(unet, plus), tokens),
