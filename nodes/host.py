@@ -84,7 +84,7 @@ def layer_info(extra_options, scene: SceneAttention) -> LayerInfo:
 
 
 def speaks_add_protocol(fn) -> bool:
-    """IPAdapter_plus's patching protocol (InstantID and PuLID share it): a node that finds a replace
+    """IPAdapter_plus's patching protocol (cubiq's InstantID ships the same Attn2Replace): a node that finds a replace
     on a layer calls ``.add(callback, **kwargs)`` on it; the object keeps ``callback`` and ``kwargs``
     lists and adds ``callback(out, q, k, v, extra_options, **kwargs)`` to the layer's attention
     output while the step's sigma lies in ``[sigma_end, sigma_start]``."""
@@ -93,8 +93,8 @@ def speaks_add_protocol(fn) -> bool:
 
 
 def run_added(out, q, k, v, extra_options, holders):
-    """``out`` plus the callbacks ``holders`` (objects of the add protocol) hold, as their own
-    replace would add them. Their callbacks attend their own tokens from ``q`` (IPAdapter's image
+    """``out`` plus the callbacks ``holders`` (objects of the add protocol) hold, in order, as
+    their own replace adds them (its per-device arguments included). Their callbacks attend their own tokens from ``q`` (IPAdapter's image
     tokens): computed once per layer, they add nothing that depends on the text context."""
     sigmas = extra_options.get("sigmas")
     sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else float("inf")
@@ -118,27 +118,24 @@ class Attn2Trampoline:
     loaded or offloaded); the call reads the object from the options, so a trainer can pass a
     per-step one.
 
-    Other packs' patches on the layer, in either order:
-    - callbacks of the add protocol (``speaks_add_protocol``: IPAdapter, InstantID, PuLID) are kept
-      in ``callback``/``kwargs``, adopted from their replace when it sat on the layer's key first or
-      added to the trampoline by a later node; a later node's replace on the block's 2-tuple key
-      (IPAdapter on SD1.5) is shadowed by the trampoline's 3-tuple key, so the trampoline finds it
-      at call time and runs its callbacks too. Each runs once per layer, added to the gated output.
-    - any other replace (``previous``, or one shadowed on the block key) is a black box: it becomes
-      the attention kernel, so product queries get ``previous(q, k_free, v_free)`` and the rest
-      ``previous(q, k, v)``; exact, at the price of calling it twice on gated rows.
+    Other packs' patches on the layer, in either order (``previous``: the replace that sat on the
+    layer's own key when the gate was installed; a block entry: one a node put on the block's 2-tuple
+    key, which the trampoline's 3-tuple key shadows in ComfyUI's lookup, found at call time):
+    - a replace of the add protocol (``speaks_add_protocol``: IPAdapter_plus's ``Attn2Replace``) has
+      its callbacks run, once per layer, added to the gated output; a node after the gate that finds
+      the trampoline on a layer key ``.add``s its callback to the trampoline itself;
+    - any other replace is a black box and becomes the attention kernel: product queries get
+      ``foreign(q, k_free, v_free)``, the rest ``foreign(q, k, v)``; exact, at the price of calling
+      it twice on gated rows.
     """
 
-    def __init__(self, key, attn2=None, previous=None, scene: SceneAttention | None = None,
-                 callbacks=(), hides_block: bool = False):
+    def __init__(self, key, attn2=None, previous=None, scene: SceneAttention | None = None, callbacks=()):
         self.key = key
         self.attn2 = weakref.ref(attn2) if attn2 is not None else None
         self.previous = previous
         self.scene = scene
         self.callback = [c for c, _ in callbacks]
         self.kwargs = [kw for _, kw in callbacks]
-        # a foreign replace sat on this layer's own key: ComfyUI would never run the block key's
-        self.hides_block = hides_block
 
     def add(self, callback, **kwargs):
         self.callback.append(callback)
@@ -166,7 +163,7 @@ class Attn2Trampoline:
     def shadowed(self, extra_options):
         """The replace a node put on this layer's block key (SD1.5 IPAdapter: ``("input", 1)``) that
         ComfyUI would run here if the trampoline were not on the layer's own key."""
-        if self.hides_block or len(self.key) != 3:
+        if self.previous is not None or len(self.key) != 3:  # ComfyUI would run the layer key's
             return None
         entry = (extra_options.get(REPLACES_KEY) or {}).get(self.key[:2])
         return None if entry is None or isinstance(entry, Attn2Trampoline) else entry
@@ -174,13 +171,8 @@ class Attn2Trampoline:
     def __call__(self, q, k, v, extra_options):
         scene = extra_options.get(SCENE_KEY)
         heads = extra_options["n_heads"]
-        foreign, holders = self.previous, [self]
-        block_entry = self.shadowed(extra_options)
-        if block_entry is not None:
-            if speaks_add_protocol(block_entry):
-                holders.append(block_entry)
-            elif foreign is None:
-                foreign = block_entry
+        other = self.previous if self.previous is not None else self.shadowed(extra_options)
+        foreign, holders = (None, [other, self]) if speaks_add_protocol(other) else (other, [self])
         kernel = attention_kernel(foreign, q.shape[0], extra_options)
         if scene is None:
             out = kernel(q, k, v, heads)
@@ -218,9 +210,8 @@ def install(model_patcher, scene: SceneAttention):
     """A clone of ``model_patcher`` with ``scene`` merged into its attention object.
 
     On every cross-attention layer the trampoline takes the layer's own (3-tuple) key and keeps
-    what was there: a trampoline's callbacks and foreign replace, a replace of the add protocol's
-    callbacks, or any other replace as a black box. A replace on the block's 2-tuple key stays in
-    place and is run by the trampoline (see ``Attn2Trampoline.shadowed``)."""
+    what was there (a trampoline's callbacks and previous replace, or the replace itself). A replace
+    on the block's 2-tuple key stays in place and is run by the trampoline (``Attn2Trampoline.shadowed``)."""
     m = model_patcher.clone()
     existing = scene_of(m)
     merged = existing.merged(scene) if existing else scene
@@ -229,11 +220,9 @@ def install(model_patcher, scene: SceneAttention):
     for key, attn2 in cross_attention_layers(m).items():
         current = replaces.get(key)
         if isinstance(current, Attn2Trampoline):
-            kept = dict(previous=current.previous, callbacks=current.callbacks(), hides_block=current.hides_block)
-        elif current is not None and speaks_add_protocol(current):
-            kept = dict(callbacks=list(zip(current.callback, current.kwargs)), hides_block=True)
+            kept = dict(previous=current.previous, callbacks=current.callbacks())
         else:
-            kept = dict(previous=current, hides_block=current is not None)
+            kept = dict(previous=current)
         m.set_model_attn2_replace(Attn2Trampoline(key, attn2, scene=merged, **kept), *key)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, _check_before_sampling),
                           (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _match_gated_rows)):
