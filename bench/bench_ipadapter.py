@@ -4,7 +4,8 @@
 
 The real ComfyUI_IPAdapter_plus (shared/peers/, loaded by ComfyUI's own loader, its own
 IPAdapterModelLoader + IPAdapterEmbeds nodes, random weights of the real SD1.5 "Plus" shapes:
-tests/support/ipadapter.py) on the full SD1.5 UNet (860M parameters) or the tiny one. Euler with
+tests/support/ipadapter.py) on the full SD1.5 UNet (860M parameters) or the tiny one. First prints
+IPAdapter's per-layer effect alone and with the gate (both orders), then times the arms. Euler with
 CFG, the same seed and conditioning (the real Category Tokens node) for every arm, interleaved
 repeats: IPAdapter alone, IPAdapter then the gate (the documented order), the gate then IPAdapter;
 median ratios of interleaved pairs printed. With the gate, IPAdapter's image attention still runs
@@ -31,6 +32,28 @@ from bench.bench_gate import category_prompt  # noqa: E402
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
+
+
+def per_layer_effects(tiny, model, arms, gate, positive, negative, latent_side) -> None:
+    """IPAdapter's effect on each cross-attention layer's output (one CFG step, every layer fed the
+    same inputs: tests/support/replay.py), alone (IPAdapter - plain) and with the gate in each order
+    (gate + IPAdapter - gate): the layers where it fires and the largest relative difference."""
+    from tests.support.replay import Replay
+
+    hw = (latent_side, latent_side)
+    plain = Replay().run(tiny, model, positive, negative, hw, batch=1)
+    outputs = lambda m: [o for *_, o in Replay(plain.inputs).run(tiny, m, positive, negative, hw, batch=1).outputs]
+    base, gated = [o for *_, o in plain.outputs], outputs(gate(model))
+    alone = [a - b for a, b in zip(outputs(arms["ipadapter"]), base)]
+    firing = [i for i, e in enumerate(alone) if e.abs().max() > 0]
+    print(f"IPAdapter fires on {len(firing)} of {len(alone)} cross-attention layers; its largest per-layer effect "
+          f"alone: {min(float(alone[i].abs().max()) for i in firing):.3f} to {max(float(alone[i].abs().max()) for i in firing):.3f}")
+    for name in ("ipadapter -> gate", "gate -> ipadapter"):
+        with_gate = [a - g for a, g in zip(outputs(arms[name]), gated)]
+        rel = max(float((with_gate[i] - alone[i]).abs().max() / alone[i].abs().max()) for i in firing)
+        rest = max((float(with_gate[i].abs().max()) for i in range(len(alone)) if i not in firing), default=0.0)
+        print(f"  {name}: effect with the gate on those layers differs from it alone by at most {rel:.2e} "
+              f"(relative); on the other layers {rest}")
 
 
 def main() -> None:
@@ -77,6 +100,7 @@ def main() -> None:
         assert torch.isfinite(out).all()
         return time.perf_counter() - start, out
 
+    per_layer_effects(tiny, model, arms, gate, positive, negative, args.latent)
     outs = {name: run(m)[1] for name, m in arms.items()}  # warm-up: model load, caches
     assert torch.equal(outs["ipadapter -> gate"], outs["gate -> ipadapter"])  # either order, same image
     times = {name: [] for name in arms}
