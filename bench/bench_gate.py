@@ -60,8 +60,10 @@ def text_encoder_seconds(repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sampling_setup(doc: str):
+    """The arguments both sampling benchmarks take, and what they share: (args, pack, tiny models,
+    the UNet to time, positive, negative, Category Tokens' output, a product mask)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["full", "tiny"], default="full")
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
@@ -70,9 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
     pack = comfy_env.import_pack()
-    gate_node = pack.nodes.category_attention.MaskedCategoryAttention
     tiny = models.tiny_sd15()
     model = models.full_sd15_unet() if args.model == "full" else tiny.model
     positive, tokens = category_prompt(tiny.clip, pack)
@@ -80,6 +80,46 @@ def main() -> None:
     side = args.latent * 8
     mask = torch.zeros(1, side, side)
     mask[:, side // 4: 3 * side // 4, side // 3: 2 * side // 3] = 1.0
+    return args, pack, tiny, model, positive, negative, tokens, mask
+
+
+def time_arms(arms: dict, baseline: str, args, positive, negative):
+    """Sample every arm once (warm-up: model load, caches; its outputs are returned), then
+    ``args.repeats`` interleaved rounds; prints s/run and each arm's median ratio of interleaved pairs
+    against ``baseline``. Returns ({arm: [seconds]}, {arm: warm-up samples})."""
+    latent = torch.zeros(1, 4, args.latent, args.latent)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def run(m):
+        start = time.perf_counter()
+        out = comfy.sample.sample(m, noise, args.steps, 5.0, "euler", "normal", positive, negative, latent,
+                                  disable_pbar=True, seed=0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        return time.perf_counter() - start, out
+
+    outputs = {name: run(m)[1] for name, m in arms.items()}
+    times = {name: [] for name in arms}
+    for _ in range(args.repeats):
+        for name, m in arms.items():
+            times[name].append(run(m)[0])
+    device = comfy.model_management.get_torch_device()
+    print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
+          f"threads={torch.get_num_threads()}")
+    width = max(len(name) for name in arms)
+    for name, ts in times.items():
+        print(f"{name:>{width}} s/run: {', '.join(f'{t:.3f}' for t in ts)}  median {statistics.median(ts):.3f}")
+    for name in arms:
+        if name != baseline:
+            ratio = statistics.median(g / v for g, v in zip(times[name], times[baseline]))
+            print(f"{name} / {baseline} (median of interleaved pairs): {ratio:.3f}")
+    return times, outputs
+
+
+def main() -> None:
+    args, pack, tiny, model, positive, negative, tokens, mask = sampling_setup(__doc__)
+    gate_node = pack.nodes.category_attention.MaskedCategoryAttention
     arms = {
         "vanilla": model,
         "new gate": gate_node.execute(model, mask, tokens, 1.0, 1, 0.0).result[0],
@@ -87,32 +127,7 @@ def main() -> None:
                                                  grow_latent_px=1),
     }
 
-    latent = torch.zeros(1, 4, args.latent, args.latent)
-    noise = comfy.sample.prepare_noise(latent, 0)
-
-    def run(m) -> float:
-        start = time.perf_counter()
-        out = comfy.sample.sample(m, noise, args.steps, 5.0, "euler", "normal", positive, negative, latent,
-                                  disable_pbar=True, seed=0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        assert torch.isfinite(out).all()
-        return time.perf_counter() - start
-
-    for m in arms.values():  # warm-up: model load, caches
-        run(m)
-    times = {name: [] for name in arms}
-    for _ in range(args.repeats):
-        for name, m in arms.items():
-            times[name].append(run(m))
-    device = comfy.model_management.get_torch_device()
-    print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
-          f"threads={torch.get_num_threads()}")
-    for name, ts in times.items():
-        print(f"{name:>8} s/run: {', '.join(f'{t:.2f}' for t in ts)}  median {statistics.median(ts):.2f}")
-    for name in ("new gate", "old gate"):
-        ratio = statistics.median(g / v for g, v in zip(times[name], times["vanilla"]))
-        print(f"{name} / vanilla (median of interleaved pairs): {ratio:.3f}")
+    times, _ = time_arms(arms, "vanilla", args, positive, negative)
     te = text_encoder_seconds()
     print(f"extra text-encoder pass per prompt (category-free context, full-size CLIP-L): {te * 1000:.1f} ms "
           f"= {te / statistics.median(times['vanilla']):.4f} of one vanilla run")

@@ -61,22 +61,21 @@ def test_ipadapter_and_the_gate_compose_in_either_order(family, layout, librarie
 
     plain = Replay().run(tm, unet, cond_a, negative, latent_hw, batch=2)
     replay = lambda model, cond: Replay(plain.inputs).run(tm, model, cond, negative, latent_hw, batch=2)
-    alone = replay(ipadapter.apply(unet, plus), cond_a)
-    gated = replay(gate(unet, tokens_a), cond_a)
-    effect_alone = [a - p for a, p in zip(layer_outputs(alone), layer_outputs(plain))]
+    effect = lambda model: [a - p for a, p in zip(layer_outputs(replay(model, cond_a)), layer_outputs(plain))]
+    second_plus = lambda model: ipadapter.apply(model, plus, weight=0.5, seed=1)  # another IPAdapter node
+    effect_alone, effect_chained = effect(ipadapter.apply(unet, plus)), effect(second_plus(ipadapter.apply(unet, plus)))
     firing = [i for i, e in enumerate(effect_alone) if e.abs().max() > 0]
     assert len(firing) == FIRING[family, layout]
 
     gate_first = gate(unet, tokens_a)
-    orders = {"ipadapter, then the gate": lambda tokens: gate(ipadapter.apply(unet, plus), tokens),
-              "the gate, then ipadapter": lambda tokens: ipadapter.apply(
-                  gate_first if tokens is tokens_a else gate(unet, tokens), plus)}
+    gated = replay(gate_first, cond_a)
+    orders = {
+        "ipadapter, then the gate": lambda tokens: gate(ipadapter.apply(unet, plus), tokens),
+        "the gate, then ipadapter": lambda tokens: ipadapter.apply(gate_first if tokens is tokens_a
+                                                                   else gate(unet, tokens), plus),
+        "ipadapter, the gate, ipadapter again": lambda tokens: second_plus(gate(ipadapter.apply(unet, plus), tokens)),
+    }
     models = {}
-    # two IPAdapter nodes chained around the gate: their summed effect, as without the gate
-    second_plus = lambda model: ipadapter.apply(model, plus, weight=0.5, seed=1)
-    chained = replay(second_plus(ipadapter.apply(unet, plus)), cond_a)
-    effect_chained = [a - p for a, p in zip(layer_outputs(chained), layer_outputs(plain))]
-    orders["ipadapter, the gate, ipadapter again"] = lambda tokens: second_plus(gate(ipadapter.apply(unet, plus), tokens))
     for order, build in orders.items():
         models[order] = build(tokens_a)
         first, second = replay(models[order], cond_a), replay(build(tokens_b), cond_b)

@@ -252,11 +252,20 @@ SD15_FULL_UNET = dict(
 )
 
 
-@functools.cache
-def full_sd15_unet(seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
-    """The real SD1.5 UNet (860M parameters) in a ModelPatcher, small seeded random weights.
-    Several seconds to build and ~3.4 GB of RAM: for benchmarks, not unit tests."""
-    mc = sm.SD15(SD15_FULL_UNET)
+# Real SDXL UNet config (2.6B parameters), as comfy.model_detection lists it.
+SDXL_FULL_UNET = dict(
+    _UNET_BASE, adm_in_channels=2816, num_classes="sequential", model_channels=320, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+)
+SD2_FULL_UNET = dict(SD15_FULL_UNET, use_linear_in_transformer=True, context_dim=1024, num_heads=-1,
+                     num_head_channels=64)
+_FULL_UNETS = {"sd15": SD15_FULL_UNET, "sd2": SD2_FULL_UNET, "sdxl": SDXL_FULL_UNET}
+
+
+def _patcher(family: str, cfg: dict, seed: int) -> "comfy.model_patcher.ModelPatcher":
+    mc = {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family](cfg)
     mc.set_inference_dtype(torch.float32, None)
     with _quiet():
         model = mc.get_model({}, "", device=mm.unet_offload_device())
@@ -264,6 +273,24 @@ def full_sd15_unet(seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+@functools.cache
+def full_sd15_unet(seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
+    """The real SD1.5 UNet (860M parameters) in a ModelPatcher, small seeded random weights.
+    Several seconds to build and ~3.4 GB of RAM: for benchmarks, not unit tests."""
+    return _patcher("sd15", SD15_FULL_UNET, seed)
+
+
+@functools.cache
+def full_layout_unet(family: str, model_channels: int = 64, seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
+    """The real UNet layout of ``family`` (every block, level and transformer depth of SD1.5's 16,
+    SD2.x's 16 or SDXL's 70 cross-attention layers, so other packs' per-layer keys land where they
+    do on the real model) at ``model_channels`` instead of 320: milliseconds per step."""
+    cfg = dict(_FULL_UNETS[family], model_channels=model_channels)
+    if family == "sd15":
+        cfg["num_heads"] = min(8, model_channels // 8)
+    return _patcher(family, cfg, seed)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -286,32 +313,3 @@ def sample(tm: TinyModels, positive, negative, latent_hw=(8, 8), *, steps: int =
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                disable_pbar=True, seed=seed)
 
-
-# Real SDXL UNet config (2.6B parameters), as comfy.model_detection lists it.
-SDXL_FULL_UNET = dict(
-    _UNET_BASE, adm_in_channels=2816, num_classes="sequential", model_channels=320, num_res_blocks=[2, 2, 2],
-    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
-    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
-    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-)
-SD2_FULL_UNET = dict(SD15_FULL_UNET, use_linear_in_transformer=True, context_dim=1024, num_heads=-1,
-                     num_head_channels=64)
-_FULL_UNETS = {"sd15": SD15_FULL_UNET, "sd2": SD2_FULL_UNET, "sdxl": SDXL_FULL_UNET}
-
-
-@functools.cache
-def full_layout_unet(family: str, model_channels: int = 64, seed: int = 0) -> "comfy.model_patcher.ModelPatcher":
-    """The real UNet layout of ``family`` (every block, level and transformer depth of SD1.5's 16,
-    SD2.x's 16 or SDXL's 70 cross-attention layers, so other packs' per-layer keys land where they
-    do on the real model) at ``model_channels`` instead of 320: milliseconds per step."""
-    cfg = dict(_FULL_UNETS[family], model_channels=model_channels)
-    if family == "sd15":
-        cfg["num_heads"] = min(8, model_channels // 8)
-    mc = {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family](cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    with _quiet():
-        model = mc.get_model({}, "", device=mm.unet_offload_device())
-    init_weights(model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
