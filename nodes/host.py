@@ -144,14 +144,17 @@ class Attn2Trampoline:
     def callbacks(self) -> list:
         return list(zip(self.callback, self.kwargs))
 
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; a node after ours then .add()s to the
-        # clone's trampoline only. The callbacks' arguments (IPAdapter's model) are shared, not copied.
+    def fork(self) -> "Attn2Trampoline":
+        """A copy with its own callback lists (their arguments, IPAdapter's model, are shared)."""
         twin = Attn2Trampoline.__new__(Attn2Trampoline)
         twin.__dict__.update(self.__dict__)
-        twin.previous = copy.deepcopy(self.previous, memo)
         twin.callback, twin.kwargs = list(self.callback), [dict(kw) for kw in self.kwargs]
+        return twin
+
+    def __deepcopy__(self, memo):  # ComfyUI 0.3.x deep-copies model_options on every clone
+        twin = self.fork()
         memo[id(self)] = twin
+        twin.previous = copy.deepcopy(self.previous, memo)
         return twin
 
     def project(self, context):
@@ -228,7 +231,24 @@ def install(model_patcher, scene: SceneAttention):
                           (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _match_gated_rows)):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
         m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, WRAPPER_KEY)
+    m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, WRAPPER_KEY, _own_trampolines)
     return m
+
+
+def _own_trampolines(parent, clone) -> None:
+    """Every clone of a patched model gets its own trampolines. A node after the gate (IPAdapter)
+    clones the model and ``.add``s its callback to the trampoline at a key; current ComfyUI copies
+    only the dicts and lists of model_options on a clone (0.3.x deep-copied them), so without this
+    the callback would also land on the gate's own output, which ComfyUI caches and hands to other
+    branches and to the next run."""
+    def table(model):
+        return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+    theirs, ours = table(parent), table(clone)
+    for key, fn in ours.items():
+        if isinstance(fn, Attn2Trampoline) and theirs.get(key) is fn:
+            ours[key] = fn.fork()
 
 
 def _match_gated_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},

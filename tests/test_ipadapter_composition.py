@@ -14,6 +14,8 @@ so each layer's output differs only by what acts on that layer:
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -111,3 +113,35 @@ def ksampler_step(model, positive, negative, latent_hw):
     nodes, _ = ipadapter.load()
     latent = {"samples": torch.zeros(2, 4, *latent_hw)}
     return nodes.KSampler().sample(model, 7, 1, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def copy_dicts_and_lists(obj, memo=None):
+    """How current ComfyUI (0.33) clones model_options: dicts and lists copied, every other object
+    shared (0.3.75 deep-copies everything)."""
+    if isinstance(obj, dict):
+        return {k: copy_dicts_and_lists(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [copy_dicts_and_lists(v) for v in obj]
+    return obj
+
+
+def test_ipadapter_after_the_gate_changes_only_its_own_clone_on_current_comfyui(libraries, plus_models, monkeypatch):
+    """IPAdapter .add()s its callback to the object at a key of the clone it made. With clones that
+    share those objects, the gate's own output (which ComfyUI caches and hands to other branches and
+    to the next run) must not gain the callback, and running the IPAdapter node again on it (a
+    changed weight, a second branch) must not add it twice."""
+    import comfy.model_patcher
+
+    monkeypatch.setattr(comfy.model_patcher, "copy", types.SimpleNamespace(deepcopy=copy_dicts_and_lists))
+    tm = tiny("sdxl")
+    unet, plus = plus_models["sdxl", "tiny"]
+    latent_hw = (16, 16)
+    cond, tokens = category_prompt(tm, libraries["sdxl"], "marble")
+    negative = encode(tm, "blurry")
+    gated = gate_node.execute(unet, two_masks(latent_hw), tokens, 1.0, 0, 0.0).result[0]
+    first, second = ipadapter.apply(gated, plus), ipadapter.apply(gated, plus)
+    assert replaces(first)[("output", 0, 0)] is not replaces(gated)[("output", 0, 0)]
+    assert all(not fn.callback for fn in replaces(gated).values())
+    assert [len(replaces(m)[("output", 0, 0)].callback) for m in (first, second)] == [1, 1]
+    samples = [ksampler_step(m, cond, negative, latent_hw) for m in (gated, first, second)]
+    assert torch.equal(samples[1], samples[2]) and not torch.equal(samples[0], samples[1])

@@ -195,6 +195,9 @@ class MockModelPatcher:
         n.callbacks = copy.deepcopy(self.callbacks)
         n.parent = self
         self.clones.append(n)
+        for callbacks in self.callbacks.get("on_clone", {}).values():
+            for callback in callbacks:
+                callback(self, n)
         return n
 
     def is_clone(self, other) -> bool:
@@ -257,6 +260,10 @@ class MockModelPatcher:
     def add_callback_with_key(self, call_type, key, callback):
         self._record("add_callback_with_key", call_type, key, callback)
         self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def remove_callbacks_with_key(self, call_type, key):
+        self._record("remove_callbacks_with_key", call_type, key)
+        self.callbacks.get(call_type, {}).pop(key, None)
 
     # -- weights
     def state_dict_keys(self) -> set[str]:
