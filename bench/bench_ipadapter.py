@@ -40,8 +40,9 @@ def per_layer_effects(tiny, model, arms, gate, positive, negative, latent_side) 
     base, gated = [o for *_, o in plain.outputs], outputs(gate(model))
     alone = [a - b for a, b in zip(outputs(arms["ipadapter"]), base)]
     firing = [i for i, e in enumerate(alone) if e.abs().max() > 0]
+    sizes = [float(alone[i].abs().max()) for i in firing]
     print(f"IPAdapter fires on {len(firing)} of {len(alone)} cross-attention layers; its largest per-layer effect "
-          f"alone: {min(float(alone[i].abs().max()) for i in firing):.3f} to {max(float(alone[i].abs().max()) for i in firing):.3f}")
+          f"alone: {min(sizes):.3f} to {max(sizes):.3f}")
     for name in ("ipadapter -> gate", "gate -> ipadapter"):
         with_gate = [a - g for a, g in zip(outputs(arms[name]), gated)]
         rel = max(float((with_gate[i] - alone[i]).abs().max() / alone[i].abs().max()) for i in firing)

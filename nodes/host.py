@@ -5,8 +5,9 @@ layer gets a small trampoline as its attn2 replace that reads the object from ``
 call time, so a trainer passing a per-step object only swaps the object. An APPLY_MODEL wrapper
 matches, once per model call, each gate to the batch rows whose raw conditioning is its own; an
 OUTER_SAMPLE wrapper checks masks and conditioning once before sampling. Other packs' attn2
-replaces (IPAdapter, InstantID, PuLID) compose in either order: see ``Attn2Trampoline``; only a
-replace put after the gate on a layer's own key, where it would run instead of the gate, is refused.
+replaces (IPAdapter_plus in either order, others before the gate) compose with it: see
+``Attn2Trampoline``; only a replace put after the gate on a layer's own key, where it would run
+instead of the gate, is refused.
 """
 from __future__ import annotations
 
@@ -84,18 +85,19 @@ def layer_info(extra_options, scene: SceneAttention) -> LayerInfo:
 
 
 def speaks_add_protocol(fn) -> bool:
-    """IPAdapter_plus's patching protocol (cubiq's InstantID ships the same Attn2Replace): a node that finds a replace
-    on a layer calls ``.add(callback, **kwargs)`` on it; the object keeps ``callback`` and ``kwargs``
-    lists and adds ``callback(out, q, k, v, extra_options, **kwargs)`` to the layer's attention
-    output while the step's sigma lies in ``[sigma_end, sigma_start]``."""
+    """IPAdapter_plus's patching protocol (cubiq's InstantID ships the same Attn2Replace): a node
+    that finds a replace on a layer calls ``.add(callback, **kwargs)`` on it; the object keeps
+    ``callback`` and ``kwargs`` lists and adds ``callback(out, q, k, v, extra_options, **kwargs)``
+    to the layer's attention output while the step's sigma lies in ``[sigma_end, sigma_start]``."""
     return (callable(getattr(fn, "add", None)) and isinstance(getattr(fn, "callback", None), list)
             and isinstance(getattr(fn, "kwargs", None), list))
 
 
 def run_added(out, q, k, v, extra_options, holders):
     """``out`` plus the callbacks ``holders`` (objects of the add protocol) hold, in order, as
-    their own replace adds them (its per-device arguments included). Their callbacks attend their own tokens from ``q`` (IPAdapter's image
-    tokens): computed once per layer, they add nothing that depends on the text context."""
+    their own replace adds them (its per-device arguments included). IPAdapter's callbacks attend
+    its image tokens from ``q`` alone: computed once per layer, they add nothing that depends on the
+    text context."""
     sigmas = extra_options.get("sigmas")
     sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else float("inf")
     for holder in holders:

@@ -4,8 +4,9 @@ IPAdapter_plus is loaded from the shared peers snapshot through ComfyUI's own cu
 and applied with its own nodes (IPAdapterModelLoader, IPAdapterEmbeds) and random weights of its
 real "Plus" shapes, on UNets of the real SD1.5 / SD2.x / SDXL layouts (every block, so its per-layer
 keys land on the layers they land on in a real model; SD1.5's go on 2-tuple block keys, SDXL's on
-3-tuple layer keys) at 64 channels, and on the tiny models (where few of its keys match a layer). Every run replays the same cross-attention inputs (tests/support/replay.py),
-so each layer's output differs only by what acts on that layer:
+3-tuple layer keys) at 64 channels, and on the tiny models (where few of its keys match a layer).
+Every run replays the same cross-attention inputs (tests/support/replay.py), so each layer's output
+differs only by what acts on that layer:
 - IPAdapter's per-layer effect with the gate (gate + IPAdapter minus gate) equals its effect alone
   (IPAdapter minus plain) on every layer where it fires, in both orders, and two IPAdapter nodes
   chained around the gate add up as they do without it;
