@@ -51,6 +51,21 @@ def test_lowest_cross_attention_level(sd15, sdxl):
     assert th.ComfyTrainingHost(sdxl.model, sdxl.clip, sdxl.vae).attention_downsample == 2
 
 
+def test_lowest_cross_attention_level_of_the_real_configs():
+    """SD1.5/SD2.x: 16x16 at 512 px (latent / 4); SDXL: no 16x16 layer at 1024 px, its lowest are latent / 4
+    = 32x32 (the middle block does not count)."""
+    from types import SimpleNamespace
+    from tests.support.models import SD15_FULL_UNET
+    sdxl = dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10])
+    for cfg, factor in ((SD15_FULL_UNET, 4), (sdxl, 4), (dict(channel_mult=[1, 2], num_res_blocks=1, transformer_depth=[0, 0]), None)):
+        stub = SimpleNamespace(base=SimpleNamespace(model_config=SimpleNamespace(unet_config=cfg)))
+        if factor is None:
+            with pytest.raises(ProductSceneError, match="no cross-attention layer"):
+                th.ComfyTrainingHost.attention_downsample.func(stub)
+        else:
+            assert th.ComfyTrainingHost.attention_downsample.func(stub) == factor
+
+
 def test_phase1_changes_only_token_vectors_phase2_also_the_lora(sd15, tmp_path):
     host = th.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
     image, masks = scene()
