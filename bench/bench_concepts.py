@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,19 +38,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def peak_mb(device) -> float:
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from bench_train import peak_mb as peak
+    return peak(device)
 
 
 def sync(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from bench_train import sync as synchronize
+    synchronize(device)
 
 
 def models():

@@ -37,7 +37,7 @@ from ...errors import ProductSceneError
 from ...files import save_safetensors_atomic, write_bytes_atomic
 from ...library import CategoryLibrary, TOKENIZER_KEYS
 from ...prompt import Prompt, init_vectors
-from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
+from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import attention_loss, masked_diffusion_loss
 from ..sampling import draw_concepts, union_mask, union_prompt
@@ -440,13 +440,7 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
     check_init_words(host, words, names)
     if class_images is not None and config.prior_weight > 0 and (class_images.dim() != 4 or class_images.shape[0] < 1):
         raise ProductSceneError("class_images: expected an IMAGE batch of class images for prior preservation")
-    resume_from = None
-    if resume:
-        resume_from = resume if isinstance(resume, (str, os.PathLike)) else checkpoint_path
-        if resume_from is None or not os.path.isfile(resume_from):
-            if isinstance(resume, (str, os.PathLike)):
-                raise ProductSceneError(f"resume: checkpoint {resume!r} not found")
-            resume_from = None
+    resume_from = resume_source(resume, checkpoint_path)
     with training_mode():
         both = torch.cat([img, img.flip(2)])
         latents = host.encode_images(both).float()
