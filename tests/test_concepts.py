@@ -216,3 +216,15 @@ def test_masks_of_any_size_overlapping_and_resolution():
     img, _ = prepare_scene(torch.rand(1, 128, 96, 3), masks[:, :, :96], 512)  # any size -> 384 x 512
     assert img.shape == (1, 512, 384, 3)
     assert concept_names(2, ("bottle", "<cap>")) == ["<bottle>", "<cap>"]
+
+
+def test_prior_preservation_adds_the_class_image_loss(sd15, tmp_path):
+    host = th.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
+    image, masks = scene()
+    classes = torch.rand(2, 96, 96, 3, generator=torch.Generator().manual_seed(1))  # resized to the scene
+    run = train_concepts(host, image, masks, tmp_path / "p.safetensors", small(prior_weight=0.5), class_images=classes, seed=2)
+    for entry in run.result.logs:
+        assert entry["prior_loss"] > 0
+        assert entry["loss"] == pytest.approx(entry["masked_loss"] + entry["attention_loss"] + 0.5 * entry["prior_loss"], rel=1e-5)
+    plain = train_concepts(host, image, masks, tmp_path / "q.safetensors", small(), seed=2)
+    assert all("prior_loss" not in e for e in plain.result.logs)
