@@ -27,6 +27,21 @@ def _object_info() -> dict:
     return module.server_object_info()
 
 
+# hand-placed nodes (id -> (pos, size); "note" for the read-me), so nothing overlaps once the
+# frontend draws the widgets and a 1600x900 view fits the graph at a readable zoom
+LAYOUTS = {
+    "concept_extraction": {
+        "note": ([20, 80], [400, 380]), "1": ([20, 500], [400, 100]), "2": ([440, 80], [280, 320]),
+        "7": ([440, 440], [280, 300]), "3": ([740, 80], [320, 300]), "4": ([1080, 80], [320, 300]),
+        "5": ([740, 440], [320, 240]), "6": ([1420, 80], [480, 680])},
+    "concept_recompose": {
+        "note": ([20, 80], [420, 360]), "1": ([20, 480], [420, 100]), "2": ([470, 80], [400, 330]),
+        "3": ([470, 450], [400, 160]), "5": ([900, 80], [300, 200]), "4": ([900, 320], [300, 340]),
+        "6": ([900, 700], [300, 130]), "7": ([1230, 80], [300, 270]), "8": ([1230, 390], [300, 50]),
+        "9": ([1560, 80], [360, 400])},
+}
+
+
 def _project() -> tuple[str, str]:
     import tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -89,8 +104,13 @@ def canvas(api: dict, info: dict, workflow_id: str, about: str, note: str) -> di
             nodes[nid]["inputs"][slot]["type"] = typ
             nodes[value[0]]["outputs"][value[1]]["links"].append(link_id)
             links.append([link_id, int(value[0]), int(value[1]), int(nid), slot, typ])
+    layout = LAYOUTS.get(workflow_id, {})
+    for nid, (pos, size) in layout.items():
+        if nid in nodes:
+            nodes[nid]["pos"], nodes[nid]["size"] = list(pos), list(size)
+    note_pos, note_size = layout.get("note", ([20, 40 + max(rows.get(0, 0), 400)], [420, 360]))
     note_id = max(int(k) for k in api) + 1
-    readme = {"id": note_id, "type": "Note", "pos": [20, 40 + max(rows.get(0, 0), 400)], "size": [420, 360],
+    readme = {"id": note_id, "type": "Note", "pos": list(note_pos), "size": list(note_size),
               "flags": {}, "order": len(order), "mode": 0, "inputs": [], "outputs": [], "title": "Read me first",
               "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"}
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "productscene/" + workflow_id)), "revision": 0,
