@@ -142,3 +142,31 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_matches(sd15, tmp_path):
     for k in la:
         torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-6)
     assert resumed.result.history == pytest.approx(full.result.history, rel=1e-5)
+
+
+def test_textual_inversion_file_loads_into_a_diffusers_pipeline(trained):
+    """The per-token file is a standard textual-inversion file: diffusers' ``load_textual_inversion``
+    adds the token to a (small, SD1.5-shaped) pipeline's tokenizer with exactly the learned vector."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from tests.support.comfy_env import COMFYUI_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(COMFYUI_DIR / "comfy" / "sd1_tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, vocab_size=len(tokenizer)))
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, latent_channels=4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = folder_paths.get_full_path("embeddings", "node_concepts_bottle.safetensors")
+    pipe.load_textual_inversion(path)
+    token_id = tokenizer.convert_tokens_to_ids("<bottle>")
+    assert token_id >= 49408  # a new token after CLIP's vocabulary
+    assert tokenizer("a photo of <bottle>").input_ids[4] == token_id
+    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(trained[0]))
+    row = text_encoder.get_input_embeddings().weight[token_id].detach()
+    torch.testing.assert_close(row, lib.vectors("<bottle>")["clip_l"][0], rtol=0, atol=0)
