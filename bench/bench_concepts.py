@@ -182,7 +182,9 @@ def main():
     if args.arm:
         from tests.support import comfy_env  # noqa: F401  (ComfyUI importable; CPU unless PRODUCTSCENE_COMFY_GPU=1)
         import torch
-        torch.set_num_threads(int(os.environ.get("PRODUCTSCENE_TORCH_THREADS", torch.get_num_threads())))
+        # one thread by default, as in the tests: on a shared 2-core machine two threads per process make
+        # every op wait for scheduler slices (measured here: 55 s/step for both arms with 2, 5-11 s with 1)
+        torch.set_num_threads(int(os.environ.get("PRODUCTSCENE_TORCH_THREADS", "1")))
         out = (run_ours(args.latent, args.steps, args.warmup) if args.arm == "ours"
                else run_baseline(args.latent, args.steps, args.warmup, not args.no_baseline_optimizer))
         print("RESULT " + json.dumps(out), flush=True)
