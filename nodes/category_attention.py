@@ -14,9 +14,14 @@ from .host import install
 
 def apply_library_lora(model, tokens: CategoryTokens, strength: float):
     """The library's shared LoRA on ``model``, read from the file only now that it is used."""
+    return apply_lora_of(model, tokens.library_path, strength)
+
+
+def apply_lora_of(model, library_path: str, strength: float):
+    """The LoRA stored in a library (or concept-token) file on ``model`` (unchanged if none)."""
     if strength == 0.0:
         return model
-    library = CategoryLibrary.open(tokens.library_path)
+    library = CategoryLibrary.open(library_path)
     if not library.has_lora:
         return model
     patched, _ = comfy.sd.load_lora_for_models(model, None, library.lora_state_dict(), strength, 0.0)

@@ -82,22 +82,13 @@ class ProductSceneCategoryTokens(io.ComfyNode):
     def execute(cls, clip, library, category, template) -> io.NodeOutput:
         tokens, ct = encode_category_prompt(clip, library, category, template)
         cond = clip.encode_from_tokens_scheduled(tokens)
-        rows = cond[0][0].shape[1]
-        if rows != ct.context_rows or (ct.rows and max(ct.rows) >= rows):
-            raise ProductSceneError(
-                f"clip: the encoded prompt has {rows} rows but the identifier was placed for {ct.context_rows}")
-        # the gate's category-free context: one more text-encoder pass per prompt, never one per step
-        free = clip.encode_from_tokens(clip.tokenize(category_free_template(template)))
-        ct = dataclasses.replace(ct, free_context=free, contexts=tuple(c[0] for c in cond))
+        ct = with_free_context(clip, ct, cond, clip.tokenize(category_free_template(template)))
         return io.NodeOutput(cond, ct)
 
 
-def encode_category_prompt(clip, library: str, category: str, template: str):
-    """Validate everything, then tokenize with the identifier spliced in.
-    Returns ``(tokens, CategoryTokens)``; the caller encodes the tokens."""
-    check_template(template)
-    path = resolve_library(library, what="library")
-    lib = CategoryLibrary.open(path)
+def check_clip(lib: CategoryLibrary, clip, name: str, what: str = "library") -> dict[str, int]:
+    """The CLIP's tokenizer widths ``{key: width}`` after checking it is the family ``lib`` was
+    made for (Category Tokens and Concept Tokens alike)."""
     widths = clip_widths(clip)
     clip_encoders = {}
     for key, width in widths.items():
@@ -107,14 +98,41 @@ def encode_category_prompt(clip, library: str, category: str, template: str):
         clip_encoders[ENCODER_OF_TOKENIZER_KEY[key]] = width
     if clip_encoders != lib.encoders:
         raise ProductSceneError(
-            f"library: {library!r} was made for {_describe(lib.encoders)}, but the CLIP is "
-            f"{_describe(clip_encoders)}; choose a library trained for this checkpoint's family")
+            f"{what}: {name!r} was made for {_describe(lib.encoders)}, but the CLIP is "
+            f"{_describe(clip_encoders)}; choose a {what} trained for this checkpoint's family")
+    return widths
+
+
+def open_library(name: str, clip, what: str = "library") -> tuple[str, CategoryLibrary, dict[str, int]]:
+    """``(path, library, clip widths)`` of a listed library name, checked against the CLIP."""
+    path = resolve_library(name, what=what)
+    lib = CategoryLibrary.open(path)
+    return path, lib, check_clip(lib, clip, name, what)
+
+
+def encode_category_prompt(clip, library: str, category: str, template: str):
+    """Validate everything, then tokenize with the identifier spliced in.
+    Returns ``(tokens, CategoryTokens)``; the caller encodes the tokens."""
+    check_template(template)
+    path, lib, widths = open_library(library, clip)
     vectors = lib.vectors(category)  # unknown category -> error naming 'category' with suggestions
     tokens, rows, context_rows = tokenize_with_identifier(
         clip.tokenize, template, library_vectors_by_key(vectors), widths)
     ct = CategoryTokens(library_path=path, category=category, family=lib.family, rows=tuple(rows),
                         context_rows=int(context_rows), vectors=vectors)
     return tokens, ct
+
+
+def with_free_context(clip, ct: CategoryTokens, cond, free_tokens) -> CategoryTokens:
+    """``ct`` completed for Masked Category Attention: the encoded conditioning it belongs to and
+    the category-free context (``free_tokens`` encoded: one more text-encoder pass per prompt,
+    never one per step)."""
+    rows = cond[0][0].shape[1]
+    if rows != ct.context_rows or (ct.rows and max(ct.rows) >= rows):
+        raise ProductSceneError(
+            f"clip: the encoded prompt has {rows} rows but the identifier was placed for {ct.context_rows}")
+    free = clip.encode_from_tokens(free_tokens)
+    return dataclasses.replace(ct, free_context=free, contexts=tuple(c[0] for c in cond))
 
 
 NODES = [ProductSceneCategoryTokens]

@@ -147,6 +147,24 @@ class ComfyTrainingHost:
         self.device = torch.device(self.model.load_device)
         self._templates: dict = {}
 
+    @functools.cached_property
+    def attention_downsample(self) -> int:
+        """How many times the lowest-resolution cross-attention layers of the input/output blocks
+        are below the latent (SD1.5/SD2.x: 4, 16x16 at 512 px; SDXL: 4, 32x32 at 1024 px; the
+        middle block is not counted, as Break-A-Scene's published code leaves it out)."""
+        cfg = self.base.model_config.unet_config
+        depth, blocks = list(cfg.get("transformer_depth") or []), cfg.get("num_res_blocks")
+        levels = len(cfg["channel_mult"])
+        blocks = [blocks] * levels if isinstance(blocks, int) else list(blocks)
+        lowest, at = None, 0
+        for level in range(levels):
+            if any(d > 0 for d in depth[at:at + blocks[level]]):
+                lowest = level
+            at += blocks[level]
+        if lowest is None:
+            raise ProductSceneError("model: this UNet has no cross-attention layer to train concept tokens on")
+        return 2 ** lowest
+
     # -- session -------------------------------------------------------------------------------
     def training_memory(self, latent_shape: Sequence[int] | None, lora=None) -> float:
         """Bytes a training step needs beside the loaded weights: saved activations for the batch

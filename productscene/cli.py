@@ -2,6 +2,7 @@
 
 Commands
   train-categories  train a category library from a data set (BG60k or folder layout)
+  train-concepts    Break-A-Scene: learn several concept tokens (+ LoRA) from one image and its masks
   check-dataset     check a data set and list every problem (nothing is written)
   build-library     build a category library from textual-inversion embedding files
   batch             run a workflow over a catalogue (CSV manifest or folder) on ComfyUI servers
@@ -174,6 +175,87 @@ def cmd_train_categories(args) -> int:
     return 0
 
 
+def _read_image(path, what: str):
+    import numpy as np
+    import torch
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise ProductSceneError(f"{what}: could not read {str(path)!r} as an image ({e})") from None
+
+
+def read_scene(image_path, mask_paths):
+    """``(IMAGE [1,H,W,3], MASK [N,h,w])`` from an image file and mask files (white = the concept;
+    a mask with alpha uses its alpha)."""
+    import numpy as np
+    import torch
+    if not mask_paths:
+        raise ProductSceneError("mask: give at least one --mask file (white = the concept)")
+    img = _read_image(image_path, "image").convert("RGB")
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    masks = []
+    size = None
+    for p in mask_paths:
+        m = _read_image(p, "mask")
+        m = m.getchannel("A") if m.mode in ("RGBA", "LA") else m.convert("L")
+        if size is not None and m.size != size:
+            raise ProductSceneError(f"mask: {str(p)!r} is {m.size[0]}x{m.size[1]}, the other masks {size[0]}x{size[1]}; "
+                                    "give every mask at one size")
+        size = m.size
+        masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
+    return image, torch.stack(masks)
+
+
+def cmd_train_concepts(args) -> int:
+    from .train.recipes.concepts import ConceptConfig, prepare_scene, train_concepts
+    if not os.path.isfile(args.checkpoint):
+        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
+    image, masks = read_scene(args.image, args.mask)
+    split = lambda text: tuple(w.strip() for w in text.split(",")) if text else ()  # noqa: E731
+    config = ConceptConfig(names=split(args.names), init_words=split(args.init_words), background=args.background,
+                           phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps, lr_phase1=args.lr_phase1,
+                           lr_phase2=args.lr_phase2, unet=args.unet, rank=args.rank, resolution=args.resolution,
+                           batch_size=args.batch_size, attention_weight=args.attention_weight)
+    prepare_scene(image, masks, config.resolution, config.background)  # every mask problem before loading a model
+    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
+    stem = os.path.splitext(args.out)[0]
+    ckpt = args.state or stem + ".checkpoint.safetensors"
+    total = config.phase1_steps + config.phase2_steps
+    bar = _bar(total, "training")
+
+    def progress(step, total, loss):
+        if bar:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.refresh()
+
+    try:
+        run = train_concepts(
+            host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
+            lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
+            embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
+            history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_path=ckpt,
+            checkpoint_every=args.checkpoint_every,
+            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)), autocast=args.autocast,
+            progress=progress, gradient_checkpoint=args.gradient_checkpointing)
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
+        return 130
+    if bar:
+        bar.close()
+    h = run.result.history
+    print(f"wrote {run.tokens}: {', '.join(run.recipe.names)}; LoRA {run.lora}; embeddings "
+          f"{', '.join(os.path.basename(p) for p in run.embeddings.values())}; {run.result.steps_done} steps, "
+          f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+    return 0
+
+
 def cmd_build_library(args) -> int:
     from .library import CategoryLibrary
     folder = Path(args.from_embeddings)
@@ -272,6 +354,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
     t.add_argument("--cpu", action="store_true", help="run on the CPU")
     t.set_defaults(func=cmd_train_categories)
+
+    k = sub.add_parser("train-concepts", help="Break-A-Scene: concept tokens (+ LoRA) from one image and its masks")
+    k.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+    k.add_argument("--image", required=True, help="the image holding the concepts")
+    k.add_argument("--mask", action="append", required=True,
+                   help="mask image of one concept (white, or alpha = the concept); repeat, up to 8")
+    k.add_argument("--out", required=True, help="concept-token file to write (.safetensors)")
+    k.add_argument("--names", default="", help="comma-separated concept names, one per mask (default concept1, ...)")
+    k.add_argument("--init-words", default="", help="comma-separated init words (one per mask, or one for all)")
+    k.add_argument("--background", action="store_true", help="learn the background as one more concept")
+    k.add_argument("--phase1-steps", type=int, default=400)
+    k.add_argument("--phase2-steps", type=int, default=400)
+    k.add_argument("--lr-phase1", type=float, default=5e-4)
+    k.add_argument("--lr-phase2", type=float, default=2e-6)
+    k.add_argument("--unet", choices=["lora", "full"], default="lora", help="what phase 2 trains beside the tokens")
+    k.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    k.add_argument("--resolution", type=int, default=512, help="longer side (0 = keep); sides must be multiples of 64")
+    k.add_argument("--batch-size", type=int, default=1)
+    k.add_argument("--attention-weight", type=float, default=0.01)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--lora", default=None, help="LoRA file (default OUT.lora.safetensors)")
+    k.add_argument("--embeddings-dir", default=None, help="folder of the per-token textual-inversion files (default: OUT's)")
+    k.add_argument("--history", default=None, help="loss history JSON (default OUT.loss.json)")
+    k.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the training checkpoint (default path, or the one given)")
+    k.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
+    k.add_argument("--checkpoint-every", type=int, default=100)
+    k.add_argument("--autocast", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    k.add_argument("--gradient-checkpointing", action="store_true")
+    k.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
+    k.add_argument("--cpu", action="store_true", help="run on the CPU")
+    k.set_defaults(func=cmd_train_concepts)
 
     b = sub.add_parser("build-library", help="build a category library from embedding files")
     b.add_argument("--from-embeddings", required=True, help="folder of <category>.safetensors TI files")

@@ -275,3 +275,22 @@ def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tenso
     out = torch.where(outside, generated_b, blended)
     out = torch.where(inside.expand(shape), original_b, out)
     return out.contiguous()
+
+
+def stack_masks(masks, name: str = "masks") -> torch.Tensor:
+    """Several masks (each ``[H,W]`` or ``[B,H,W]``, any sizes) as one ``[N,H,W]`` batch at the
+    first mask's size (bilinear resize); ``None`` entries are skipped."""
+    flat = []
+    for m in masks:
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or m.dim() not in (2, 3):
+            raise ProductSceneError(f"{name}: expected masks [H, W] or [B, H, W], got {_describe(m)}")
+        flat.extend(list(m[None] if m.dim() == 2 else m))
+    if not flat:
+        raise ProductSceneError(f"{name}: expected at least one mask")
+    h, w = flat[0].shape
+    out = [m.float() if tuple(m.shape) == (h, w) else
+           torch.nn.functional.interpolate(m.float()[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+           for m in flat]
+    return torch.stack(out).clamp(0, 1)

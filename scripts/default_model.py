@@ -125,9 +125,9 @@ def _header_meta(path: Path) -> dict | None:
 
 # ----------------------------------------------------------------------------------------------
 # the checkpoint
-def _shapes() -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{checkpoint key: shape}`` of every tensor, from ComfyUI's own classes built on the meta
-    device (no memory, no initialisation)."""
+def _shapes(unet_config: dict | None = None, vae: bool = True) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint key: shape}`` of every tensor (the SD VAE's only when ``vae``), from ComfyUI's
+    own classes built on the meta device (no memory, no initialisation)."""
     _import_paths()
     import torch
     import comfy.ops
@@ -139,7 +139,7 @@ def _shapes() -> dict[str, tuple[tuple[int, ...], str]]:
     clip_config = json.loads((comfy_path() / "comfy" / "sd1_clip_config.json").read_text())
     out = {}
     with torch.device("meta"):
-        unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="meta", operations=ops)
+        unet = UNetModel(**(unet_config or UNET_CONFIG), dtype=torch.float32, device="meta", operations=ops)
         for k, v in unet.state_dict().items():
             out["model.diffusion_model." + k] = tuple(v.shape)
         clip = CLIPTextModel(clip_config, torch.float32, "meta", ops)
@@ -148,9 +148,10 @@ def _shapes() -> dict[str, tuple[tuple[int, ...], str]]:
             if k.startswith("text_projection") or "logit_scale" in k:
                 continue
             out["cond_stage_model.transformer." + k] = tuple(v.shape)
-        vae = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
-        for k, v in vae.state_dict().items():
-            out["first_stage_model." + k] = tuple(v.shape)
+        if vae:
+            ae = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+            for k, v in ae.state_dict().items():
+                out["first_stage_model." + k] = tuple(v.shape)
     return out
 
 

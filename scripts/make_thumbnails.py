@@ -143,7 +143,46 @@ def category_training() -> Image.Image:
     return canvas
 
 
-PICTURES = {"category_background": category_background, "category_library_training": category_training}
+def scene_tile(tile: tuple[int, int]) -> Image.Image:
+    scene = Image.open(ROOT / "samples" / "scenes" / "desk.png").convert("RGB")
+    scene.thumbnail(tile, Image.LANCZOS)
+    board = Image.new("RGB", tile, PANEL)
+    board.paste(scene, ((tile[0] - scene.width) // 2, (tile[1] - scene.height) // 2))
+    return board
+
+
+def concept_extraction() -> Image.Image:
+    canvas = Image.new("RGB", (SIZE, SIZE), PANEL)
+    header(canvas, "Extract concepts", "one photo, one mask per concept,\none learned token each")
+    frame(canvas, scene_tile((220, 180)), (28, 200))
+    arrow(canvas, 256, 292, 290)
+    d = ImageDraw.Draw(canvas)
+    for i, (name, colour) in enumerate((("<perfume>", (214, 130, 160)), ("<mug>", (40, 120, 110)))):
+        y = 200 + i * 96
+        d.rounded_rectangle([306, y, 484, y + 76], 10, fill=(58, 74, 110), outline=colour, width=3)
+        d.text((322, y + 12), name, font=font(20, bold=True), fill=INK)
+        d.text((322, y + 44), "token + LoRA", font=font(14), fill=DIM)
+    d.text((28, 436), "photo + masks", font=font(16), fill=DIM)
+    return canvas
+
+
+def concept_recompose() -> Image.Image:
+    canvas = Image.new("RGB", (SIZE, SIZE), PANEL)
+    header(canvas, "Recompose concepts", "a learned concept on a\ncategory's background")
+    d = ImageDraw.Draw(canvas)
+    d.rounded_rectangle([28, 250, 190, 330], 10, fill=(58, 74, 110), outline=(214, 130, 160), width=3)
+    d.text((44, 270), "<perfume>", font=font(20, bold=True), fill=INK)
+    d.text((44, 300), "+ {category}", font=font(14), fill=DIM)
+    arrow(canvas, 204, 244, 290)
+    tile = (216, 240)
+    frame(canvas, on_background(product("perfume_bottle.png", 170), studio(tile, (236, 236, 240), (150, 150, 165))),
+          (SIZE - 28 - tile[0], 180))
+    d.text((SIZE - 28 - tile[0], 436), "category: marble", font=font(16), fill=DIM)
+    return canvas
+
+
+PICTURES = {"category_background": category_background, "category_library_training": category_training,
+            "concept_extraction": concept_extraction, "concept_recompose": concept_recompose}
 
 
 def main() -> int:

@@ -8,8 +8,15 @@ Fixtures (all built lazily, on first use):
   comfy_nodes          (session) ComfyUI's ``nodes`` module (core nodes)
   comfy_server         (session) (ComfyServer, ComfyClient): a real ComfyUI server process with this
                        pack in custom_nodes/productscene_pack_under_test (about 10-15 s to start)
+  default_model_files  (session) (checkpoint, library) of the demo's random-weight default model
+  world                (session) scripts/world_model.World: the small synthetic world and its
+                       PRETRAINED base model (.checkpoint, .data, .categories, .meta), built once
+                       and cached in .cache/productscene/world-<version>/ (minutes, first run only)
+  world_models         (session) (model, clip, vae) of the world base through ComfyUI's loader
+                       (fast text encoder; shared: clone before patching)
 """
 from tests.support import comfy_env  # noqa: F401  (first: sys.path, CPU, private base dir)
+from tests.support.scripts import load_script
 
 import os
 
@@ -74,10 +81,20 @@ def comfy_server():
 def default_model_files():
     """(checkpoint, library) of the demo's embedded default model, built once and cached in
     .cache/productscene (scripts/default_model.py): a detectable SD1.5 checkpoint, random weights."""
-    import importlib.util
+    return load_script("default_model").ensure_defaults(log=lambda *_: None)
 
-    path = comfy_env.REPO_ROOT / "scripts" / "default_model.py"
-    spec = importlib.util.spec_from_file_location("productscene_default_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ensure_defaults(log=lambda *_: None)
+
+@pytest.fixture(scope="session")
+def world(pack):
+    """The world base (scripts/world_model.py): ``.checkpoint`` (an SD1.5-family checkpoint that
+    CheckpointLoaderSimple loads), ``.data`` (BG60k layout: split "train" = bg60k_*, held-out split
+    "test" = bg1k_*, RGBA mask cut-outs in <split>_masks/), ``.categories``."""
+    import importlib
+
+    host_adapter = importlib.import_module(pack.__name__ + ".nodes.training_host")
+    return load_script("world_model").ensure_world(host_adapter=host_adapter, log=print)
+
+
+@pytest.fixture(scope="session")
+def world_models(world):
+    return load_script("world_model").load_world_base(world.checkpoint)

@@ -80,3 +80,41 @@ def test_train_categories_refuses_a_missing_checkpoint_before_loading_anything(d
                    "--out", tmp_path / "x.safetensors", "--cpu")
     assert done.returncode != 0 and "checkpoint" in done.stderr and "not found" in done.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _scene_files(tmp_path, size=64):
+    img = np.full((size, size, 3), 128, np.uint8)
+    img[8:32, 8:32] = (220, 30, 30)
+    img[36:60, 30:58] = (30, 30, 220)
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    for i, (y0, y1, x0, x1) in enumerate(((8, 32, 8, 32), (36, 60, 30, 58))):
+        m = np.zeros((size // 2, size // 2), np.uint8)  # masks at another size than the image: resized
+        m[y0 // 2:y1 // 2, x0 // 2:x1 // 2] = 255
+        Image.fromarray(m).save(tmp_path / f"m{i}.png")
+    return tmp_path / "scene.png", [tmp_path / "m0.png", tmp_path / "m1.png"]
+
+
+def test_train_concepts_writes_tokens_lora_and_embeddings(tmp_path, default_model_files):
+    checkpoint, _ = default_model_files
+    image, masks = _scene_files(tmp_path)
+    out = tmp_path / "scene_concepts.safetensors"
+    done = run_cli("train-concepts", "--checkpoint", checkpoint, "--image", image, "--mask", masks[0], "--mask",
+                   masks[1], "--names", "red,blue", "--out", out, "--phase1-steps", 1, "--phase2-steps", 1,
+                   "--resolution", 64, "--cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    library = CategoryLibrary.open(out)
+    assert library.names == ["<red>", "<blue>"] and library.family == "sd15" and library.has_lora
+    assert library.training["steps"] == 2 and library.training["recipe"] == "concepts"
+    for f in ("scene_concepts.lora.safetensors", "scene_concepts_red.safetensors", "scene_concepts_blue.safetensors",
+              "scene_concepts.loss.json", "scene_concepts.checkpoint.safetensors"):
+        assert (tmp_path / f).is_file(), f
+
+
+def test_train_concepts_refuses_bad_masks_before_loading_a_model(tmp_path, default_model_files):
+    checkpoint, _ = default_model_files
+    image, masks = _scene_files(tmp_path)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
+    done = run_cli("train-concepts", "--checkpoint", checkpoint, "--image", image, "--mask", masks[0], "--mask",
+                   tmp_path / "empty.png", "--out", tmp_path / "x.safetensors", "--cpu")
+    assert done.returncode == 2 and "mask 2 of 2 is empty" in done.stderr
+    assert "ComfyUI" not in done.stderr and not (tmp_path / "x.safetensors").exists()

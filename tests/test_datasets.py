@@ -115,6 +115,73 @@ def test_bad_bg60k_reports_missing_files_and_malformed_lines(tmp_path):
     assert kinds == ["malformed line", "missing image", "missing mask"]
 
 
+def make_bg60k_with_decoys(root):
+    """A BG60k tree with five known defects in the train split, good copies of every mask in a
+    backup and an export folder elsewhere in the tree, and the missing mask in the test split's
+    mask folder, as a user's real tree collects them."""
+    import shutil
+    os.makedirs(root / "bg60k_imgs_0")
+    os.makedirs(root / "bg60k_masks")
+    ids = range(2001, 2008)
+    for i in ids:
+        _rgb(root / "bg60k_imgs_0" / f"{i}.jpg")
+        _rgba(root / "bg60k_masks" / f"{i}_mask.png")
+    (root / "bg60k_info.txt").write_text("".join(f"{i}.jpg perfume\n" for i in ids))
+    for folder in ("backup/bg60k_masks", "export/2024", "old_bg60k_masks"):
+        shutil.copytree(root / "bg60k_masks", root / folder)
+    os.makedirs(root / "bg1k_masks")
+    shutil.copy(root / "bg60k_masks" / "2003_mask.png", root / "bg1k_masks" / "2003_mask.png")
+    # the five defects, in the split's own mask folder only
+    os.remove(root / "bg60k_masks" / "2003_mask.png")                               # missing mask
+    _rgba(root / "bg60k_masks" / "2004_mask.png", box=(0, 0, 0, 0))                  # empty mask
+    _rgba(root / "bg60k_masks" / "2005_mask.png", box=(0, 0, 32, 24))                # full mask
+    _rgba(root / "bg60k_masks" / "2006_mask.png", size=(16, 16), box=(2, 2, 8, 8))   # size mismatch
+    (root / "bg60k_masks" / "2007_mask.png").write_bytes(b"truncated")               # unreadable
+    return root
+
+
+def test_bg60k_masks_come_only_from_the_split_own_folders_decoys_hide_nothing(tmp_path):
+    root = make_bg60k_with_decoys(tmp_path / "bg")
+    ds = open_dataset(root, "bg60k")
+    report = check(ds)
+    found = {(p.kind, os.path.basename(p.path)) for p in report.problems}
+    assert found == {("missing mask", "2003.jpg"), ("empty mask", "2004_mask.png"),
+                     ("full mask", "2005_mask.png"), ("size mismatch", "2006_mask.png"),
+                     ("unreadable", "2007_mask.png")}, report.message()
+    # every mask used is the split's own
+    assert all(os.path.dirname(it.mask) == str(root / "bg60k_masks") for it in ds.items)
+    missing = next(p for p in report.problems if p.kind == "missing mask")
+    assert "not used" in missing.detail  # the user learns where the stray copy is
+
+    # the test split does not take the train split's masks either
+    os.makedirs(root / "bg1k_imgs_0")
+    _rgb(root / "bg1k_imgs_0" / "2001.jpg")
+    (root / "bg1k_info.txt").write_text("2001.jpg perfume\n")
+    kinds = [p.kind for p in check(open_dataset(root, "bg60k", split="test")).problems]
+    assert kinds == ["missing mask"]
+
+
+def test_bg60k_two_candidate_masks_are_an_ambiguous_match(tmp_path):
+    root = make_bg60k_with_decoys(tmp_path / "bg")
+    _rgba(root / "bg60k_imgs_0" / "2001_mask.png", box=(1, 1, 5, 5))   # beside the image too
+    os.makedirs(root / "bg60k_masks_extra")
+    _rgba(root / "bg60k_masks_extra" / "2002_mask.png")                # in two of the split's folders
+    report = check(open_dataset(root, "bg60k"))
+    ambiguous = sorted(os.path.basename(p.path) for p in report.problems if p.kind == "ambiguous mask")
+    assert ambiguous == ["2001.jpg", "2002.jpg"], report.message()
+    assert "2001_mask.png" in report.message()
+
+
+def test_bg60k_images_come_only_from_the_split_image_folders(tmp_path):
+    root = make_bg60k(tmp_path / "bg")
+    os.makedirs(root / "backup" / "bg60k_imgs_0")
+    _rgb(root / "backup" / "bg60k_imgs_0" / "1003.jpg")        # a stray image is not the listed one
+    (root / "bg60k_info.txt").write_text("1001.jpg perfume\n1003.jpg perfume\n")
+    assert [p.kind for p in open_dataset(root, "bg60k").index_problems] == ["missing image"]
+    _rgb(root / "bg60k_imgs_1" / "1001.jpg")                   # the same name in two image folders
+    assert [p.kind for p in open_dataset(root, "bg60k").index_problems] == ["ambiguous image", "missing image"]
+
+
 def test_latent_cache_encodes_once_and_hits_on_the_second_pass(tmp_path):
     ds = open_dataset(make_folder(tmp_path / "data"), "folder")
     calls = []

@@ -126,11 +126,11 @@ def test_server_serves_the_translations(comfy_server):
 def test_server_puts_the_sample_cut_outs_in_its_input_folder(comfy_server):
     # the category workflow opens with productscene_perfume_bottle.png: it must exist for a new user
     server, _client = comfy_server
-    samples = sorted((ROOT / "samples" / "products").glob("*.png"))
+    samples = sorted((ROOT / "samples" / "products").glob("*.png")) + sorted((ROOT / "samples" / "scenes").glob("*.png"))
     for sample in samples:
         copy = Path(server.base_dir) / "input" / f"productscene_{sample.name}"
         assert copy.read_bytes() == sample.read_bytes(), copy
-    loads = [n for p in CANVAS_FILES for n in json.loads(p.read_text())["nodes"] if n["type"] == "LoadImage"]
+    loads = [n for p in CANVAS_FILES for n in json.loads(p.read_text())["nodes"] if n["type"] in ("LoadImage", "LoadImageMask")]
     assert loads and all(n["widgets_values"][0] in {f"productscene_{s.name}" for s in samples} for n in loads)
 
 

@@ -309,3 +309,47 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
     assert library_name in options, options
     listed = client._get("/productscene/libraries/categories", library=library_name)
     assert sorted(listed["categories"]) == sorted(categories)
+
+
+EXTRACT_API = WORKFLOWS / "api" / "concept_extraction.json"
+RECOMPOSE_API = WORKFLOWS / "api" / "concept_recompose.json"
+
+
+def test_concept_workflows_end_to_end(comfy_server, default_model_files):
+    """Extract concepts from the sample desk scene (2 steps, 256 px), then recompose one of them on a
+    category background with the tokens just written: both as shipped, through the server."""
+    from productscene.library import CategoryLibrary
+
+    server, client = comfy_server
+    ckpt, lib = default_model_files
+    ckpt_name = _link_into(server, "checkpoints", Path(ckpt))
+    lib_name = _link_into(server, "category_libraries", Path(lib))
+    base = Path(server.base_dir)
+    tag = uuid.uuid4().hex[:8]
+    output_name = f"ps_test_concepts_{tag}"
+
+    api = json.loads(EXTRACT_API.read_text())
+    prompt = bind(api, {"Checkpoint.ckpt_name": ckpt_name, "Multi-concept inversion.phase1_steps": 1,
+                        "Multi-concept inversion.phase2_steps": 1, "Multi-concept inversion.resolution": 256,
+                        "Multi-concept inversion.output_name": output_name,
+                        "Multi-concept inversion.checkpoint_every": 0})
+    pid = client.queue(prompt)
+    client.wait(pid, timeout=600)
+    tokens = base / "models" / "category_libraries" / f"{output_name}.safetensors"
+    concepts = CategoryLibrary.open(tokens)
+    assert concepts.names == ["<perfume>", "<mug>"] and concepts.has_lora and concepts.training["steps"] == 2
+    assert concepts.init_words == {"<perfume>": "bottle", "<mug>": "mug"}
+    assert (base / "models" / "loras" / f"{output_name}.safetensors").is_file()
+    for c in ("perfume", "mug"):
+        assert (base / "models" / "embeddings" / f"{output_name}_{c}.safetensors").is_file()
+    assert len(client.outputs(pid, next(k for k, n in api.items() if n["class_type"] == "SaveImage"))) == 1
+
+    # the new file is offered by Concept Tokens, and the recompose workflow runs on it
+    info = client.object_info()["ProductSceneConceptTokens"]["input"]["required"]["tokens"]
+    assert f"{output_name}.safetensors" in combo_options(info)
+    recompose = json.loads(RECOMPOSE_API.read_text())
+    values = {"Checkpoint.ckpt_name": ckpt_name, "Concept prompt.tokens": f"{output_name}.safetensors",
+              "Concept prompt.category_library": lib_name, "Sampler.steps": 1,
+              "Image size (same aspect as the mask).width": 128, "Image size (same aspect as the mask).height": 96}
+    out = _run(client, recompose, values)
+    assert out.shape == (96, 128, 3) and out.std() > 0

@@ -11,15 +11,16 @@ image (png/jpg/jpeg/webp) with a sibling ``<name>_mask.png`` (alpha > 128 if it 
 luminance >= 128 = product).
 
 ``bg60k`` (SPEC section 1): ``bg60k_info.txt`` lines ``image_name category_name``; images in
-``bg60k_imgs_{k}/``; masks are RGBA cut-outs ``{id}_mask.png`` (alpha > 128 = product) anywhere under
-the root; ``bg1k_*`` is the 1k test split (``split="test"``).
+``bg60k_imgs_{k}/``; masks are RGBA cut-outs ``{id}_mask.png`` (alpha > 128 = product) beside the
+image or in the split's own mask folders (``bg60k_masks*/``, or a shared ``masks/``) directly in
+the root, never elsewhere in the tree nor in another split's folders; ``bg1k_*`` is the 1k test
+split (``split="test"``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -45,7 +46,7 @@ class Item:
 @dataclass(frozen=True)
 class Problem:
     kind: str      # missing image | missing mask | unreadable | size mismatch | empty mask | full mask |
-                   # unknown category | malformed line | no images
+                   # unknown category | malformed line | no images | ambiguous image | ambiguous mask
     path: str
     detail: str = ""
 
@@ -213,15 +214,43 @@ def folder_dataset(root) -> Dataset:
     return Dataset(root, "folder", items, problems)
 
 
-def _index_tree(root: str) -> dict[str, str]:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            out.setdefault(f, os.path.join(d, f))
+def _walk_files(folder: str) -> Iterable[tuple[str, str]]:
+    """``(file name, path)`` of every file under ``folder``, in a stable order."""
+    for d, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            yield f, os.path.join(d, f)
+
+
+def _index(folders: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for folder in folders:
+        for f, path in _walk_files(folder):
+            out.setdefault(f, []).append(path)
     return out
 
 
+def split_folders(root: str, prefix: str) -> tuple[list[str], list[str]]:
+    """``(image folders, mask folders)`` of a BG60k split, directly in ``root``: images in
+    ``<prefix>_imgs*``; masks in ``<prefix>_*mask*`` (the split's own) or a shared ``masks``."""
+    images, masks = [], []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            continue
+        low = name.lower()
+        if low == f"{prefix}_imgs" or low.startswith(f"{prefix}_imgs_"):
+            images.append(path)
+        elif (low.startswith(prefix + "_") and "mask" in low) or low == "masks":
+            masks.append(path)
+    return images, masks
+
+
 def bg60k_dataset(root, split: str = "train") -> Dataset:
+    """The BG60k reader, strict about where files come from: images only from the split's
+    ``<prefix>_imgs*`` folders, masks only beside the image or in the split's own mask folders
+    (:func:`split_folders`). A file of the right name anywhere else (a backup, an export, another
+    split) is never used; two candidates are reported as an ambiguous match."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise ProductSceneError(f"data: folder {root!r} does not exist")
@@ -231,13 +260,22 @@ def bg60k_dataset(root, split: str = "train") -> Dataset:
     info = os.path.join(root, f"{prefix}_info.txt")
     if not os.path.isfile(info):
         raise ProductSceneError(f"data: {info} not found; a BG60k folder holds {prefix}_info.txt and {prefix}_imgs_*/")
-    files = _index_tree(root)
-    img_dir = re.compile(rf"(^|{re.escape(os.sep)}){prefix}_imgs(_[^{re.escape(os.sep)}]*)?$")
-    images: dict[str, str] = {}
-    for d, _, fs in os.walk(root):
-        if img_dir.search(os.path.relpath(d, root)):
-            for f in fs:
-                images.setdefault(f, os.path.join(d, f))
+    image_dirs, mask_dirs = split_folders(root, prefix)
+    images = _index(image_dirs)
+    masks = _index(mask_dirs)
+    elsewhere: dict[str, str] | None = None    # built only when a mask is missing
+
+    def stray(name: str) -> str | None:
+        nonlocal elsewhere
+        if elsewhere is None:
+            elsewhere = {}
+            allowed = set(image_dirs) | set(mask_dirs)
+            for d, dirs, files in os.walk(root):
+                dirs[:] = sorted(x for x in dirs if os.path.join(d, x) not in allowed)
+                for f in files:
+                    elsewhere.setdefault(f, os.path.join(d, f))
+        return elsewhere.get(name)
+
     items, problems = [], []
     with open(info, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -249,16 +287,30 @@ def bg60k_dataset(root, split: str = "train") -> Dataset:
                 problems.append(Problem("malformed line", f"{info}:{lineno}", f"expected 'image_name category_name', got {line!r}"))
                 continue
             name, cat = parts[0], parts[1].strip()
-            path = images.get(name) or images.get(os.path.basename(name))
-            if path is None:
-                problems.append(Problem("missing image", os.path.join(root, f"{prefix}_imgs_*", name), f"listed in {os.path.basename(info)}:{lineno}"))
+            found = images.get(os.path.basename(name), [])
+            if not found:
+                problems.append(Problem("missing image", os.path.join(root, f"{prefix}_imgs_*", name),
+                                        f"listed in {os.path.basename(info)}:{lineno}"))
                 continue
+            if len(found) > 1:
+                problems.append(Problem("ambiguous image", found[0], "the same name also at " + ", ".join(found[1:])))
+                continue
+            path = found[0]
             stem = os.path.splitext(os.path.basename(name))[0]
-            mask = files.get(stem + MASK_SUFFIX + ".png")
-            if mask is None:
-                problems.append(Problem("missing mask", path, f"expected {stem}{MASK_SUFFIX}.png"))
+            mask_name = stem + MASK_SUFFIX + ".png"
+            beside = os.path.join(os.path.dirname(path), mask_name)
+            candidates = ([beside] if os.path.isfile(beside) else []) + masks.get(mask_name, [])
+            if not candidates:
+                other = stray(mask_name)
+                detail = f"expected {mask_name} beside the image or in {prefix}_masks/"
+                if other:
+                    detail += f"; {other} is outside this split's mask folders and is not used"
+                problems.append(Problem("missing mask", path, detail))
                 continue
-            items.append(Item(path, mask, cat))
+            if len(candidates) > 1:
+                problems.append(Problem("ambiguous mask", path, "two masks match: " + ", ".join(candidates)))
+                continue
+            items.append(Item(path, candidates[0], cat))
     return Dataset(root, "bg60k", items, problems)
 
 

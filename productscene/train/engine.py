@@ -379,6 +379,19 @@ def _summary(shapes: Mapping[str, list]) -> str:
     return ", ".join(f"{g}: {len(v)} tensors" for g, v in shapes.items())
 
 
+def resume_source(resume, checkpoint_path) -> str | os.PathLike | None:
+    """The checkpoint a run resumes from: ``resume`` True = ``checkpoint_path`` if it exists (else
+    a fresh start), a path = that file (which must exist), False = none."""
+    if not resume:
+        return None
+    source = resume if isinstance(resume, (str, os.PathLike)) else checkpoint_path
+    if source is None or not os.path.isfile(source):
+        if isinstance(resume, (str, os.PathLike)):
+            raise ProductSceneError(f"resume: checkpoint {resume!r} not found")
+        return None  # nothing to resume yet: start fresh
+    return source
+
+
 def read_checkpoint_info(path) -> dict:
     """Step, total, seed and history of a checkpoint (header only)."""
     meta, _ = read_header(path)

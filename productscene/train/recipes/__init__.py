@@ -37,6 +37,7 @@ class DiffusionHost(Protocol):
     lora_prefix: str                   # key prefix of that tree in ComfyUI LoRA files ("diffusion_model.")
     num_timesteps: int
     latent_namespace: str              # identifies the VAE (latent caches never mix two)
+    attention_downsample: int          # latent size / size of the lowest-resolution cross-attention layers
 
     def session(self, lora=None, latent_shape: Sequence[int] | None = None,
                 gradient_checkpoint: bool = False) -> ContextManager:

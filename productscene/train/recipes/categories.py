@@ -23,7 +23,7 @@ from ...errors import ProductSceneError
 from ...library import CategoryLibrary, check_family
 from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
 from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
-from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
+from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from . import DiffusionHost
@@ -347,13 +347,7 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
     else:
         ds, report = data, checked
         report.raise_if_problems()
-    resume_from = None
-    if resume:
-        resume_from = resume if isinstance(resume, (str, os.PathLike)) else checkpoint_path
-        if resume_from is None or not os.path.isfile(resume_from):
-            if isinstance(resume, (str, os.PathLike)):
-                raise ProductSceneError(f"resume: checkpoint {resume!r} not found")
-            resume_from = None  # nothing to resume yet: start fresh
+    resume_from = resume_source(resume, checkpoint_path)
 
     def latents_done(n, total):
         if latent_progress is not None:

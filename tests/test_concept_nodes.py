@@ -1,0 +1,172 @@
+"""Multi-Concept Inversion and Concept Tokens at host level (ComfyUI's real classes, tiny models):
+the files reload and reproduce the same conditioning, each token works with ComfyUI's
+``embedding:`` syntax, a concept and a category share one prompt, cancel keeps a loadable state
+and resume matches an uninterrupted run (issue 13, evidence 3)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import folder_paths
+from productscene.errors import ProductSceneError
+from productscene.library import CategoryLibrary
+from productscene.train.recipes.concepts import ConceptConfig, train_concepts
+from tests.support.comfy_env import import_comfy_nodes, import_pack
+from tests.test_concepts import scene
+
+pack = import_pack()
+nodes = import_comfy_nodes()
+MCI = pack.nodes.train_concepts.ProductSceneMultiConceptInversion
+CT = pack.nodes.concept_tokens.ProductSceneConceptTokens
+
+
+def _train(tm, name, **over):
+    image, masks = scene()
+    kw = dict(model=tm.model, clip=tm.clip, vae=tm.vae, image=image, masks=masks, names="bottle, cap",
+              init_words="bottle", background=False, phase1_steps=2, phase2_steps=2, lr_phase1=1e-2,
+              lr_phase2=1e-3, unet="lora", lora_rank=2, resolution=0, batch_size=2, attention_weight=0.01,
+              output_name=name, checkpoint_every=0, resume=False, seed=0)
+    kw.update(over)
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        return MCI.execute(**kw).args
+
+
+def test_schemas_have_tooltips():
+    for node in (MCI, CT):
+        schema = node.define_schema()
+        assert all(getattr(i, "tooltip", None) for i in schema.inputs), schema.node_id
+    assert MCI in pack.nodes.NODES and CT in pack.nodes.NODES
+
+
+@pytest.fixture(scope="module")
+def trained(sd15):
+    tokens, lora, graph, history = _train(sd15, "node_concepts")
+    return tokens, lora, graph, history
+
+
+def test_node_writes_tokens_lora_embeddings_history(trained):
+    tokens, lora, graph, history = trained
+    assert tokens == "node_concepts.safetensors" and lora == "node_concepts.safetensors"
+    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(tokens))
+    assert lib.names == ["<bottle>", "<cap>"] and lib.has_lora and lib.init_words["<cap>"] == "bottle"
+    assert folder_paths.get_full_path("loras", lora) is not None
+    for c in ("bottle", "cap"):
+        assert folder_paths.get_full_path("embeddings", f"node_concepts_{c}.safetensors") is not None
+    assert os.path.isfile(history) and graph.shape[-1] == 3
+
+
+def test_concept_tokens_reproduce_the_trained_conditioning_and_embedding_syntax(sd15, trained):
+    tokens = trained[0]
+    model, cond, ct = CT.execute(sd15.model, sd15.clip, tokens, "a photo of <bottle> and <cap>", 1.0).args
+    assert ct is None and model is not sd15.model  # LoRA applied on a clone
+    # the same vectors through the trainer's own encoding path
+    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(tokens))
+    host = pack.nodes.training_host.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
+    from productscene.prompt import Prompt
+    enc = host.encode([Prompt("a photo of <bottle> and <cap>", {n: lib.vectors(n) for n in lib.names})])
+    torch.testing.assert_close(cond[0][0], enc.cond.detach(), rtol=0, atol=0)
+    # each token's textual-inversion file through ComfyUI's embedding: syntax gives the same prompt
+    tok = sd15.clip.tokenizer.clip_l
+    old = tok.embedding_directory
+    tok.embedding_directory = folder_paths.get_folder_paths("embeddings")
+    try:
+        ref = nodes.CLIPTextEncode().encode(
+            sd15.clip, "a photo of embedding:node_concepts_bottle and embedding:node_concepts_cap")[0]
+    finally:
+        tok.embedding_directory = old
+    torch.testing.assert_close(cond[0][0], ref[0][0], rtol=0, atol=1e-6)
+    other = nodes.CLIPTextEncode().encode(sd15.clip, "a photo of bottle and cap")[0]
+    assert not torch.allclose(cond[0][0], other[0][0], atol=1e-3)
+
+
+def test_concept_and_category_share_one_prompt(sd15, trained):
+    lib_name = "concept_cat.safetensors"
+    folder = folder_paths.get_folder_paths("category_libraries")[0]
+    os.makedirs(folder, exist_ok=True)
+    CategoryLibrary.write(os.path.join(folder, lib_name), ["marble"], {"clip_l": torch.randn(1, 1, 768)}, "sd15")
+    text = "a photo of <bottle> on a {category} background"
+    _, cond, ct = CT.execute(sd15.model, sd15.clip, trained[0], text, 1.0, lib_name, "marble").args
+    assert ct.category == "marble" and ct.free_context is not None and ct.free_context.shape == cond[0][0].shape
+    # the gate works on it: Masked Category Attention accepts the pair
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    pack.nodes.category_attention.MaskedCategoryAttention.execute(sd15.model, mask, ct, 1.0, 1, 1.0)
+    # the free context still holds the concept: it differs from the prompt without it
+    _, cond2, ct2 = CT.execute(sd15.model, sd15.clip, trained[0], "a photo of <cap> on a {category} background",
+                               1.0, lib_name, "marble").args
+    assert not torch.equal(ct.free_context, ct2.free_context)
+
+
+@pytest.mark.parametrize("text, inputs, match", [
+    ("a photo of <bottel>", (), "not a concept.*Did you mean: '<bottle>'"),
+    ("a photo of a bottle", (), "names no concept"),
+    ("a photo of <bottle> on {category}", (), "no category library"),
+    ("a photo of <bottle> on {category} {category}", ("concept_cat.safetensors", "marble"), "exactly once"),
+    ("a photo of <bottle>", ("concept_cat.safetensors", "none"), "both a category library and a category"),
+])
+def test_concept_tokens_errors(sd15, sd2, trained, text, inputs, match):
+    with pytest.raises(ProductSceneError, match=match):
+        CT.execute(sd15.model, sd15.clip, trained[0], text, 1.0, *inputs)
+
+
+def test_concept_tokens_refuses_another_family(sd2, trained):
+    with pytest.raises(ProductSceneError, match="tokens: 'node_concepts.safetensors' was made for sd15"):
+        CT.execute(sd2.model, sd2.clip, trained[0], "a photo of <bottle>", 1.0)
+
+
+def test_cancel_leaves_a_loadable_checkpoint_and_resume_matches(sd15, tmp_path):
+    from productscene.train.engine import read_checkpoint_info
+    host = pack.nodes.training_host.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
+    image, masks = scene()
+    cfg = ConceptConfig(resolution=0, phase1_steps=3, phase2_steps=3, lr_phase1=1e-2, lr_phase2=1e-3, batch_size=2)
+    full = train_concepts(host, image, masks, tmp_path / "full.safetensors", cfg, seed=4)
+    calls = {"n": 0}
+
+    def stop():  # cancel in the middle of phase 2 (after 4 steps)
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    ckpt = tmp_path / "state.safetensors"
+    cut = train_concepts(host, image, masks, tmp_path / "cut.safetensors", cfg, seed=4, checkpoint_path=ckpt,
+                         should_stop=stop)
+    assert cut.cancelled and not (tmp_path / "cut.safetensors").exists()
+    assert read_checkpoint_info(ckpt)["step"] == 4
+    resumed = train_concepts(host, image, masks, tmp_path / "cut.safetensors", cfg, seed=4, checkpoint_path=ckpt,
+                             resume=True)
+    a, b = CategoryLibrary.open(full.tokens), CategoryLibrary.open(resumed.tokens)
+    torch.testing.assert_close(b.all_vectors()["clip_l"], a.all_vectors()["clip_l"], rtol=1e-5, atol=1e-6)
+    la, lb = a.lora_state_dict(), b.lora_state_dict()
+    assert la.keys() == lb.keys()
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-6)
+    assert resumed.result.history == pytest.approx(full.result.history, rel=1e-5)
+
+
+def test_textual_inversion_file_loads_into_a_diffusers_pipeline(trained):
+    """The per-token file is a standard textual-inversion file: diffusers' ``load_textual_inversion``
+    adds the token to a (small, SD1.5-shaped) pipeline's tokenizer with exactly the learned vector."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from tests.support.comfy_env import COMFYUI_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(COMFYUI_DIR / "comfy" / "sd1_tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, vocab_size=len(tokenizer)))
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, latent_channels=4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = folder_paths.get_full_path("embeddings", "node_concepts_bottle.safetensors")
+    pipe.load_textual_inversion(path)
+    token_id = tokenizer.convert_tokens_to_ids("<bottle>")
+    assert token_id >= 49408  # a new token after CLIP's vocabulary
+    assert tokenizer("a photo of <bottle>").input_ids[4] == token_id
+    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(trained[0]))
+    row = text_encoder.get_input_embeddings().weight[token_id].detach()
+    torch.testing.assert_close(row, lib.vectors("<bottle>")["clip_l"][0], rtol=0, atol=0)
