@@ -180,9 +180,9 @@ def evaluate_library(host: DiffusionHost, dataset: Dataset, library_path, *, cac
                     ids = torch.full((e - s,), k, dtype=torch.long)
                     table[s:e, k] += recipe.evaluate(latents[s:e], masks[s:e], noise[d, s:e], timesteps[d, s:e], ids, memo)
                     done += 1
-                memo.pop(k, None)   # one identifier's encoding at a time (thousands of categories)
                     if progress is not None:
                         progress(done, total)
+                memo.pop(k, None)   # one identifier's encoding at a time (thousands of categories)
     table /= int(draws)
     rows = list(dataset.categories)
     truth = [library.index(dataset[i].category) for i in range(n)]
