@@ -63,7 +63,7 @@ def _default_model():
 dm = _default_model()
 ROOT = dm.ROOT
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 SEED = 20261124
 CHECKPOINT_NAME = "world-base.safetensors"
 CLIP_LAYERS = 2
@@ -256,7 +256,9 @@ def build(folder: Path, *, seed: int = SEED, steps: int = PRETRAIN_STEPS, host_a
                       autocast="off", progress=progress, name="world-base")
     with host.session(latent_shape=(PRETRAIN_BATCH,) + tuple(lat.shape[1:])):
         curve.append((0, round(held_loss(), 5)))
+        t1, c1 = time.time(), time.process_time()
         result = trainer.run()
+        train_s, train_cpu = time.time() - t1, time.process_time() - c1
     unet = {"model.diffusion_model." + k: v.detach().float().cpu().contiguous()
             for k, v in host.unet.state_dict().items()}
     missing = sorted(set(unet) ^ {k for k in tensors if k.startswith("model.diffusion_model.")})
@@ -275,7 +277,8 @@ def build(folder: Path, *, seed: int = SEED, steps: int = PRETRAIN_STEPS, host_a
         "productscene.pretrain": json.dumps({
             "steps": result.steps_done, "batch": PRETRAIN_BATCH, "lr": [PRETRAIN_LR, SETTLE_LR], "settle_steps": settle, "prompts": list(PROMPTS),
             "train_loss_first20": sum(h[:20]) / 20, "train_loss_last20": sum(h[-20:]) / 20,
-            "heldout_curve": curve, "seconds": round(time.time() - t0, 1),
+            "heldout_curve": curve, "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
+            "seconds": round(time.time() - t0, 1),
             "cpu_seconds": round(time.process_time() - c0, 1)}),
         "modelspec.architecture": "stable-diffusion-v1",
         "modelspec.title": "ProductScene world base (tiny SD1.5 family, pretrained on a synthetic world)",
