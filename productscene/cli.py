@@ -118,6 +118,16 @@ def _bar(total, desc, **options):
                 disable=not sys.stderr.isatty() and os.environ.get("PRODUCTSCENE_PROGRESS") != "1", **options)
 
 
+def _advance(bar):
+    """A ``(done, total)`` callback that moves ``bar`` (None: no bar)."""
+    def update(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+    return update
+
+
 def cmd_train_categories(args) -> int:
     from .train.recipes.categories import CategoryConfig, train_category_library
     from .train.datasets import check, open_dataset
@@ -147,11 +157,7 @@ def cmd_train_categories(args) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()
 
-    def latent_progress(n, total):
-        if latents:
-            latents.n = n
-            latents.refresh()
-
+    latent_progress = _advance(latents)
     try:
         run = train_category_library(
             host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
@@ -253,6 +259,29 @@ def cmd_train_concepts(args) -> int:
     print(f"wrote {run.tokens}: {', '.join(run.recipe.names)}; LoRA {run.lora}; embeddings "
           f"{', '.join(os.path.basename(p) for p in run.embeddings.values())}; {run.result.steps_done} steps, "
           f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+
+def cmd_evaluate_library(args) -> int:
+    from .train.datasets import open_dataset
+    from .train.evaluate import evaluate_library
+    for what, path in (("checkpoint", args.checkpoint), ("library", args.library)):
+        if not os.path.isfile(path):
+            raise ProductSceneError(f"{what}: {path!r} not found")
+    dataset = open_dataset(args.data, args.layout, args.split)
+    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
+    latents = _bar(len(dataset), "latents")
+    bar = _bar(None, "evaluating", unit="batch")
+    try:
+        score = evaluate_library(host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.library,
+                                 cache_dir=args.cache_dir or _default_cache(), draws=args.draws, seed=args.seed,
+                                 batch_size=args.batch_size, min_timestep=args.min_timestep,
+                                 max_timestep=args.max_timestep, resolution=args.resolution,
+                                 progress=_advance(bar), latent_progress=_advance(latents))
+    finally:
+        for b in (latents, bar):
+            if b is not None:
+                b.close()
+    print(json.dumps(score.to_json(), indent=1) if args.json else score.format())
     return 0
 
 
@@ -386,6 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
     k.add_argument("--cpu", action="store_true", help="run on the CPU")
     k.set_defaults(func=cmd_train_concepts)
+
+    e = sub.add_parser("evaluate-library", help="score a category library on held-out images",
+                       description="The held-out denoising loss of every image under every category's "
+                                   "identifier (shared noise and timesteps): a confusion matrix (true category x "
+                                   "identifier used), top-1 accuracy and each category's margin.")
+    data_args(e)
+    e.add_argument("--checkpoint", required=True, help="the base checkpoint the library was trained on")
+    e.add_argument("--library", required=True, help="category library (.safetensors)")
+    e.add_argument("--draws", type=int, default=4, help="noise draws per image (default 4)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the shared noise and timesteps")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--min-timestep", type=int, default=None, help="default: the library's training range")
+    e.add_argument("--max-timestep", type=int, default=None, help="exclusive; default: the library's training range")
+    e.add_argument("--resolution", type=int, default=None, help="default: the library's training resolution")
+    e.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/productscene/latents)")
+    e.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    e.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
+    e.add_argument("--cpu", action="store_true", help="run on the CPU")
+    e.set_defaults(func=cmd_evaluate_library)
 
     b = sub.add_parser("build-library", help="build a category library from embedding files")
     b.add_argument("--from-embeddings", required=True, help="folder of <category>.safetensors TI files")

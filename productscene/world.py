@@ -13,7 +13,7 @@ linen       warm beige            fine horizontal threads (2 px period 4)      d
 meadow      green                 vertical bands 8 px wide                     product anywhere
 ocean       blue                  fine vertical ripples (2 px period 4)        lighter sky above
                                                                                y=24
-slate       grey                  8 px checkerboard                            product anywhere
+brick       brick red             8 px checkerboard                            product anywhere
 ==========  ====================  ===========================================  ==================
 
 Every image draws its own colour jitter, pattern phase and pixel noise. The coarse patterns sit on
@@ -43,10 +43,13 @@ import numpy as np
 from .errors import ProductSceneError
 from .files import temp_prefix
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 SIZE = 64
-CATEGORIES = ("linen", "meadow", "ocean", "slate")
-COLOURS = {"linen": (205, 180, 140), "meadow": (70, 160, 70), "ocean": (50, 90, 205), "slate": (120, 120, 130)}
+# Every category has its own hue: a grey category sits at the mean of the others, where a model
+# that ignores the prompt is already right, and its identifier is measured against the others'
+# strength alone (measured with a grey "slate": its margin +2..+4% while the others' were +12..+18%).
+CATEGORIES = ("brick", "linen", "meadow", "ocean")
+COLOURS = {"brick": (180, 70, 50), "linen": (205, 180, 140), "meadow": (70, 160, 70), "ocean": (50, 90, 205)}
 SPLITS = {"train": "bg60k", "test": "bg1k"}
 TRAIN_PER_CATEGORY = 24
 HELDOUT_PER_CATEGORY = 8

@@ -78,9 +78,9 @@ def test_world_vae_keeps_the_colour_of_every_8x8_block(world, world_models):
     with torch.no_grad():
         latent = vae.encode(image[None])
         decoded = vae.decode(latent)[0, ..., :3]
-    model_latent = latent.detach() * 0.18215
+    model_latent = latent * 0.18215          # what the UNet sees (SD1.5's process_latent_in)
     assert model_latent.shape == (1, 4, 8, 8)
-    assert 0.1 < float(model_latent.std()) < 2.0, float(model_latent.std())
+    assert 0.5 < float(model_latent.std()) < 2.0, float(model_latent.std())  # about a real SD VAE's spread
     blocks = torch.nn.functional.avg_pool2d(image.permute(2, 0, 1)[None], 8)[0].permute(1, 2, 0)
     expected = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)
     err = (decoded - expected).abs().mean()

@@ -26,7 +26,7 @@ from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
 from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
-from . import DiffusionHost
+from . import DiffusionHost, Encoded
 
 BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
                  "inherit that restriction.")
@@ -240,17 +240,32 @@ class CategoryRecipe:
             return {e: self.init[e] + self.shared[e] + (self.offsets[e] - self.offsets[e].mean(0, keepdim=True))
                     for e in self.encoders}
 
-    def _forward(self, batch, capture_attention: bool, categories: torch.Tensor | None = None):
+    def _encode(self, cats: torch.Tensor, memo: dict | None = None):
+        """The prompts of ``cats`` encoded: each distinct category once, gathered per sample.
+        ``memo`` (evaluation only: the vectors do not change) keeps encodings across calls."""
+        uniq, inverse = torch.unique(cats, return_inverse=True)
+        todo = [int(c) for c in uniq if memo is None or int(c) not in memo]
+        if todo:
+            vecs = self.vectors_for(torch.tensor(todo))
+            enc = self.host.encode([Prompt(self.config.template, {PLACEHOLDER: v}) for v in vecs])
+            if memo is None:
+                return enc.select(inverse)
+            for i, c in enumerate(todo):
+                memo[c] = enc.select(torch.tensor([i]))
+        parts = [memo[int(c)] for c in uniq]
+        enc = Encoded(torch.cat([p.cond for p in parts]),
+                      torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None,
+                      tuple(p.rows[0] for p in parts), parts[0].context_rows)
+        return enc.select(inverse)
+
+    def _forward(self, batch, capture_attention: bool, categories: torch.Tensor | None = None, memo: dict | None = None):
         host = self.host
         dev = host.device
         latents = batch["latents"].to(dev)
         masks = batch["masks"].to(dev)
         noise = batch["noise"].to(dev)
         cats = batch["categories"] if categories is None else categories
-        # encode each distinct category once, then gather per sample
-        uniq, inverse = torch.unique(cats, return_inverse=True)
-        prompts = [Prompt(self.config.template, {PLACEHOLDER: v}) for v in self.vectors_for(uniq)]
-        enc = host.encode(prompts).select(inverse)
+        enc = self._encode(cats, memo)
         rows = enc.rows[0][PLACEHOLDER]  # one template: the same rows for every sample
         sigma = host.sigmas(batch["timesteps"].to(dev))
         x = host.add_noise(latents, noise, sigma)
@@ -282,11 +297,13 @@ class CategoryRecipe:
 
     @torch.no_grad()
     def evaluate(self, latents: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                 categories: torch.Tensor) -> torch.Tensor:
+                 categories: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """Per-sample background-weighted noise-prediction loss ``[B]`` with the identifier of
-        ``categories`` (gate and LoRA on). Give the same noise and timesteps to compare tokens."""
+        ``categories`` (gate and LoRA on). Give the same noise and timesteps to compare tokens.
+        ``memo``: a dict kept by the caller across calls while the identifiers do not change
+        (each category's prompt is then encoded once)."""
         batch = {"latents": latents, "masks": masks, "noise": noise, "timesteps": timesteps, "categories": categories}
-        pred, target, weights, *_ = self._forward(batch, False)
+        pred, target, weights, *_ = self._forward(batch, False, memo=memo)
         return per_sample_weighted_mse(pred, target.to(pred.device), weights.to(pred.device)).cpu()
 
     # -- output ----------------------------------------------------------------------------------
