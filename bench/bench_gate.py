@@ -2,17 +2,21 @@
 
     .venv/bin/python bench/bench_gate.py [--model full|tiny] [--latent 32] [--steps 6] [--repeats 3]
 
-Euler with CFG (so every step runs a cond+uncond batch), the same seed and conditioning for both
-arms, interleaved repeats (vanilla, gated, vanilla, gated, ...), median ratio printed. With
-a GPU (PRODUCTSCENE_COMFY_GPU=1) the same at 512 px: --latent 64.
+Euler with CFG (so every step runs a cond+uncond batch), the same seed and conditioning for every
+arm, interleaved repeats (vanilla, category-free-context gate, identifier-rows-only gate (the
+previous gate, tests/support/identifier_gate.py), vanilla, ...), median ratios printed. The
+conditioning comes from the real Category Tokens node (tiny CLIP, 768 wide). Also prints the extra
+text-encoder pass Category Tokens makes once per prompt (the category-free context), timed on a
+full-size CLIP-L (12 layers, random weights). With a GPU (PRODUCTSCENE_COMFY_GPU=1) the same at
+512 px: --latent 64.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,15 +25,39 @@ import torch  # noqa: E402
 
 from tests.support import comfy_env  # noqa: E402  (puts the real ComfyUI on sys.path)
 from tests.support import models  # noqa: E402
+from tests.support.identifier_gate import install_identifier_rows_gate  # noqa: E402
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
+import folder_paths  # noqa: E402
+
+TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
 
-def build(kind: str):
-    if kind == "full":
-        return models.full_sd15_unet(), 768
-    return models.tiny_sd15().model, 768
+def category_prompt(clip, pack):
+    from productscene.library import CategoryLibrary
+    folder = folder_paths.get_folder_paths("category_libraries")[0]
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    CategoryLibrary.write(os.path.join(folder, "bench.safetensors"), ["perfume", "tools"],
+                          {"clip_l": torch.randn(2, 1, 768, generator=g) * 0.02}, "sd15")
+    folder_paths.filename_list_cache.pop("category_libraries", None)
+    return pack.nodes.category_tokens.ProductSceneCategoryTokens.execute(clip, "bench.safetensors", "perfume",
+                                                                          TEMPLATE).result
+
+
+def text_encoder_seconds(repeats: int = 5) -> float:
+    """One extra pass of a full-size CLIP-L over the category-free prompt (median)."""
+    from productscene.prompt import category_free_template
+    clip = models.build_clip("sd15", layers=12)
+    tokens = clip.tokenize(category_free_template(TEMPLATE))
+    clip.encode_from_tokens(tokens)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        clip.encode_from_tokens(tokens)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -45,15 +73,19 @@ def main() -> None:
 
     pack = comfy_env.import_pack()
     gate_node = pack.nodes.category_attention.MaskedCategoryAttention
-    model, width = build(args.model)
-    torch.manual_seed(0)
-    positive = [[torch.randn(1, 77, width) * 0.1, {}]]
-    negative = [[torch.randn(1, 77, width) * 0.1, {}]]
+    tiny = models.tiny_sd15()
+    model = models.full_sd15_unet() if args.model == "full" else tiny.model
+    positive, tokens = category_prompt(tiny.clip, pack)
+    negative = models.encode(tiny, "blurry, low quality")
     side = args.latent * 8
     mask = torch.zeros(1, side, side)
     mask[:, side // 4: 3 * side // 4, side // 3: 2 * side // 3] = 1.0
-    tokens = types.SimpleNamespace(rows=(6, 7), context_rows=77, library_path="")
-    gated = gate_node.execute(model, mask, tokens, 1.0, 1, 0.0).result[0]
+    arms = {
+        "vanilla": model,
+        "new gate": gate_node.execute(model, mask, tokens, 1.0, 1, 0.0).result[0],
+        "old gate": install_identifier_rows_gate(model, mask, tokens.rows, pack.nodes.host.cross_attention_keys(model),
+                                                 grow_latent_px=1),
+    }
 
     latent = torch.zeros(1, 4, args.latent, args.latent)
     noise = comfy.sample.prepare_noise(latent, 0)
@@ -67,19 +99,23 @@ def main() -> None:
         assert torch.isfinite(out).all()
         return time.perf_counter() - start
 
-    run(model), run(gated)  # warm-up: model load, caches
-    vanilla_t, gated_t, ratios = [], [], []
+    for m in arms.values():  # warm-up: model load, caches
+        run(m)
+    times = {name: [] for name in arms}
     for _ in range(args.repeats):
-        v, g = run(model), run(gated)
-        vanilla_t.append(v)
-        gated_t.append(g)
-        ratios.append(g / v)
+        for name, m in arms.items():
+            times[name].append(run(m))
     device = comfy.model_management.get_torch_device()
     print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
           f"threads={torch.get_num_threads()}")
-    print(f"vanilla s/run: {', '.join(f'{t:.2f}' for t in vanilla_t)}  median {statistics.median(vanilla_t):.2f}")
-    print(f"gated   s/run: {', '.join(f'{t:.2f}' for t in gated_t)}  median {statistics.median(gated_t):.2f}")
-    print(f"gated/vanilla ratio (median of interleaved pairs): {statistics.median(ratios):.3f}")
+    for name, ts in times.items():
+        print(f"{name:>8} s/run: {', '.join(f'{t:.2f}' for t in ts)}  median {statistics.median(ts):.2f}")
+    for name in ("new gate", "old gate"):
+        ratio = statistics.median(g / v for g, v in zip(times[name], times["vanilla"]))
+        print(f"{name} / vanilla (median of interleaved pairs): {ratio:.3f}")
+    te = text_encoder_seconds()
+    print(f"extra text-encoder pass per prompt (category-free context, full-size CLIP-L): {te * 1000:.1f} ms "
+          f"= {te / statistics.median(times['vanilla']):.4f} of one vanilla run")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """Training-step benchmark: seconds per step and peak memory of the category recipe on the engine,
 against a baseline in the same process (a plain forward + backward of the same UNet with the same
-LoRA, fixed context, no engine / CLIP / gate / optimizer).
+LoRA, fixed context, no engine / CLIP / gate / optimizer), the two interleaved step by step.
 
     python bench/bench_train.py                 # tiny model + full SD1.5 UNet, 32x32 latent, CPU
     python bench/bench_train.py --model tiny    # only the tiny model
     PRODUCTSCENE_COMFY_GPU=1 python bench/bench_train.py --latent 64   # on a GPU: SD1.5 at 512 px
 
-CPU peak memory is the process's peak resident set (ru_maxrss, monotonic: the baseline runs first);
-on CUDA it is torch.cuda.max_memory_allocated per run.
+CPU peak memory is the process's peak resident set (ru_maxrss); on CUDA torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,12 +43,10 @@ def sync(device):
 
 
 def bench(name, model, clip, latent: int, steps: int, warmup: int, rank: int, batch: int):
-    import importlib
     pack = comfy_env.import_pack()
     th = pack.nodes.training_host
-    cats = importlib.import_module(pack.productscene.__name__ + ".train.recipes.categories")
-    engine = importlib.import_module(pack.productscene.__name__ + ".train.engine")
-    lora_mod = importlib.import_module(pack.productscene.__name__ + ".train.lora")
+    from productscene.train import engine
+    from productscene.train.recipes import categories as cats
 
     host = th.ComfyTrainingHost(model, clip, None)
     g = torch.Generator().manual_seed(0)
@@ -58,52 +55,44 @@ def bench(name, model, clip, latent: int, steps: int, warmup: int, rank: int, ba
     masks = torch.zeros(n, latent, latent)
     masks[:, latent // 4: latent // 2, latent // 4: latent // 2] = 1
     labels = ["a", "b", "c", "a", "b", "c", "a", "b"]
+    shape = (batch, 4, latent, latent)
     out = {}
-    with host.session():
-        device = host.device
-        # baseline: plain forward + backward of the same UNet and LoRA
-        lora = lora_mod.LoRA(host.unet, rank=rank, seed=0, device=device)
-        ctx = torch.randn(batch, 77, 768, generator=g).to(device)
-        x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
-        sigma = torch.full((batch,), 1.0, device=device)
-        times = []
-        reset_peak(device)
-        with lora.attached():
-            for i in range(warmup + steps):
-                sync(device)
-                t0 = time.perf_counter()
-                y = host.base.apply_model(x, sigma, c_crossattn=ctx)
-                y.float().pow(2).mean().backward()
-                for p in lora.parameters():
-                    p.grad = None
-                sync(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-        out["baseline_s"] = sum(times) / len(times)
-        out["baseline_peak_mb"] = peak_mb(device)
-        del lora
-
+    with engine.training_mode():
         cfg = cats.CategoryConfig(template="a product photo on a {category} background", batch_size=batch,
                                   steps=warmup + steps, rank=rank, resolution=64)
         recipe = cats.CategoryRecipe(host, cats.MemorySource(latents, masks, labels), ["a", "b", "c"], cfg, seed=0)
-        trainer = engine.Trainer(recipe, cfg.phases(), seed=0, device=device)
-        times = []
-        reset_peak(device)
-        for i in range(warmup + steps):
-            sync(device)
-            t0 = time.perf_counter()
-            trainer.train_step()
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        out["engine_s"] = sum(times) / len(times)
-        out["engine_peak_mb"] = peak_mb(device)
-    out["ratio"] = out["engine_s"] / out["baseline_s"]
+        trainer = engine.Trainer(recipe, cfg.phases(), seed=0, device=host.device)
+        with host.session(lora=recipe.lora, latent_shape=shape):
+            device = host.device
+            ctx = torch.randn(batch, 77, 768, generator=g).to(device)
+            x = torch.randn(*shape, generator=g).to(device)
+            sigma = torch.full((batch,), 1.0, device=device)
+
+            def baseline_step():  # the same UNet and LoRA, fixed context: no engine, CLIP, gate or optimizer
+                y = host.base.apply_model(x, sigma, c_crossattn=ctx)
+                y.float().pow(2).mean().backward()
+                for p in recipe.lora.parameters():
+                    p.grad = None
+
+            times = {"baseline": [], "engine": []}
+            reset_peak(device)
+            for i in range(warmup + steps):  # interleaved, so load on a shared machine hits both alike
+                for arm, step in (("baseline", baseline_step), ("engine", trainer.train_step)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step()
+                    sync(device)
+                    if i >= warmup:
+                        times[arm].append(time.perf_counter() - t0)
+            out["peak_mb"] = peak_mb(device)
+    out["baseline_s"] = statistics.median(times["baseline"])
+    out["engine_s"] = statistics.median(times["engine"])
+    out["ratio"] = statistics.median(e / b for e, b in zip(times["engine"], times["baseline"]))
     out["device"] = str(host.device)
     print(f"{name:>14} latent {latent}x{latent} batch {batch} rank {rank} on {out['device']}: "
-          f"engine {out['engine_s']:.3f} s/step (peak {out['engine_peak_mb']:.0f} MB), "
-          f"baseline fwd+bwd {out['baseline_s']:.3f} s/step (peak {out['baseline_peak_mb']:.0f} MB), "
-          f"ratio {out['ratio']:.2f}x", flush=True)
+          f"engine {out['engine_s']:.3f} s/step, baseline fwd+bwd {out['baseline_s']:.3f} s/step (medians), "
+          f"engine/baseline {out['ratio']:.2f}x (median of interleaved pairs), peak {out['peak_mb']:.0f} MB",
+          flush=True)
     return out
 
 
@@ -111,7 +100,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["tiny", "full", "both"], default="both")
     ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px, 64 = 512 px)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)

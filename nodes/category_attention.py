@@ -30,20 +30,24 @@ class MaskedCategoryAttention(io.ComfyNode):
             node_id="ProductSceneMaskedCategoryAttention",
             display_name="Masked Category Attention (ProductScene)",
             category="ProductScene",
-            description="Patches every cross-attention layer so the category identifier cannot reach "
-                        "product pixels: its attention weight on the product is exactly zero at strength 1.",
+            description="Patches every cross-attention layer so the category cannot reach product pixels: "
+                        "product positions attend the prompt encoded without the category identifier (at "
+                        "strength 1 their attention output does not depend on the category at all), the "
+                        "background attends the full prompt.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x or SDXL)."),
                 io.Mask.Input("product_mask", tooltip="1 = product. One mask, or one per image of the batch; "
                               "same aspect ratio as the image being generated."),
-                CategoryTokensType.Input("category_tokens", tooltip="From Category Tokens: which prompt rows "
-                                         "hold the identifier, and the library it came from."),
+                CategoryTokensType.Input("category_tokens", tooltip="From Category Tokens: the prompt without "
+                                         "the identifier, and the library it came from. Its CONDITIONING must "
+                                         "reach the sampler's positive input."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="1 = the identifier's weight on product pixels is exactly zero; lower "
-                                       "values weaken the gate smoothly (0 = no gate)."),
-                io.Int.Input("grow", default=1, min=0, max=16,
-                             tooltip="Grow the protected area by this many latent pixels (8 image pixels "
-                                     "each) so the category does not colour the product's edge."),
+                               tooltip="1 = product pixels attend only the prompt without the category; lower "
+                                       "values blend linearly towards the full prompt (0 = no gate)."),
+                io.Int.Input("grow_latent_px", default=1, min=0, max=16,
+                             tooltip="Grow the protected area by this many LATENT pixels (8 image pixels "
+                                     "each) so the category does not colour the product's edge. (Product "
+                                     "Mask's grow_px counts image pixels and changes the mask itself.)"),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the library's shared LoRA, if it has one (0 = off)."),
             ],
@@ -52,11 +56,11 @@ class MaskedCategoryAttention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, product_mask, category_tokens, strength, grow, lora_strength) -> io.NodeOutput:
-        if not isinstance(category_tokens, CategoryTokens):
+    def execute(cls, model, product_mask, category_tokens, strength, grow_latent_px, lora_strength) -> io.NodeOutput:
+        if not isinstance(category_tokens, CategoryTokens) or category_tokens.free_context is None:
             raise ProductSceneError("category_tokens: expected the output of a Category Tokens node")
-        gate = CategoryGate(product_mask, category_tokens.rows, category_tokens.context_rows,
-                            strength=strength, grow=grow)
+        gate = CategoryGate(product_mask, category_tokens.free_context, strength=strength,
+                            grow_latent_px=grow_latent_px, contexts=category_tokens.contexts)
         patched = install(model, SceneAttention().with_gate(gate))
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
 

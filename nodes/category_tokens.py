@@ -1,6 +1,7 @@
 """Category Tokens node: encode a prompt with a category identifier from a category library."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from comfy_api.v0_0_2 import io
@@ -8,14 +9,12 @@ from comfy_api.v0_0_2 import io
 from productscene.errors import ProductSceneError
 from productscene.library import (ENCODER_OF_TOKENIZER_KEY, FAMILIES, CategoryLibrary,
                                     family_of_encoders)
-from productscene.prompt import (CategoryTokens, check_template, library_vectors_by_key,
-                                   tokenize_with_identifier)
+from productscene.prompt import (DEFAULT_TEMPLATE, CategoryTokens, category_free_template, check_template,
+                                 library_vectors_by_key, tokenize_with_identifier)
 from .clip_text import clip_widths
 from .paths import list_libraries, open_cached, resolve_library
 
 CategoryTokensType = io.Custom("CATEGORY_TOKENS")
-
-DEFAULT_TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
 
 def _describe(encoders: dict) -> str:
@@ -45,8 +44,8 @@ class ProductSceneCategoryTokens(io.ComfyNode):
             display_name="Category Tokens (ProductScene)",
             category="ProductScene",
             description=(
-                "Encodes a prompt with a category's learned identifier spliced in at {category}, and "
-                "outputs where the identifier sits so Masked Category Attention can keep it off the product."),
+                "Encodes a prompt with a category's learned identifier spliced in at {category}, and the same "
+                "prompt without it, so Masked Category Attention can keep the category off the product."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint (SD1.5, SD2.x or SDXL). "
                               "It must match the library's base model family."),
@@ -64,8 +63,9 @@ class ProductSceneCategoryTokens(io.ComfyNode):
                 io.Conditioning.Output(display_name="CONDITIONING",
                                        tooltip="The encoded prompt, with the identifier spliced in."),
                 CategoryTokensType.Output(display_name="CATEGORY_TOKENS",
-                                          tooltip="Where the identifier sits in the conditioning and its "
-                                                  "vectors; connect to Masked Category Attention."),
+                                          tooltip="What Masked Category Attention needs: the same prompt encoded "
+                                                  "without the identifier (the category-free context product "
+                                                  "pixels attend), and where the identifier sits."),
             ],
         )
 
@@ -86,6 +86,9 @@ class ProductSceneCategoryTokens(io.ComfyNode):
         if rows != ct.context_rows or (ct.rows and max(ct.rows) >= rows):
             raise ProductSceneError(
                 f"clip: the encoded prompt has {rows} rows but the identifier was placed for {ct.context_rows}")
+        # the gate's category-free context: one more text-encoder pass per prompt, never one per step
+        free = clip.encode_from_tokens(clip.tokenize(category_free_template(template)))
+        ct = dataclasses.replace(ct, free_context=free, contexts=tuple(c[0] for c in cond))
         return io.NodeOutput(cond, ct)
 
 

@@ -1,5 +1,5 @@
 """What ProductScene needs to know about a ComfyUI CLIP: its text encoders' widths and their own
-token embeddings of a word (shared by the Category Tokens node and the trainer)."""
+token embeddings of a word (shared by the Category Tokens node and the training host)."""
 from __future__ import annotations
 
 from productscene.errors import ProductSceneError
@@ -34,10 +34,11 @@ def clip_widths(clip) -> dict[str, int]:
     return widths
 
 
-def token_embedding_fn(clip):
-    """``word -> {library encoder: [n, width]}``: the CLIP's own input embeddings of the word's
-    tokens (start/end/pad removed). Feed it to ``CategoryLibrary.from_words`` to initialise a
-    library from init words."""
+def word_token_embeddings(clip):
+    """``word -> {library encoder: [t, width]}``: the CLIP's own input embeddings of the word's
+    ``t`` tokens (start/end/pad removed). ``productscene.prompt.init_vectors`` turns them into an
+    identifier's initial vectors (the one meaning of "init word"); ``CategoryLibrary.from_words``
+    and the trainers do so."""
     widths = clip_widths(clip)
     empty = clip.tokenize("")
 
@@ -48,7 +49,7 @@ def token_embedding_fn(clip):
             special = {t[0] for c in empty[key] for t in c}
             ids = [t[0] for c in tokens[key] for t in c if isinstance(t[0], int) and t[0] not in special]
             if not ids:
-                raise ProductSceneError(f"words: {word!r} gives no tokens")
+                raise ProductSceneError(f"init word: {word!r} gives no tokens")
             emb = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings()
             out[ENCODER_OF_TOKENIZER_KEY[key]] = emb.weight[ids].detach().float().cpu().clone()
         return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from productscene.errors import ProductSceneError
 from productscene.masks import (
@@ -18,6 +18,8 @@ from productscene.masks import (
 CATEGORY = "ProductScene"
 SOURCES = ["alpha", "loadimage_mask", "mask", "white_backdrop"]
 PREVIEW_GREY = 0.5
+OVERLAY_TINT = (0.1, 0.85, 0.35)  # the product mask drawn over the photo in green
+OVERLAY_ALPHA = 0.45
 
 
 def _as_batch_mask(mask):
@@ -33,6 +35,17 @@ def cutout_preview(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(device=rgb.device, dtype=rgb.dtype).unsqueeze(-1)
     batch = max(rgb.shape[0], m.shape[0])
     return (rgb * m + PREVIEW_GREY * (1 - m)).expand(batch, *rgb.shape[1:]).contiguous()
+
+
+def mask_overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The product mask over the product photo, [B,H,W,3]: green where the mask is 1 (half
+    transparent), the background darkened, soft edges in between. Shown on the node after a run."""
+    rgb = image[..., :3]
+    m = mask.to(device=rgb.device, dtype=rgb.dtype).unsqueeze(-1)
+    tint = torch.tensor(OVERLAY_TINT, device=rgb.device, dtype=rgb.dtype)
+    product = rgb * (1 - OVERLAY_ALPHA) + tint * OVERLAY_ALPHA
+    batch = max(rgb.shape[0], m.shape[0])
+    return (product * m + rgb * 0.45 * (1 - m)).expand(batch, *rgb.shape[1:]).contiguous()
 
 
 class ProductSceneProductMask(io.ComfyNode):
@@ -119,7 +132,8 @@ class ProductSceneProductMask(io.ComfyNode):
             validate_mask(product, "grow_px", image_hw=hw)
         if feather_px:
             product = feather(product, int(feather_px))
-        return io.NodeOutput(product, cutout_preview(image, product))
+        return io.NodeOutput(product, cutout_preview(image, product),
+                             ui=ui.PreviewImage(mask_overlay(image, product), cls=cls))
 
 
 class ProductSceneComposite(io.ComfyNode):

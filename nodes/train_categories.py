@@ -9,11 +9,11 @@ import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
-from productscene.train.recipes.categories import CategoryConfig
+from productscene.prompt import DEFAULT_TEMPLATE
+from productscene.train.recipes.categories import CategoryConfig, train_category_library
 from .paths import LIBRARY_FOLDER, _check_name
-from .training_host import ComfyProgress, check_data, train_categories
-
-DEFAULT_TEMPLATE = "a product photo on a {category} background"
+from .live_progress import LiveProgress
+from .training_host import ComfyProgress, ComfyTrainingHost
 
 
 def library_folder() -> str:
@@ -104,14 +104,13 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         data = resolve_data(data_folder)
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
                                 steps=steps, lr_tokens=lr_tokens, lr_lora=lr_lora)
-        check_data(data, layout)  # every data problem, before any model work; nothing written
-        out = os.path.join(library_folder(), name)
         state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
-        run = train_categories(model, clip, vae, data, layout, out, config=config, seed=seed,
-                               checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
-                               cache_dir=work_folder("latent_cache"), progress=ComfyProgress(steps),
-                               should_stop=mm.processing_interrupted)
-        if run.library is None:  # cancelled: state saved; let ComfyUI show the run as interrupted
+        run = train_category_library(
+            ComfyTrainingHost(model, clip, vae), data, os.path.join(library_folder(), name), config, layout=layout,
+            seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
+            checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
+            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
+        if run.cancelled:  # state saved; let ComfyUI show the run as interrupted
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()
         return io.NodeOutput(name, run.graph)

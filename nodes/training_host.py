@@ -1,28 +1,28 @@
 """The ComfyUI adapter for training (shared by the training nodes and the command line).
 
-From a ModelPatcher, a CLIP and a VAE it builds what the host-free engine needs
-(:class:`ComfyTrainingHost`, the ``DiffusionHost`` of ``productscene.train.recipes``):
+From a ModelPatcher, a CLIP and a VAE it builds what the host-free engine and recipes need
+(:class:`ComfyTrainingHost`, the ``DiffusionHost`` of ``productscene.train.recipes``), using
+ComfyUI's own plumbing:
 
-* a differentiable text encoder for identifier vectors: ComfyUI's tokenizer output with the live
-  vectors spliced in (``clip.encode_from_tokens`` keeps the autograd graph from the spliced vectors
-  to the conditioning; training code opens ``torch.inference_mode(False)`` and ``enable_grad``
-  because ComfyUI runs nodes under inference mode);
+* one training session per run (:meth:`ComfyTrainingHost.session`): the UNet and the text encoder
+  loaded together with ``load_models_gpu`` and a memory estimate for the training batch (so other
+  models are offloaded first), the recipe's LoRA attached once (forward hooks; why not weight
+  wrappers: ``productscene/train/lora.py``), inference-tensor weights swapped for trainable copies
+  only while the session lasts;
+* text: prompts spliced through ``productscene.prompt.PromptTemplate`` and encoded by
+  ``clip.encode_from_tokens`` (the autograd graph reaches the spliced vectors);
 * the noise prediction through ``model.model.apply_model`` with the model's own
   ``model_sampling`` (eps recovered from the denoised output: ``(x - denoised) / sigma``; SDXL gets
-  its adm ``y``), the ``SceneAttention`` of the step passed per call in ``transformer_options``;
-* the model loaded with ``comfy.model_management.load_models_gpu``; VAE latents for the cache
-  (scaled into the model's latent space with ``process_latent_in``);
-* progress through ``comfy.utils.ProgressBar``, cancel through
-  ``comfy.model_management.processing_interrupted()`` (the engine saves a checkpoint, then the
-  caller re-raises ComfyUI's interrupt so the UI shows the run as cancelled).
+  its adm ``y``), the step's ``SceneAttention`` passed in ``transformer_options``;
+* VAE latents for the cache (scaled into the model's latent space with ``process_latent_in``);
+* progress through ``comfy.utils.ProgressBar``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
-import os
-from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -33,22 +33,17 @@ import comfy.utils
 from productscene.attention import SceneAttention
 from productscene.errors import ProductSceneError
 from productscene.library import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, check_family, family_of_encoders
-from productscene.prompt import tokenize_with_identifier
-from productscene.train.datasets import LatentCache, check, open_dataset
-from productscene.train.engine import Trainer, gradient_checkpointing, loss_graph
+from productscene.prompt import Prompt, PromptTemplate
+from productscene.train.engine import gradient_checkpointing
 from productscene.train.recipes import Encoded
-from productscene.train.recipes.categories import BG60K_LICENSE, CachedSource, CategoryConfig, CategoryRecipe
-from .clip_text import clip_widths, token_embedding_fn
+from .clip_text import clip_widths, word_token_embeddings
 from .host import SCENE_KEY, install
 
 CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
-
-
-@contextlib.contextmanager
-def training_mode():
-    """Gradients on, even inside ComfyUI's ``torch.inference_mode()`` node execution."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
+# Activations kept for the backward pass, as a multiple of ComfyUI's own inference estimate for the
+# same latent batch (``BaseModel.memory_required``). Measured on the full SD1.5 UNet in float32 at a
+# 32x32 latent: 490 MiB of saved activations against ComfyUI's 41 MiB estimate for that shape.
+TRAINING_MEMORY_FACTOR = 12.0
 
 
 def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
@@ -60,8 +55,8 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
 
 @contextlib.contextmanager
 def differentiable_clip(clip):
-    """Let gradients pass ComfyUI's CLIP text encoders (to spliced identifier vectors) while inside:
-    every ``CLIPLayer`` of ``clip`` runs an out-of-place forward. Restored on exit."""
+    """Let gradients pass ComfyUI's CLIP text encoders (to spliced vectors) while inside: every
+    ``CLIPLayer`` of ``clip`` runs an out-of-place forward. Restored on exit."""
     patched = []
     try:
         for m in clip.cond_stage_model.modules():
@@ -74,17 +69,43 @@ def differentiable_clip(clip):
             del m.forward
 
 
-def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
+@contextlib.contextmanager
+def trainable_weights(*modules: torch.nn.Module):
     """Checkpoints loaded inside a ComfyUI run are created under ``torch.inference_mode``: their
-    weights are inference tensors, which autograd cannot save for backward. Swap each for a normal
-    copy (once; the copies stay in the model and serve inference the same)."""
-    for child in module.modules():
-        for name, p in list(child._parameters.items()):
-            if p is not None and p.is_inference():
-                child._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
-        for name, b in list(child._buffers.items()):
-            if b is not None and b.is_inference():
-                child._buffers[name] = b.clone()
+    weights are inference tensors, which autograd cannot save for backward. While inside, each is
+    replaced by a normal copy; on exit by an inference copy again (the same values, as ComfyUI left
+    them), so the shared model is what it was and never holds both copies for long."""
+    swapped = []
+    for module in modules:
+        for child in module.modules():
+            for table in (child._parameters, child._buffers):
+                for name, t in list(table.items()):
+                    if t is not None and t.is_inference():
+                        copy = t.clone()
+                        table[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) \
+                            if isinstance(t, torch.nn.Parameter) else copy
+                        swapped.append((table, name))
+    try:
+        yield
+    finally:
+        with torch.inference_mode():
+            for table, name in swapped:
+                t = table[name]
+                copy = t.detach().clone()
+                table[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) \
+                    if isinstance(t, torch.nn.Parameter) else copy
+
+
+@contextlib.contextmanager
+def loaded_once(clip):
+    """``clip.encode_from_tokens`` calls ComfyUI's loader on every encode; inside a training session
+    (which loaded the text encoder with the UNet) that call could offload the UNet in the middle of
+    a step when memory is tight. While inside, the CLIP reports itself loaded instead."""
+    clip.load_model = lambda *args, **kwargs: clip.patcher
+    try:
+        yield
+    finally:
+        del clip.load_model
 
 
 def model_family(model_patcher) -> str:
@@ -108,7 +129,7 @@ class ComfyTrainingHost:
             raise ProductSceneError("model/clip: training needs a model and its CLIP (load a checkpoint)")
         self.family = model_family(model)
         widths = {ENCODER_OF_TOKENIZER_KEY[k]: w for k, w in clip_widths(clip).items()}
-        self._embed_word = token_embedding_fn(clip)
+        self._embed_word = word_token_embeddings(clip)
         clip_family = family_of_encoders(widths)
         if clip_family != self.family:
             raise ProductSceneError(
@@ -124,72 +145,74 @@ class ComfyTrainingHost:
         self.sampling = self.base.model_sampling
         self.num_timesteps = int(len(self.sampling.sigmas)) if hasattr(self.sampling, "sigmas") else 1000
         self.device = torch.device(self.model.load_device)
-        self._tokens_cache: dict = {}
-        self._loaded = False
+        self._templates: dict = {}
 
     # -- session -------------------------------------------------------------------------------
+    def training_memory(self, latent_shape: Sequence[int] | None, lora=None) -> float:
+        """Bytes a training step needs beside the loaded weights: saved activations for the batch
+        (ComfyUI's inference estimate times ``TRAINING_MEMORY_FACTOR``) and the trainables with
+        their gradients and AdamW state."""
+        if latent_shape is None:
+            return 0.0
+        activations = self.base.memory_required(list(latent_shape)) * TRAINING_MEMORY_FACTOR
+        trainables = 4 * sum(p.numel() * p.element_size() for p in lora.parameters()) if lora is not None else 0
+        return float(activations + trainables)
+
     @contextlib.contextmanager
-    def session(self, gradient_checkpoint: bool = False):
-        """Load the model on its device, freeze its weights, enable grad; undo on exit."""
-        with training_mode():
-            mm.load_models_gpu([self.model], memory_required=0, force_full_load=True)
-            self._loaded = True
-            for module in (self.base, self.clip.cond_stage_model):
-                trainable_copies_of_inference_tensors(module)
-            flags = [(p, p.requires_grad) for p in self.base.parameters()]
-            for p, _ in flags:
-                p.requires_grad_(False)
-            blocks = []
-            if gradient_checkpoint:
-                for seq in list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks):
-                    blocks.append(seq)
-            try:
-                with gradient_checkpointing(blocks), differentiable_clip(self.clip):
+    def session(self, lora=None, latent_shape=None, gradient_checkpoint: bool = False):
+        """Load the UNet and text encoder for training, attach ``lora`` once, freeze the base
+        weights, enable grad; undo on exit."""
+        with torch.inference_mode(False), torch.enable_grad():
+            mm.load_models_gpu([self.model, self.clip.patcher],
+                               memory_required=self.training_memory(latent_shape, lora), force_full_load=True)
+            blocks = list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks) \
+                if gradient_checkpoint else []
+            with trainable_weights(self.base, self.clip.cond_stage_model), loaded_once(self.clip), \
+                    gradient_checkpointing(blocks), differentiable_clip(self.clip), \
+                    (lora.attached() if lora is not None else contextlib.nullcontext()):
+                flags = [(p, p.requires_grad) for p in self.base.parameters()]
+                for p, _ in flags:
+                    p.requires_grad_(False)
+                try:
                     yield self
-            finally:
-                for p, flag in flags:
-                    p.requires_grad_(flag)
+                finally:
+                    for p, flag in flags:
+                        p.requires_grad_(flag)
 
     # -- text ----------------------------------------------------------------------------------
-    def token_vectors(self, word: str) -> dict[str, torch.Tensor]:
-        """The CLIP's own embeddings of ``word``'s tokens (``[0, width]`` when it has none)."""
-        try:
-            return self._embed_word(word)
-        except ProductSceneError:
-            return {e: torch.zeros(0, w) for e, w in self.encoders.items()}
+    def token_embeddings(self, word: str) -> dict[str, torch.Tensor]:
+        return self._embed_word(word)
 
-    def _template_tokens(self, template: str, n: int):
-        key = (template, n)
-        hit = self._tokens_cache.get(key)
+    def _template(self, template: str, counts: dict) -> PromptTemplate:
+        key = (template, tuple(sorted(counts.items())))
+        hit = self._templates.get(key)
         if hit is None:
-            dummy = {k: torch.zeros(n, w) for k, w in self.widths_by_key.items()}
-            tokens, rows, context_rows = tokenize_with_identifier(self.clip.tokenize, template, dummy, self.widths_by_key)
-            positions = {k: [(c, p) for c, chunk in enumerate(chunks) for p, t in enumerate(chunk)
-                             if isinstance(t[0], torch.Tensor)] for k, chunks in tokens.items()}
-            hit = (tokens, tuple(rows), int(context_rows), positions)
-            self._tokens_cache[key] = hit
+            hit = self._templates[key] = PromptTemplate(self.clip.tokenize, template, counts, self.widths_by_key)
         return hit
 
-    def encode(self, template: str, vectors) -> Encoded:
-        if not vectors:
+    def encode(self, prompts: Sequence[Prompt]) -> Encoded:
+        if not prompts:
             raise ProductSceneError("encode: no prompts to encode")
-        n = int(next(iter(vectors[0].values())).shape[0])
-        tokens, rows, context_rows, positions = self._template_tokens(template, n)
-        conds, pooled = [], []
-        for vec in vectors:
-            live = {}
-            for key, chunks in tokens.items():
-                new = [list(chunk) for chunk in chunks]
-                v = vec[ENCODER_OF_TOKENIZER_KEY[key]]
-                for i, (c, p) in enumerate(positions[key]):
-                    new[c][p] = (v[i],) + tuple(new[c][p][1:])
-                live[key] = new
-            cond, pool = self.clip.encode_from_tokens(live, return_pooled=True)
+        conds, pooled, rows = [], [], []
+        for prompt in prompts:
+            if prompt.vectors:
+                counts = {name: int(next(iter(v.values())).shape[0]) for name, v in prompt.vectors.items()}
+                template = self._template(prompt.template, counts)
+                tokens = template.splice({name: {TOKENIZER_KEYS[e]: t for e, t in v.items()}
+                                          for name, v in prompt.vectors.items()})
+                rows.append(template.rows)
+            else:
+                tokens = self.clip.tokenize(prompt.template)
+                rows.append({})
+            cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
             conds.append(cond)
             pooled.append(pool)
+        lengths = {c.shape[1] for c in conds}
+        if len(lengths) != 1:
+            raise ProductSceneError(f"encode: the prompts of one batch encode to different lengths {sorted(lengths)}")
         cond = torch.cat(conds).to(self.device)
         pooled_t = torch.cat(pooled).to(self.device) if all(p is not None for p in pooled) else None
-        return Encoded(cond=cond, pooled=pooled_t, rows=rows, context_rows=context_rows)
+        return Encoded(cond=cond, pooled=pooled_t, rows=tuple(rows), context_rows=int(cond.shape[1]))
 
     # -- diffusion -----------------------------------------------------------------------------
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -235,7 +258,6 @@ class ComfyTrainingHost:
         return h.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------ runs
 class ComfyProgress:
     """Engine progress -> ComfyUI progress bar (canvas) and an optional extra callback."""
 
@@ -243,67 +265,7 @@ class ComfyProgress:
         self.bar = comfy.utils.ProgressBar(total)
         self.extra = extra
 
-    def __call__(self, step, total, loss):
+    def __call__(self, step, total, loss=None):
         self.bar.update_absolute(step, total)
         if self.extra is not None:
             self.extra(step, total, loss)
-
-
-@dataclass
-class CategoryRun:
-    library: str | None
-    result: object
-    report: object
-    recipe: object
-    graph: torch.Tensor
-
-
-def check_data(data: str, layout: str, split: str = "train"):
-    """Open the data set and check every file; raise one ProductSceneError listing every problem."""
-    ds = open_dataset(data, layout, split)
-    report = check(ds)
-    report.raise_if_problems()
-    return ds, report
-
-
-def train_categories(model, clip, vae, data: str, layout: str, out_path: str, *, config: CategoryConfig,
-                     seed: int = 0, checkpoint_path: str | None = None, checkpoint_every: int = 0,
-                     resume: bool | str = False, cache_dir: str, autocast="auto", progress=None,
-                     should_stop=None, license: str | None = None, gradient_checkpoint: bool = False,
-                     split: str = "train") -> CategoryRun:
-    """Check the data, train the category library, write it to ``out_path``.
-
-    Data-set problems raise before any model work and nothing is written. When ``should_stop``
-    ends the run early, the checkpoint is saved and ``library`` is None (the caller re-raises the
-    host's interrupt). ``resume``: True = from ``checkpoint_path`` if it exists, or a path.
-    """
-    ds, report = check_data(data, layout, split)
-    host = ComfyTrainingHost(model, clip, vae)
-    resume_from = None
-    if resume:
-        resume_from = resume if isinstance(resume, (str, os.PathLike)) else checkpoint_path
-        if resume_from is None or not os.path.isfile(resume_from):
-            if isinstance(resume, (str, os.PathLike)):
-                raise ProductSceneError(f"resume: checkpoint {resume!r} not found")
-            resume_from = None  # nothing to resume yet: start fresh
-    with host.session(gradient_checkpoint=gradient_checkpoint):
-        cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=seed)
-        trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
-                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                          progress=progress, should_stop=should_stop, name="categories")
-        result = trainer.run(resume=resume_from)
-    graph = loss_graph(result.history)
-    if result.cancelled:
-        return CategoryRun(None, result, report, recipe, graph)
-    if license is None and layout == "bg60k":
-        license = BG60K_LICENSE
-    summary = {
-        "recipe": "categories", "steps": result.steps_done, "seed": seed, "images": len(ds),
-        "categories": len(ds.categories), "layout": layout, "resolution": int(config.resolution),
-        "final_loss": (sum(result.history[-20:]) / len(result.history[-20:])) if result.history else None,
-        "first_loss": (sum(result.history[:20]) / len(result.history[:20])) if result.history else None,
-        "config": recipe.describe()["config"], "latent_cache": {"hits": cache.hits, "misses": cache.misses},
-    }
-    path = recipe.write_library(out_path, training=summary, license=license)
-    return CategoryRun(path, result, report, recipe, graph)

@@ -3,9 +3,11 @@
 ``SceneAttention`` is installed once on every cross-attention layer of a UNet (by the host adapter)
 and holds the parts that act there:
 
-- ``CategoryGate``: the mask-guided gate of the Category-Wise Generator. Logits from product queries
-  to the identifier's keys get an additive bias of -inf (strength 1), so after the softmax the
-  identifier's weight on product pixels is exactly zero and the other tokens renormalise.
+- ``CategoryGate``: the mask-guided gate of the Category-Wise Generator. Product queries attend a
+  *category-free context* (the same prompt encoded with the identifier left out), background queries
+  the full one. CLIP text encoders are causal, so every row after the identifier (the rest of the
+  prompt, the end token, the padding) carries the category; only a context encoded without it is
+  free of it. At strength 1 a product position's output is exactly independent of the category.
 - ``AttentionCapture``: records per-token attention maps at the resolutions a training loss needs,
   keeping only the selected token columns, never full probabilities.
 - ``ReferenceInjection``: decoupled cross-attention to reference-image tokens (the personality
@@ -17,6 +19,7 @@ Only per-resolution caches change inside them.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 from .errors import ProductSceneError
 from .masks import grow, resize_to_layer, validate_mask
 
-Kernel = Callable[..., torch.Tensor]  # kernel(q, k, v, heads, bias) -> [B, Nq, heads*dim]
+Kernel = Callable[..., torch.Tensor]  # kernel(q, k, v, heads) -> [B, Nq, heads*dim]
+Projector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # context -> this layer's (k, v)
 
 
 @dataclass(frozen=True)
@@ -39,28 +43,26 @@ class LayerInfo:
     latent_hw: tuple[int, int]
     chunks: tuple[int, ...] = (0,)  # one entry per batch chunk: 0 = cond, 1 = uncond
     progress: float | None = None  # fraction of the sampling schedule done, 0..1
+    gated: tuple | None = None  # per gate, the batch rows it acts on (``SceneAttention.gated_rows``);
+    #                             None: every cond row
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference kernel: torch's scaled dot-product attention with an additive float bias."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reference kernel: torch's scaled dot-product attention (no mask: the fast kernels apply)."""
     b, nq, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    if bias is not None and bias.ndim == 3:
-        bias = bias.unsqueeze(1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, nq, inner)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """Softmax probabilities [B, heads, Nq, Nk], computed explicitly (used only where captured)."""
     b, nq, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, nq, heads, d).transpose(1, 2)
     kh = k.reshape(b, -1, heads, d).transpose(1, 2)
     logits = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-    if bias is not None:
-        logits = logits + (bias.unsqueeze(1) if bias.ndim == 3 else bias)
     return logits.softmax(dim=-1)
 
 
@@ -72,56 +74,111 @@ def downsampled_hw(latent_hw: Sequence[int], factor: int) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _context_columns(token_rows: Sequence[int], context_rows: int, nk: int, what: str) -> torch.Tensor:
-    """Key columns of the identifier in a context of ``nk`` rows. ComfyUI repeats a shorter context
-    to a common length when cond and uncond differ, so the rows repeat every ``context_rows``."""
-    if nk % context_rows:
-        raise ProductSceneError(
-            f"{what}: the conditioning reaching the sampler has {nk} token rows, but the identifier was "
-            f"encoded in a prompt of {context_rows} rows. Connect the Category Tokens conditioning "
-            "directly to the sampler's positive input (conditioning that was concatenated or "
-            "combined after encoding moves the identifier)."
-        )
-    rows = torch.as_tensor(list(token_rows), dtype=torch.long)
-    reps = torch.arange(nk // context_rows, dtype=torch.long) * context_rows
-    return (reps[:, None] + rows[None, :]).flatten()
+class ProductRegion:
+    """A product mask ``[Bm, H, W]`` (1 = product) as every layer sees it: a layer cell is product
+    when any pixel of the mask, grown by ``grow_latent_px`` latent pixels, falls in it (max-pool,
+    never a blur that leaks across the edge)."""
 
-
-class CategoryGate:
-    """Keeps the identifier tokens away from product pixels."""
-
-    def __init__(self, mask: torch.Tensor, token_rows: Sequence[int], context_rows: int,
-                 strength: float = 1.0, grow: int = 0):
-        validate_mask(mask, name="mask")
-        rows = sorted(int(r) for r in token_rows)
-        if not rows or rows[0] < 0 or rows[-1] >= context_rows:
-            raise ProductSceneError(
-                f"category_tokens: identifier rows {rows} do not lie inside the {context_rows}-row prompt")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ProductSceneError(f"strength: expected a value from 0 to 1, got {strength}")
-        if int(grow) < 0:
-            raise ProductSceneError(f"grow: expected 0 or more latent pixels, got {grow}")
-        self.mask = mask.detach().float().cpu()
-        self.token_rows = tuple(rows)
-        self.context_rows = int(context_rows)
-        self.strength = float(strength)
-        self.grow = int(grow)
+    def __init__(self, mask: torch.Tensor, grow_latent_px: int = 0, name: str = "mask"):
+        validate_mask(mask, name=name)
+        if int(grow_latent_px) < 0:
+            raise ProductSceneError(f"grow_latent_px: expected 0 or more latent pixels, got {grow_latent_px}")
+        self.mask = mask.detach().float()  # stays where it was given (training: on the model's device)
+        self.grow_latent_px = int(grow_latent_px)
         self._queries: dict = {}
 
     @property
-    def log_weight(self) -> float:
-        """Additive logit bias: the identifier's pre-softmax weight is multiplied by (1 - strength)."""
-        return -math.inf if self.strength >= 1.0 else math.log1p(-self.strength)
+    def images(self) -> int:
+        return int(self.mask.shape[0])
 
-    def product_queries(self, hw: tuple[int, int], latent_hw: tuple[int, int], device) -> torch.Tensor:
-        """[Bm, h*w] bool: which queries of a layer of size ``hw`` are product positions."""
-        key = (hw, latent_hw, str(device))
+    def queries(self, hw: tuple[int, int], latent_hw: tuple[int, int], device) -> torch.Tensor:
+        """[Bm, h*w] bool: the product positions of a layer of size ``hw`` (computed once per layer
+        size and device, where the mask lives, then moved once)."""
+        key = (tuple(hw), tuple(latent_hw), str(device))
         cached = self._queries.get(key)
         if cached is None:
-            m = grow(resize_to_layer(self.mask, *latent_hw), self.grow)
+            m = grow(resize_to_layer(self.mask, *latent_hw), self.grow_latent_px)
             cached = (resize_to_layer(m, *hw) > 0.5).flatten(1).to(device)
             self._queries[key] = cached
         return cached
+
+    def for_rows(self, rows: torch.Tensor, per_chunk: int, hw, latent_hw, device) -> torch.Tensor:
+        """[len(rows), h*w] bool for batch ``rows`` (row r holds image r % per_chunk)."""
+        product = self.queries(hw, latent_hw, device)
+        if product.shape[0] == 1:
+            return product.expand(len(rows), -1)
+        return product[(rows % per_chunk).to(product.device)]
+
+    def to(self, device) -> "ProductRegion":
+        self.mask = self.mask.to(device)
+        return self
+
+
+class CategoryGate:
+    """Keeps the category off product pixels: their queries attend ``free_context``.
+
+    ``free_context``: ``[1, R, C]`` the prompt encoded with the identifier left out (ProductScene's
+    Category Tokens and trainer make it with ``prompt.category_free_template``); its key/value rows
+    are projected by each layer's own to_k/to_v. ``contexts``: the full conditioning(s) ``[1, N, C]``
+    this gate belongs to; a host that sees the raw conditioning gates only the cond rows whose
+    context is one of them (so ConditioningCombine of two categories gates each with its own). With
+    no contexts (training, or a host that cannot match) every cond row is gated.
+
+    ``strength`` s: a product position's output is ``(1 - s) * full + s * free`` (the output of
+    attention to the full and to the category-free context): 0 = no gate, 1 = exactly the free one.
+    """
+
+    def __init__(self, mask: torch.Tensor, free_context: torch.Tensor, strength: float = 1.0,
+                 grow_latent_px: int = 0, contexts: Sequence[torch.Tensor] = ()):
+        self.region = ProductRegion(mask, grow_latent_px)
+        if not isinstance(free_context, torch.Tensor) or free_context.dim() != 3 or free_context.shape[0] != 1:
+            raise ProductSceneError(
+                "category_tokens: expected the category-free context as a [1, rows, width] tensor, got "
+                f"{list(free_context.shape) if isinstance(free_context, torch.Tensor) else type(free_context).__name__}")
+        if not torch.isfinite(free_context).all():
+            raise ProductSceneError("category_tokens: the category-free context contains NaN/inf")
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ProductSceneError(f"strength: expected a value from 0 to 1, got {strength}")
+        self.free_context = free_context.detach()
+        self.contexts = tuple(c.detach() for c in contexts)
+        for c in self.contexts:
+            if c.dim() != 3 or c.shape[0] != 1 or c.shape[-1] != free_context.shape[-1]:
+                raise ProductSceneError(
+                    f"category_tokens: a context of shape {list(c.shape)} does not pair with a free context of "
+                    f"width {free_context.shape[-1]}")
+        self.strength = float(strength)
+        self._on: dict = {}
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.region.mask
+
+    def product_queries(self, hw, latent_hw, device) -> torch.Tensor:
+        return self.region.queries(hw, latent_hw, device)
+
+    def matches(self, context: torch.Tensor) -> bool:
+        """Whether one batch row's context ``[N, C]`` is a conditioning this gate belongs to
+        (ComfyUI repeats a shorter context to a common length: the first rows decide)."""
+        for c in self.contexts:
+            rows = c.shape[1]
+            if context.shape[0] % rows == 0 and context.shape[-1] == c.shape[-1]:
+                key = (str(context.device), context.dtype, id(c))
+                ref = self._on.get(key)
+                if ref is None:
+                    ref = self._on[key] = c[0].to(device=context.device, dtype=context.dtype)
+                if torch.equal(context[:rows], ref):
+                    return True
+        return False
+
+    def free_projection(self, project: Projector, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (k, v) of the category-free context, ``[1, R, inner]`` each."""
+        return project(self.free_context.to(device=device, dtype=dtype))
+
+    def to(self, device) -> "CategoryGate":
+        """Move the tensors where the model runs (the host's load hand-off); values never change."""
+        self.region.to(device)
+        self.free_context = self.free_context.to(device)
+        return self
 
     def __deepcopy__(self, memo):  # immutable: ComfyUI deep-copies model_options on every clone
         return self
@@ -130,30 +187,60 @@ class CategoryGate:
 class AttentionCapture:
     """Records, for each named token, its attention map at the layers a loss needs.
 
-    ``token_rows`` maps a name to the context rows of its token (several rows are summed).
-    ``downsample`` selects layers whose size is the latent's divided by it (Break-A-Scene uses
-    16x16 at 512 px: 4); ``None`` captures every cross-attention layer.
-    Maps keep their autograd graph, so a loss on them trains the UNet and the embeddings.
+    ``token_rows`` maps a name to the context rows of its token (several rows are summed): one
+    sequence of rows for every prompt of the batch, or one sequence per prompt (prompts of a batch
+    may hold different tokens at different rows, e.g. Break-A-Scene's union sampling; an empty
+    sequence gives a zero map for that prompt). ``downsample`` selects layers whose size is the
+    latent's divided by it (Break-A-Scene uses 16x16 at 512 px: 4); ``None`` captures every
+    cross-attention layer. Maps keep their autograd graph, so a loss on them trains the UNet and
+    the embeddings. Only the selected token columns are kept, never full probabilities.
     """
 
-    def __init__(self, token_rows: Mapping[str, Sequence[int]], downsample: int | None = None):
+    def __init__(self, token_rows: Mapping[str, Sequence[int] | Sequence[Sequence[int]]],
+                 downsample: int | None = None):
         if not token_rows:
             raise ProductSceneError("token_rows: expected at least one token to capture")
-        self.token_rows = {name: tuple(int(r) for r in rows) for name, rows in token_rows.items()}
+        self.token_rows = {}
+        for name, rows in token_rows.items():
+            rows = list(rows)
+            per_prompt = bool(rows) and not isinstance(rows[0], numbers.Integral)
+            self.token_rows[name] = (tuple(tuple(int(r) for r in item) for item in rows) if per_prompt
+                                     else tuple(int(r) for r in rows))
         self.downsample = downsample
         self._maps: dict[str, list[torch.Tensor]] = {name: [] for name in self.token_rows}
-        self._product_mass: list[torch.Tensor] = []
+        self._columns: dict = {}
 
     def wants(self, layer: LayerInfo) -> bool:
         return self.downsample is None or tuple(layer.hw) == downsampled_hw(layer.latent_hw, self.downsample)
 
-    def record(self, probs: torch.Tensor, layer: LayerInfo) -> None:
+    def columns(self, name: str, batch: int, nk: int, device) -> torch.Tensor:
+        """[batch, Nk] 0/1: the key columns of ``name`` for every prompt of the batch."""
+        key = (name, batch, nk, str(device))
+        cached = self._columns.get(key)
+        if cached is None:
+            rows = self.token_rows[name]
+            per_prompt = rows if rows and not isinstance(rows[0], int) else (rows,)
+            if batch % len(per_prompt):
+                raise ProductSceneError(f"capture: {len(per_prompt)} prompts' rows for a batch of {batch}")
+            cached = torch.zeros(len(per_prompt), nk)
+            for i, item in enumerate(per_prompt):
+                cached[i, [r for r in item if r < nk]] = 1.0
+            cached = cached.repeat(batch // len(per_prompt), 1).to(device)
+            self._columns[key] = cached
+        return cached
+
+    def record(self, probs: torch.Tensor, layer: LayerInfo, weight: torch.Tensor | None = None) -> None:
+        """``probs`` [B, heads, Nq, Nk] of the full context; ``weight`` [B, Nq] the share of each
+        query's output that came from it (a gate gives product queries the free context instead)."""
         h, w = layer.hw
         mean = probs.mean(dim=1)  # over heads: [B, Nq, Nk]
-        nk = mean.shape[-1]
-        for name, rows in self.token_rows.items():
-            cols = [r for r in rows if r < nk]
-            self._maps[name].append(mean[:, :, cols].sum(-1).reshape(-1, h, w))
+        b, _, nk = mean.shape
+        for name in self.token_rows:
+            cols = self.columns(name, b, nk, mean.device).to(mean.dtype)
+            amap = (mean @ cols[:, :, None])[..., 0]
+            if weight is not None:
+                amap = amap * weight.to(amap.dtype)
+            self._maps[name].append(amap.reshape(b, h, w))
 
     def maps(self) -> dict[str, torch.Tensor]:
         """name -> [B, h, w], the mean over captured layers (all captured layers share one size
@@ -187,7 +274,6 @@ class ReferenceInjection:
 
     def __init__(self, tokens: torch.Tensor, projections: Mapping[tuple, tuple[torch.nn.Module, torch.nn.Module]],
                  product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0, end: float = 1.0):
-        validate_mask(product_mask, name="product_mask")
         if tokens.ndim != 3:
             raise ProductSceneError(f"reference tokens: expected [B, K, C], got shape {tuple(tokens.shape)}")
         if not 0.0 <= start <= end <= 1.0:
@@ -196,7 +282,7 @@ class ReferenceInjection:
         self.projections = dict(projections)
         self.weight = float(weight)
         self.start, self.end = float(start), float(end)
-        self._background = CategoryGate(product_mask, [0], 1)
+        self._product = ProductRegion(product_mask, name="product_mask")
 
     def active(self, layer: LayerInfo) -> bool:
         if self.weight == 0.0 or layer.key not in self.projections:
@@ -208,11 +294,19 @@ class ReferenceInjection:
         b = q.shape[0]
         tokens = self.tokens.to(device=q.device, dtype=q.dtype)
         tokens = tokens.expand(b, -1, -1) if tokens.shape[0] == 1 else tokens.repeat(b // tokens.shape[0], 1, 1)
-        out = kernel(q, to_k(tokens), to_v(tokens), layer.heads, None)
-        product = self._background.product_queries(tuple(layer.hw), tuple(layer.latent_hw), q.device)
+        out = kernel(q, to_k(tokens), to_v(tokens), layer.heads)
+        product = self._product.queries(layer.hw, layer.latent_hw, q.device)
         background = (~product).to(q.dtype)
         background = background.repeat(b // background.shape[0], 1) if background.shape[0] != b else background
         return out * (self.weight * background[:, :, None])
+
+    def to(self, device) -> "ReferenceInjection":
+        self.tokens = self.tokens.to(device)
+        self._product.to(device)
+        return self
+
+    def models(self) -> list:
+        return []
 
     def __deepcopy__(self, memo):
         return self
@@ -226,7 +320,6 @@ class SceneAttention:
         self.gates = tuple(gates)
         self.capture = capture
         self.injections = tuple(injections)
-        self._bias: dict = {}
 
     def with_gate(self, gate: CategoryGate) -> "SceneAttention":
         return SceneAttention(self.gates + (gate,), self.capture, self.injections)
@@ -244,6 +337,16 @@ class SceneAttention:
 
     def __deepcopy__(self, memo):
         return self
+
+    def to(self, device) -> "SceneAttention":
+        """Host hand-off when the model moves: the parts' tensors follow it to ``device``."""
+        for part in self.gates + self.injections:
+            part.to(device)
+        return self
+
+    def models(self) -> list:
+        """Models the parts need loaded beside the UNet (the host loads them with it)."""
+        return [m for part in self.injections for m in part.models()]
 
     def check_batch(self, images: int) -> None:
         """Raise before sampling when a gate's mask batch cannot pair with ``images`` latents."""
@@ -263,44 +366,73 @@ class SceneAttention:
                     f"mask: the product mask is {mw}x{mh} but the image being generated is {lw * 8}x{lh * 8}; "
                     "use the mask made from the same image as the latent")
 
-    def bias(self, layer: LayerInfo, batch: int, nq: int, nk: int, device, dtype) -> torch.Tensor | None:
-        """Additive logit bias [batch, Nq, Nk] from every gate, built once per layer shape."""
-        if not self.gates:
-            return None
-        key = (layer.hw, layer.latent_hw, layer.chunks, batch, nk, device, dtype)
-        cached = self._bias.get(key)
-        if cached is not None:
-            return cached
-        chunks = layer.chunks if batch % len(layer.chunks) == 0 else (0,)
-        per_chunk = batch // len(chunks)
-        self.check_batch(per_chunk)
-        bias = torch.zeros(batch, nq, nk, device=device, dtype=dtype)
+    def check_contexts(self, positives: Sequence[torch.Tensor]) -> None:
+        """Raise before sampling when a gate's conditioning is none of the sampler's positive ones
+        (``[1, N, C]`` each): the gate would act on nothing and the category would reach the product."""
         for gate in self.gates:
-            product = gate.product_queries(tuple(layer.hw), tuple(layer.latent_hw), device)  # [Bm, Nq]
-            if product.shape[1] != nq:
+            if gate.contexts and not any(gate.matches(c[0]) for c in positives if c is not None and c.dim() == 3):
                 raise ProductSceneError(
-                    f"mask: layer {layer.key} has {nq} positions, expected {product.shape[1]} from its size {layer.hw}")
-            product = product.expand(per_chunk, -1) if product.shape[0] == 1 else product
-            cols = _context_columns(gate.token_rows, gate.context_rows, nk, "category_tokens").to(device)
-            blocked = torch.where(product[:, :, None], gate.log_weight, 0.0).to(dtype)  # [b, Nq, 1]
-            for index, kind in enumerate(chunks):
-                if kind == 0:  # the identifier lives only in the positive prompt
-                    part = bias[index * per_chunk:(index + 1) * per_chunk]
-                    part[:, :, cols] += blocked
-        self._bias[key] = bias
-        return bias
+                    "category_tokens: the positive conditioning reaching the sampler is not the prompt Category "
+                    "Tokens encoded for Masked Category Attention. Connect Category Tokens' CONDITIONING to the "
+                    "sampler's positive input (combining it with other conditioning, areas and masks keep it; "
+                    "averaging, concatenating or re-encoding it do not).")
+
+    def gated_rows(self, chunks: Sequence[int], batch: int, contexts: torch.Tensor | None = None) -> tuple:
+        """Per gate, the batch rows it acts on (LongTensor): cond rows (chunk kind 0) whose context
+        (``contexts[row]``, when given) is one the gate belongs to; every cond row for a gate that
+        names none, or when no contexts are given."""
+        chunks = tuple(chunks) if chunks and batch % len(chunks) == 0 else (0,)
+        per_chunk = batch // len(chunks)
+        cond = [i * per_chunk + j for i, kind in enumerate(chunks) if kind == 0 for j in range(per_chunk)]
+        out = []
+        for gate in self.gates:
+            rows = cond if contexts is None or not gate.contexts else [r for r in cond if gate.matches(contexts[r])]
+            out.append(torch.tensor(rows, dtype=torch.long))
+        return tuple(out)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerInfo,
-                 kernel: Kernel = sdpa) -> torch.Tensor:
-        bias = self.bias(layer, q.shape[0], q.shape[1], k.shape[1], q.device, q.dtype)
-        if self.capture is not None and self.capture.wants(layer):
-            probs = attention_probs(q, k, layer.heads, bias)
-            self.capture.record(probs, layer)
-            b, nq, inner = q.shape
+                 kernel: Kernel = sdpa, project: Projector | None = None) -> torch.Tensor:
+        """Cross-attention of one layer. ``project(context) -> (k, v)`` applies this layer's own
+        to_k/to_v (the gates need it for their category-free contexts)."""
+        b, nq, inner = q.shape
+        capture = self.capture if self.capture is not None and self.capture.wants(layer) else None
+        if capture is not None:
+            probs = attention_probs(q, k, layer.heads)
             vh = v.reshape(b, -1, layer.heads, inner // layer.heads).transpose(1, 2)
             out = (probs.to(v.dtype) @ vh).transpose(1, 2).reshape(b, nq, inner)
         else:
-            out = kernel(q, k, v, layer.heads, bias)
+            out = kernel(q, k, v, layer.heads)
+        weight = None
+        if self.gates:
+            if project is None:
+                raise ProductSceneError("scene: a category gate needs the layer's key/value projections")
+            chunks = layer.chunks if b % len(layer.chunks) == 0 else (0,)
+            per_chunk = b // len(chunks)
+            self.check_batch(per_chunk)
+            gated = layer.gated if layer.gated is not None else self.gated_rows(chunks, b)
+            for gate, rows in zip(self.gates, gated):
+                if gate.strength == 0.0 or rows.numel() == 0:
+                    continue
+                product = gate.region.for_rows(rows, per_chunk, layer.hw, layer.latent_hw, q.device)
+                if product.shape[1] != nq:
+                    raise ProductSceneError(
+                        f"mask: layer {layer.key} has {nq} positions, expected {product.shape[1]} from its size {layer.hw}")
+                fk, fv = gate.free_projection(project, q.device, k.dtype)
+                n = rows.numel()
+                whole = n == b  # every row gated (no CFG batch, training): no gather/scatter
+                index = rows.to(q.device)
+                q_rows = q if whole else q.index_select(0, index)
+                free = kernel(q_rows, fk.expand(n, -1, -1), fv.expand(n, -1, -1), layer.heads)
+                full = out if whole else out.index_select(0, index)
+                mixed = free if gate.strength >= 1.0 else torch.lerp(full, free, gate.strength)
+                blended = torch.where(product[:, :, None], mixed, full)
+                out = blended if whole else out.index_copy(0, index, blended)
+                if capture is not None:  # the full context's share of each query's output
+                    weight = torch.ones(b, nq, device=q.device) if weight is None else weight
+                    share = torch.where(product, 1.0 - gate.strength, 1.0).to(weight.dtype)
+                    weight = weight.index_copy(0, index, weight.index_select(0, index) * share)
+        if capture is not None:
+            capture.record(probs, layer, weight)
         for injection in self.injections:
             if injection.active(layer):
                 out = out + injection(q, layer, kernel)

@@ -4,6 +4,7 @@ Commands
   train-categories  train a category library from a data set (BG60k or folder layout)
   check-dataset     check a data set and list every problem (nothing is written)
   build-library     build a category library from textual-inversion embedding files
+  batch             run a workflow over a catalogue (CSV manifest or folder) on ComfyUI servers
 
 The core never imports ComfyUI. ``train-categories`` finds a ComfyUI tree (``--comfyui``, env
 ``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and imports this repository as a ComfyUI pack
@@ -21,6 +22,7 @@ import types
 from pathlib import Path
 
 from .errors import ProductSceneError
+from .prompt import DEFAULT_TEMPLATE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "productscene_pack"
@@ -59,22 +61,29 @@ def load_pack(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType
     command line and the nodes share one core."""
     standalone = _standalone()
     standalone.configure(str(find_comfyui(comfyui)), cpu=cpu)
-    pack = sys.modules.get(PACK_NAME)
+    return import_repo_as_pack(PACK_NAME)
+
+
+def import_repo_as_pack(name: str) -> types.ModuleType:
+    """This repository imported as a package called ``name``, the way ComfyUI's loader imports a
+    custom-node folder (ComfyUI must be importable already). Imported once per name."""
+    pack = sys.modules.get(name)
     if pack is None:
         spec = importlib.util.spec_from_file_location(
-            PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
         pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = pack
+        sys.modules[name] = pack
         try:
             spec.loader.exec_module(pack)
         except BaseException:
-            del sys.modules[PACK_NAME]
+            del sys.modules[name]
             raise
     return pack
 
 
 def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.ModuleType:
-    """The pack's ComfyUI training adapter (``nodes/training_host.py``), with ComfyUI loaded."""
+    """The pack's ComfyUI training adapter (``nodes/training_host.py``: the host only; the run
+    itself is the core's), with ComfyUI loaded."""
     return importlib.import_module(load_pack(comfyui, cpu).__name__ + ".nodes.training_host")
 
 
@@ -98,25 +107,27 @@ def cmd_check_dataset(args) -> int:
     return 0 if report.ok else 1
 
 
-def _bar(total, desc):
+def _bar(total, desc, **options):
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=desc, unit="step" if desc == "training" else "img", dynamic_ncols=True,
-                disable=not sys.stderr.isatty() and os.environ.get("PRODUCTSCENE_PROGRESS") != "1")
+    options.setdefault("unit", "step" if desc == "training" else "img")
+    return tqdm(total=total, desc=desc, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("PRODUCTSCENE_PROGRESS") != "1", **options)
 
 
 def cmd_train_categories(args) -> int:
-    from .train.recipes.categories import CategoryConfig
+    from .train.recipes.categories import CategoryConfig, train_category_library
     from .train.datasets import check, open_dataset
     if args.check_only:
         args.shallow, args.json = False, False
         return cmd_check_dataset(args)
     if not os.path.isfile(args.checkpoint):
         raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
-    # every data problem before any model work
-    report = check(open_dataset(args.data, args.layout, args.split))
+    # every data problem before any model work; the run reuses this report (one deep check)
+    dataset = open_dataset(args.data, args.layout, args.split)
+    report = check(dataset)
     if not report.ok:
         print(report.message(limit=None), file=sys.stderr)
         return 1
@@ -126,6 +137,7 @@ def cmd_train_categories(args) -> int:
     host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
     ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    latents = _bar(len(dataset), "latents")
     bar = _bar(args.steps, "training")
 
     def progress(step, total, loss):
@@ -134,20 +146,28 @@ def cmd_train_categories(args) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()
 
+    def latent_progress(n, total):
+        if latents:
+            latents.n = n
+            latents.refresh()
+
     try:
-        run = host_mod.train_categories(
-            model, clip, vae, args.data, args.layout, args.out, config=config, seed=args.seed,
-            checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)),
-            cache_dir=args.cache_dir or _default_cache(), autocast=args.autocast, progress=progress,
-            license=args.license, gradient_checkpoint=args.gradient_checkpointing, split=args.split)
+        run = train_category_library(
+            host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
+            checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(), checkpoint_path=ckpt,
+            checkpoint_every=args.checkpoint_every,
+            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)), autocast=args.autocast,
+            progress=progress, latent_progress=latent_progress, license=args.license,
+            gradient_checkpoint=args.gradient_checkpointing)
     except KeyboardInterrupt:
-        if bar:
-            bar.close()
+        for b in (latents, bar):
+            if b:
+                b.close()
         print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
         return 130
-    if bar:
-        bar.close()
+    for b in (latents, bar):
+        if b:
+            b.close()
     h = run.result.history
     print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
           f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
@@ -166,6 +186,49 @@ def cmd_build_library(args) -> int:
     path = data.write(args.out, license=args.license)
     print(f"wrote {path}: {len(files)} categories ({args.family})")
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import BatchError, Options, run_batch
+    sets = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ProductSceneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set Sampler.steps=30")
+        sets[key.strip()] = value
+    options = Options(
+        workflow=Path(args.workflow), servers=[u.rstrip("/") for u in args.server], out=Path(args.out), sets=sets,
+        category=args.category, reference=Path(args.reference) if args.reference else None,
+        seed=None if args.seed is None else str(args.seed), concurrency=args.concurrency, resume=args.resume,
+        overwrite=args.overwrite, retries=args.retries, server_timeout=args.server_timeout,
+        row_timeout=args.row_timeout)
+    bar = None
+
+    def log(message):
+        (bar.write if bar is not None else print)(message, file=sys.stderr)
+
+    def progress(p):
+        nonlocal bar
+        if bar is None:
+            bar = _bar(p.total, "batch", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows "
+                                                    "[{elapsed}<{remaining}{postfix}]")
+            if bar is None:
+                return
+        bar.n = p.done + p.failed + p.running
+        bar.set_postfix(failed=p.failed, servers=f"{p.servers_up}/{p.servers}", refresh=False)
+        bar.refresh()
+
+    try:
+        summary = run_batch(options, manifest=args.manifest, folder=args.folder,
+                            progress=None if args.quiet else progress, log=log)
+    except BatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    print(summary.message())
+    return summary.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
     t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--template", default="a product photo on a {category} background")
+    t.add_argument("--template", default=DEFAULT_TEMPLATE, help="training prompt; {category} marks the identifier")
     t.add_argument("--init-word", default=None, help="init every identifier from this word (default: each name's first word)")
     t.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the training checkpoint (default path, or the one given)")
@@ -216,6 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--license", default=None)
     b.set_defaults(func=cmd_build_library)
+
+    j = sub.add_parser("batch", help="run a workflow over a catalogue on one or more ComfyUI servers",
+                       description="Run an API-format workflow once per product: a CSV manifest or a folder "
+                                   "in, images and a provenance record per row out (docs/batch.md).")
+    j.add_argument("--server", action="append", required=True, metavar="URL",
+                   help="ComfyUI server URL, e.g. http://127.0.0.1:8188; repeat to spread rows over several")
+    j.add_argument("--workflow", default=str(REPO_ROOT / "workflows" / "api" / "category_background.json"),
+                   help="API-format workflow whose node titles follow the binding convention "
+                        "(default: the bundled workflows/api/category_background.json)")
+    src = j.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="CSV with columns product, category, reference, prompt, negative_prompt, "
+                                        "seed, output (and '<node title>.<input>' columns)")
+    src.add_argument("--folder", help="every image in this folder (not its subfolders), one category (--category)")
+    j.add_argument("--out", required=True, help="output folder: images, provenance.jsonl")
+    j.add_argument("--category", help="category of rows that name none (folder mode: of every image)")
+    j.add_argument("--reference", help="brand reference image of rows that name none")
+    j.add_argument("--seed", type=int, help="seed of rows that name none (default: the workflow's)")
+    j.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="set an input of every row: a role (prompt, negative_prompt, ...) or "
+                        "'<node title>.<input>', e.g. --set Checkpoint.ckpt_name=sd15.safetensors")
+    j.add_argument("--concurrency", type=int, default=2, help="prompts in flight per server (default 2)")
+    j.add_argument("--resume", action="store_true", help="skip the rows finished by an earlier run into --out")
+    j.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
+    j.add_argument("--retries", type=int, default=3,
+                   help="per row: retries of transient server errors and of prompts a server lost (default 3)")
+    j.add_argument("--server-timeout", type=float, default=300.0,
+                   help="seconds to wait for a server that stopped answering before giving it up (default 300)")
+    j.add_argument("--row-timeout", type=float, default=3600.0,
+                   help="seconds a queued prompt may take (default 3600)")
+    j.add_argument("--quiet", action="store_true", help="no progress bar")
+    j.set_defaults(func=cmd_batch)
     return p
 
 

@@ -7,8 +7,9 @@
     for image in client.outputs(pid):                    # ImageRef(filename, subfolder, type)
         png = client.download(image)
 
-It is the base of the headless batch client: every failure is a ProductSceneError whose message
-says what the server said.
+It is the base of the headless batch client (productscene/batch.py): every failure is a
+ProductSceneError whose message says what the server said; failures worth retrying (the server is
+unreachable or answered HTTP 5xx) are its subclass ServerError.
 """
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import ProductSceneError
+
+
+class ServerError(ProductSceneError):
+    """The server could not answer now (unreachable, or HTTP 5xx): the same request may succeed later."""
+
+
+class ServerUnreachable(ServerError):
+    """No connection to the server (not running, restarting, network down)."""
 
 
 class ImageRef(NamedTuple):
@@ -62,7 +71,7 @@ class ComfyClient:
                 payload = body.decode("utf-8", "replace")
             raise _HTTPError(e.code, payload, f"{method} {path}") from None
         except (urllib.error.URLError, ConnectionError, OSError) as e:
-            raise ProductSceneError(f"ComfyUI at {self.base_url} is not reachable ({method} {path}): {e}") from None
+            raise ServerUnreachable(f"ComfyUI at {self.base_url} is not reachable ({method} {path}): {e}") from None
         if raw:
             return body
         try:
@@ -77,7 +86,8 @@ class ComfyClient:
         try:
             return self._request("GET", path)
         except _HTTPError as e:
-            raise ProductSceneError(f"ComfyUI answered {e.where} with HTTP {e.code}: {e.payload}") from None
+            kind = ServerError if e.code >= 500 else ProductSceneError
+            raise kind(f"ComfyUI answered {e.where} with HTTP {e.code}: {e.payload}") from None
 
     def _post_json(self, path: str, payload):
         return self._request("POST", path, data=json.dumps(payload).encode(),
@@ -121,7 +131,8 @@ class ComfyClient:
             return self._request("POST", "/upload/image", data=b"".join(parts),
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         except _HTTPError as e:
-            raise ProductSceneError(f"ComfyUI refused the upload of {name!r} (HTTP {e.code}): {e.payload}") from None
+            kind = ServerError if e.code >= 500 else ProductSceneError
+            raise kind(f"ComfyUI refused the upload of {name!r} (HTTP {e.code}): {e.payload}") from None
 
     def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
         """``POST /prompt`` with an API-format graph; returns the prompt id.
@@ -133,6 +144,8 @@ class ComfyClient:
         try:
             answer = self._post_json("/prompt", payload)
         except _HTTPError as e:
+            if e.code >= 500:
+                raise ServerError(f"ComfyUI could not take the prompt (HTTP {e.code}): {e.payload}") from None
             p = e.payload if isinstance(e.payload, dict) else {"error": e.payload}
             err = p.get("error") or {}
             if isinstance(err, dict):
@@ -153,6 +166,10 @@ class ComfyClient:
         """The history entry of ``prompt_id`` or None while it is queued or running."""
         return (self._get(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
 
+    def history_all(self) -> dict:
+        """Every history entry the server holds (``GET /history``): ``{prompt_id: entry}``."""
+        return self._get("/history") or {}
+
     def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
         """Poll ``GET /history/{prompt_id}`` until the run ends; returns its history entry.
         Raises ProductSceneError with ComfyUI's execution_error when the run failed, and on timeout."""
@@ -170,6 +187,15 @@ class ComfyClient:
             time.sleep(poll)
 
     @staticmethod
+    def execution_span(entry: dict) -> tuple[int, int] | None:
+        """(start, end) of a finished run in the server's own clock (ms since the epoch), from the
+        ``execution_start`` and ``execution_success``/``execution_error`` messages of its history entry."""
+        stamps = {kind: data.get("timestamp") for kind, data in (entry.get("status") or {}).get("messages", [])}
+        start = stamps.get("execution_start")
+        end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
+        return (int(start), int(end)) if start is not None and end is not None else None
+
+    @staticmethod
     def _failure_message(prompt_id: str, status: dict) -> str:
         for kind, data in status.get("messages", []):
             if kind == "execution_error":
@@ -179,9 +205,10 @@ class ComfyClient:
                 return f"prompt {prompt_id} was interrupted in node {data.get('node_id')} ({data.get('node_type')})"
         return f"prompt {prompt_id} failed: {status}"
 
-    def outputs(self, prompt_id: str, node_id: str | None = None) -> list[ImageRef]:
-        """Images the finished run produced (all output nodes in node id order, or one node)."""
-        entry = self.history(prompt_id)
+    def outputs(self, prompt_id: str, node_id: str | None = None, entry: dict | None = None) -> list[ImageRef]:
+        """Images the finished run produced (all output nodes in node id order, or one node);
+        ``entry``: its history entry when the caller has it already."""
+        entry = entry if entry is not None else self.history(prompt_id)
         if entry is None:
             raise ProductSceneError(f"prompt {prompt_id}: no history (still queued or running, or unknown id)")
         out = entry.get("outputs", {})
@@ -207,8 +234,38 @@ class ComfyClient:
         try:
             return self._request("GET", f"/view?{query}", raw=True)
         except _HTTPError as e:
-            raise ProductSceneError(f"ComfyUI has no {kind} image {subfolder + '/' if subfolder else ''}{filename} "
+            error = ServerError if e.code >= 500 else ProductSceneError
+            raise error(f"ComfyUI has no {kind} image {subfolder + '/' if subfolder else ''}{filename} "
                                     f"(HTTP {e.code})") from None
+
+    def queue_ids(self) -> set[str]:
+        """Ids of the prompts the server is running or has pending (``GET /queue``)."""
+        state = self._get("/queue") or {}
+        return {str(item[1]) for key in ("queue_running", "queue_pending") for item in state.get(key, [])
+                if isinstance(item, list) and len(item) > 1}
+
+    def libraries(self) -> dict[str, dict] | None:
+        """``{library file: {"family", "count"}}`` from the pack's ``GET /productscene/libraries``;
+        None when the server does not have that route (ProductScene not installed)."""
+        try:
+            return self._request("GET", "/productscene/libraries") or {}
+        except _HTTPError as e:
+            if e.code == 404:
+                return None
+            raise ServerError(f"ComfyUI answered GET /productscene/libraries with HTTP {e.code}") from None
+
+    def library_categories(self, library: str) -> list[str]:
+        """One library's category names (``GET /productscene/libraries/categories``)."""
+        return list(self._get("/productscene/libraries/categories", library=library).get("categories", []))
+
+    def websocket(self, poll: float = 0.5):
+        """A websocket on ``/ws`` for this client's id: the server sends it the messages
+        (``executing``, ``progress``, ``execution_error`` ...) of the prompts this client queued."""
+        from .websocket import WebSocket
+        scheme, _, rest = self.base_url.partition("://")
+        url = ("wss" if scheme == "https" else "ws") + "://" + rest + "/ws?" + urllib.parse.urlencode(
+            {"clientId": self.client_id})
+        return WebSocket(url, timeout=self.timeout, poll=poll)
 
     def interrupt(self) -> None:
         self._request("POST", "/interrupt", data=b"")

@@ -3,6 +3,11 @@
 Only the cross-attention (``attn2``) processors of a ``UNet2DConditionModel`` are swapped; self
 attention keeps whatever processor it had. Diffusers' pipelines batch classifier-free guidance as
 ``[uncond, cond]``, hence the default ``chunks=(1, 0)``; use ``(0,)`` without guidance.
+
+The category gate is the same definition as in ComfyUI and in training: give ``CategoryGate`` the
+prompt encoded without the identifier (``prompt.category_free_template``) as its free context, and
+the prompt embeddings with it as ``contexts`` to gate only the cond rows that carry them. Product
+positions attend the free context through each layer's own to_k / to_v.
 """
 from __future__ import annotations
 
@@ -45,14 +50,19 @@ class SceneAttentionProcessor:
         if attention_mask is not None:
             raise ProductSceneError("SceneAttentionProcessor: text attention masks are not supported")
         residual = hidden_states
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        gated = self.scene.gated_rows(self.chunks, batch, encoder_hidden_states) if self.scene.gates else None
+
+        def project(context):  # this layer's own key/value projections (the gates' free contexts)
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            return attn.to_k(context), attn.to_v(context)
+
         q = attn.to_q(hidden_states)
-        k = attn.to_k(encoder_hidden_states)
-        v = attn.to_v(encoder_hidden_states)
+        k, v = project(encoder_hidden_states)
         layer = LayerInfo(key=self.key, heads=attn.heads, hw=self.layer_hw(hidden_states.shape[1]),
-                          latent_hw=self.latent_hw, chunks=self.chunks)
-        out = self.scene(q, k, v, layer)
+                          latent_hw=self.latent_hw, chunks=self.chunks, gated=gated)
+        out = self.scene(q, k, v, layer, project=project)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

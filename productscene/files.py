@@ -4,6 +4,7 @@ Host-free. Only safetensors is accepted: pickle files (.pt/.ckpt/.bin) are never
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -67,12 +68,29 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None,
             raise ProductSceneError(f"tensors: {name!r} must be a torch tensor, got {type(t).__name__}")
         prepared[name] = t.detach().to("cpu").contiguous()
 
+    with atomic_path(path) as tmp:
+        save_file(prepared, tmp, metadata=meta)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(path) -> str:
+    """How the temporary names of ``path``'s atomic writes begin (``.<name>.``), in its folder."""
+    return "." + os.path.basename(os.fspath(path)) + "."
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; when the block ends without error it is renamed to
+    ``path`` (``os.replace``), otherwise removed. Readers see the old file or the whole new one."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
-        save_file(prepared, tmp, metadata=meta)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -80,6 +98,15 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None,
         except FileNotFoundError:
             pass
         raise
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary name, flushed to disk, then renamed)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_header(path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:

@@ -195,10 +195,13 @@ class ComfyServer:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ComfyServer":
         self._prepare()
+        return self._launch()
+
+    def _launch(self, port: int | None = None) -> "ComfyServer":
         self.log_path = self.base_dir / "server.log"
         last_error = None
         for _attempt in range(3):  # a free port can be taken between probing and binding
-            self.port = free_port(self.host)
+            self.port = port or free_port(self.host)
             self._log = open(self.log_path, "ab")
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
             self.proc = subprocess.Popen(self.command(), cwd=str(self.main_py.parent), stdout=self._log,
@@ -264,6 +267,26 @@ class ComfyServer:
             self._log = None
         if not keep_base and self._own_base and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL to its process group), as a crash would. Its base
+        directory stays, so :meth:`restart` brings it back with the same models and inputs."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, AttributeError):
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.stop(keep_base=True)
+
+    def restart(self) -> "ComfyServer":
+        """Start the server again on the same port and base directory (after :meth:`kill` or
+        :meth:`stop` with ``keep_base``, or while it runs: then it is stopped first)."""
+        if self.port is None or self.base_dir is None:
+            raise ProductSceneError("restart: the server was never started")
+        port = self.port
+        self.stop(keep_base=True)
+        return self._launch(port)
 
     @property
     def running(self) -> bool:

@@ -233,15 +233,6 @@ class CategoryLibrary:
         t = load_tensors(self.path, [LORA_PREFIX + k for k in self.lora_keys])
         return {k: t[LORA_PREFIX + k] for k in self.lora_keys}
 
-    def info(self) -> dict:
-        """A JSON-able summary (for a CLI ``info`` command or a UI)."""
-        return {
-            "path": self.path, "format_version": self.format_version, "family": self.family,
-            "encoders": dict(self.encoders), "vectors_per_token": self.vectors_per_token,
-            "categories": len(self.names), "lora_tensors": len(self.lora_keys),
-            "training": self.training, "license": self.license, "created_by": self.created_by,
-        }
-
     # -- writing ---------------------------------------------------------------------------
     @staticmethod
     def write(path, names, vectors: Mapping[str, torch.Tensor], family: str, init_words=None,
@@ -342,33 +333,28 @@ class CategoryLibrary:
 
     @staticmethod
     def from_words(words: Mapping[str, str], family: str,
-                   token_embedding: Callable[[str], Mapping[str, torch.Tensor]]) -> LibraryData:
-        """Build by initialising each category from a word: ``token_embedding(word)`` returns
-        ``{encoder: [n, width]}`` (e.g. the text encoder's token embeddings of that word)."""
+                   token_embeddings: Callable[[str], Mapping[str, torch.Tensor]], n: int = 1) -> LibraryData:
+        """Build by initialising each category from its init word: ``token_embeddings(word)``
+        returns ``{encoder: [t, width]}`` (the text encoder's input embeddings of the word's
+        tokens); each identifier is :func:`productscene.prompt.init_vectors` of them (``n`` vectors)."""
+        from .prompt import init_vectors
         spec = check_family(family)
         names = _check_names(words.keys())
         per_enc: dict[str, list[torch.Tensor]] = {e: [] for e in spec}
-        n = None
         for name in names:
             word = words[name]
             if not isinstance(word, str) or not word.strip():
                 raise ProductSceneError(f"words: init word of {name!r} must be a non-empty string")
-            emb = token_embedding(word)
+            emb = token_embeddings(word)
             if set(emb) != set(spec):
                 raise ProductSceneError(
-                    f"token_embedding: returned encoders {sorted(emb)} for {word!r}, family {family!r} needs {sorted(spec)}")
+                    f"token_embeddings: returned encoders {sorted(emb)} for {word!r}, family {family!r} needs {sorted(spec)}")
             for enc, width in spec.items():
-                t = _as_2d(emb[enc], f"token_embedding({word!r})[{enc}]")
+                t = _as_2d(emb[enc], f"token_embeddings({word!r})[{enc}]")
                 if t.shape[1] != width:
                     raise ProductSceneError(
-                        f"token_embedding: {enc} vectors of {word!r} are {t.shape[1]} wide, family {family!r} needs {width}")
-                if n is None:
-                    n = t.shape[0]
-                elif t.shape[0] != n:
-                    raise ProductSceneError(
-                        f"words: {word!r} gives {t.shape[0]} vectors but earlier words gave {n}; "
-                        f"all categories need the same count (use single-token words)")
-                per_enc[enc].append(t.detach().to(torch.float32).cpu())
+                        f"token_embeddings: {enc} vectors of {word!r} are {t.shape[1]} wide, family {family!r} needs {width}")
+                per_enc[enc].append(init_vectors(t.detach().cpu(), n))
         return LibraryData(names, family, {e: torch.stack(v) for e, v in per_enc.items()},
                            {k: words[k] for k in names})
 

@@ -1,29 +1,40 @@
-"""Identifier splicing in tokenized prompts (host-agnostic).
+"""Placeholder splicing in tokenized prompts (host-agnostic): THE one path by which learned vectors
+enter a prompt, for Category Tokens, the category trainer and Break-A-Scene alike.
 
 Works on the structure ComfyUI's tokenizers return::
 
     {"l": [[(id, weight), ... 77], ...chunks], "g": ...}      # tuples may carry a 3rd word id
 
-A template holds ``{category}`` once. It is replaced by ``n`` copies of a single-token *marker*
-word; after tokenizing, each marker token is replaced by the category's identifier vector of that
-encoder (a 1-D tensor of the encoder's width, which ComfyUI's text encoders splice in place of a
-token embedding). Position ``p`` of chunk ``c`` becomes row ``c * 77 + p`` of the conditioning.
+A template holds one or more named placeholders (``{category}``, ``<a>``, ``<b>`` ...; any literal
+text). :class:`PromptTemplate` replaces each occurrence of a placeholder by ``n`` copies of one
+rare single-token *marker* word, tokenizes once, and records which token slots belong to which
+placeholder. :meth:`PromptTemplate.splice` then puts vectors into those slots (a 1-D tensor of the
+encoder's width, which ComfyUI's text encoders use in place of a token embedding), as often as
+needed with different vectors, keeping their autograd graph. Position ``p`` of chunk ``c`` is row
+``c * 77 + p`` of the conditioning. A batch of prompts with different templates gets one
+``PromptTemplate`` per template, hence its own rows per item.
+
+The *init word* of a learned token has one meaning everywhere (:func:`init_vectors`).
 """
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .errors import ProductSceneError
 
 PLACEHOLDER = "{category}"
+# The one default prompt of the category nodes, trainer and command line (use the same wording for
+# training and generation).
+DEFAULT_TEMPLATE = "a product photo on a {category} background"
 # rare single-token words of the CLIP BPE vocabulary; the first one absent from a template is used
 MARKERS = ("olis", "phol", "sks", "ohwx")
 
 Tokens = dict  # {key: [[(id|tensor, weight[, word_id]), ...], ...]}
+Vectors = Mapping[str, torch.Tensor]  # {tokenizer key: [n, width]}
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,23 +46,50 @@ class CategoryTokens:
     rows: tuple          # row indices of the identifier in the cond context (same for every encoder)
     context_rows: int    # rows of the encoded cond
     vectors: dict        # {encoder: [n, width]} (encoder names as in the library: clip_l, clip_g, clip_h)
+    free_context: torch.Tensor | None = None  # [1, R, C]: the prompt encoded without the identifier
+    contexts: tuple = ()  # the encoded conditioning(s) [1, N, C] the identifier is in
 
 
-def placeholder_text(template: str, n: int, marker: str) -> str:
-    """``template`` with ``{category}`` replaced by ``n`` copies of ``marker`` (space separated)."""
-    check_template(template)
-    if n < 1:
-        raise ProductSceneError(f"vectors: need at least one vector per identifier, got {n}")
-    return template.replace(PLACEHOLDER, " " + " ".join([marker] * n) + " ")
+def category_free_template(template: str, placeholder: str = PLACEHOLDER) -> str:
+    """THE category-free prompt: the template with the identifier left out (not replaced by its
+    init word, which is itself category information; measured in BENCHMARKS.md). Product queries
+    attend this prompt's encoding, so their output cannot depend on the category."""
+    return template.replace(placeholder, " ")
 
 
-def check_template(template) -> None:
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a batch: a template and, per placeholder, its vectors ``{encoder: [n, width]}``."""
+    template: str
+    vectors: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def init_vectors(token_embeddings: torch.Tensor, n: int) -> torch.Tensor:
+    """THE meaning of an init word: its ``t`` token embeddings (the text encoder's input embeddings,
+    start/end/padding removed) resampled to ``n`` vectors. Vector ``i`` is the mean of the word's
+    tokens ``i*t/n`` up to ``(i+1)*t/n`` (at least one token): one vector is the mean of all
+    tokens, ``n == t`` gives the tokens themselves, ``n > t`` repeats them."""
+    if not isinstance(token_embeddings, torch.Tensor) or token_embeddings.dim() != 2 or not len(token_embeddings):
+        raise ProductSceneError("init word: expected its token embeddings as a non-empty [tokens, width] tensor")
+    if int(n) < 1:
+        raise ProductSceneError(f"vectors: need at least one vector per token, got {n}")
+    t, n = token_embeddings.shape[0], int(n)
+    rows = []
+    for i in range(n):
+        lo = i * t // n
+        hi = max((i + 1) * t // n, lo + 1)
+        rows.append(token_embeddings[lo:hi].float().mean(0))
+    return torch.stack(rows)
+
+
+def check_template(template, placeholder: str = PLACEHOLDER) -> None:
+    """A category template: text holding ``placeholder`` exactly once."""
     if not isinstance(template, str):
         raise ProductSceneError(f"template: expected text, got {type(template).__name__}")
-    count = template.count(PLACEHOLDER)
+    count = template.count(placeholder)
     if count != 1:
         raise ProductSceneError(
-            f"template: must contain {PLACEHOLDER} exactly once to mark where the category identifier "
+            f"template: must contain {placeholder} exactly once to mark where the category identifier "
             f"goes, found it {count} times in {template!r}")
 
 
@@ -91,78 +129,21 @@ def find_positions(tokens: Tokens, ids: Mapping[str, int]) -> dict[str, list[tup
     return out
 
 
-def _row_offsets(chunks) -> list[int]:
-    offs, total = [], 0
-    for chunk in chunks:
-        offs.append(total)
-        total += len(chunk)
-    return offs
-
-
 def context_rows(tokens: Tokens) -> int:
     """Rows of the conditioning these tokens encode to (shortest encoder, as SDXL cuts)."""
     return min(sum(len(c) for c in chunks) for chunks in tokens.values())
 
 
-def splice_vectors(tokens: Tokens, ids: Mapping[str, int], vectors: Mapping[str, torch.Tensor],
-                   widths: Mapping[str, int]) -> tuple[Tokens, tuple[int, ...]]:
-    """Replace the marker tokens by identifier vectors.
-
-    ``ids``, ``vectors`` (``[n, width]``) and ``widths`` are keyed by tokenizer key ("l", "g",
-    "h"). Every encoder must hold exactly ``n`` markers, at the same positions. Returns a new token
-    structure (input untouched) and the sorted rows ``chunk_offset + position``.
-    """
-    keys = set(tokens)
-    if set(vectors) != keys:
-        raise ProductSceneError(
-            f"vectors: the CLIP encodes with {sorted(keys)} but identifier vectors were given for {sorted(vectors)}")
-    positions = find_positions(tokens, ids)
-    ref_key = sorted(keys)[0]
-    ref = positions[ref_key]
-    prepared = {}
-    for key in sorted(keys):
-        v = vectors[key]
-        if not isinstance(v, torch.Tensor):
-            raise ProductSceneError(f"vectors: {key!r} must be a tensor, got {type(v).__name__}")
-        if v.dim() == 1:
-            v = v.unsqueeze(0)
-        if v.dim() != 2:
-            raise ProductSceneError(f"vectors: {key!r} must be [n, width], got shape {list(v.shape)}")
-        width = widths.get(key)
-        if width is None or v.shape[1] != int(width):
-            raise ProductSceneError(
-                f"vectors: identifier vectors for encoder {key!r} are {v.shape[1]} wide but that text "
-                f"encoder is {width} wide (library made for another model family?)")
-        if not torch.isfinite(v).all():
-            raise ProductSceneError(f"vectors: identifier vectors for encoder {key!r} contain NaN/inf")
-        n = v.shape[0]
-        found = positions[key]
-        if len(found) != n:
-            raise ProductSceneError(
-                f"template: expected the identifier's {n} marker token(s) in encoder {key!r}, found {len(found)}; "
-                f"the template must not contain the marker word itself")
-        if found != ref:
-            raise ProductSceneError(
-                f"tokens: identifier positions differ between encoders ({ref_key}: {ref}, {key}: {found})")
-        prepared[key] = v.detach().to(torch.float32).cpu()
-
-    out: Tokens = {}
-    for key, chunks in tokens.items():
-        new_chunks = [list(chunk) for chunk in chunks]
-        for i, (c, p) in enumerate(positions[key]):
-            old = new_chunks[c][p]
-            new_chunks[c][p] = (prepared[key][i],) + tuple(old[1:])
-        out[key] = new_chunks
-    offs = _row_offsets(tokens[ref_key])
-    rows = tuple(sorted(offs[c] + p for c, p in ref))
-    return out, rows
+def _without(template: str, placeholders) -> str:
+    for name in placeholders:
+        template = template.replace(name, " ")
+    return template
 
 
-def choose_marker(tokenize: Callable[[str], Tokens], template: str,
+def choose_marker(tokenize: Callable[[str], Tokens], template: str, placeholders=(PLACEHOLDER,),
                   candidates=MARKERS) -> tuple[str, dict[str, int]]:
     """First candidate that is one token in every encoder and absent from the template."""
-    check_template(template)
-    rest = tokenize(template.replace(PLACEHOLDER, " "))
+    rest = tokenize(_without(template, placeholders))
     for marker in candidates:
         try:
             ids = marker_token_ids(tokenize, marker)
@@ -175,34 +156,134 @@ def choose_marker(tokenize: Callable[[str], Tokens], template: str,
         f"remove one of them from the template")
 
 
-def tokenize_with_identifier(tokenize: Callable[[str], Tokens], template: str,
-                             vectors: Mapping[str, torch.Tensor], widths: Mapping[str, int],
-                             marker: str | None = None) -> tuple[Tokens, tuple[int, ...], int]:
-    """Tokenize ``template`` with the identifier vectors spliced in at ``{category}``.
+def _occurrences(template: str, counts: Mapping[str, int]) -> list[tuple[int, str]]:
+    """(text index, placeholder) of every occurrence, in text order; placeholders must not overlap."""
+    found = []
+    for name in counts:
+        start = template.find(name)
+        if start < 0:
+            raise ProductSceneError(f"template: {template!r} does not contain the placeholder {name!r}")
+        while start >= 0:
+            found.append((start, name))
+            start = template.find(name, start + len(name))
+    found.sort()
+    for (a, na), (b, _) in zip(found, found[1:]):
+        if b < a + len(na):
+            raise ProductSceneError(f"template: placeholders overlap in {template!r}")
+    return found
 
-    ``tokenize(text)`` is the host's tokenizer (ComfyUI: ``clip.tokenize``); ``vectors`` and
-    ``widths`` are keyed by tokenizer key. With ``marker=None`` a marker absent from the template is
-    chosen; with an explicit marker, a template already holding it raises. Returns
-    ``(tokens, rows, context_rows)``.
+
+class PromptTemplate:
+    """A template tokenized once with its placeholders marked; :meth:`splice` fills them.
+
+    ``counts``: ``{placeholder: n}`` vectors per occurrence. ``rows``: ``{placeholder: rows}`` of
+    the conditioning (every occurrence, sorted); ``context_rows``: rows the prompt encodes to.
     """
+
+    def __init__(self, tokenize: Callable[[str], Tokens], template: str, counts: Mapping[str, int],
+                 widths: Mapping[str, int], marker: str | None = None):
+        if not isinstance(template, str):
+            raise ProductSceneError(f"template: expected text, got {type(template).__name__}")
+        if not counts:
+            raise ProductSceneError("template: name at least one placeholder to splice")
+        self.counts = {str(k): int(v) for k, v in counts.items()}
+        for name, n in self.counts.items():
+            if not name or n < 1:
+                raise ProductSceneError(f"vectors: placeholder {name!r} needs at least one vector, got {n}")
+        self.template = template
+        self.widths = {k: int(w) for k, w in widths.items()}
+        occurrences = _occurrences(template, self.counts)
+        if marker is None:
+            marker, ids = choose_marker(tokenize, template, self.counts)
+        else:
+            ids = marker_token_ids(tokenize, marker)
+            rest = tokenize(_without(template, self.counts))
+            if any(ids[k] in set(_ids(rest, k)) for k in ids if k in rest):
+                raise ProductSceneError(
+                    f"template: already contains the word {marker!r} that marks the identifier; "
+                    f"remove it or choose another marker")
+        text, end = [], 0
+        for start, name in occurrences:
+            text += [template[end:start], " " + " ".join([marker] * self.counts[name]) + " "]
+            end = start + len(name)
+        self.tokens = tokenize("".join(text + [template[end:]]))
+        if set(self.tokens) - set(self.widths):
+            raise ProductSceneError(
+                f"clip: no width known for text encoder(s) {sorted(set(self.tokens) - set(self.widths))}")
+        # owner of every marker slot, in order: (placeholder, index within its n vectors)
+        owners = [(name, i) for _, name in occurrences for i in range(self.counts[name])]
+        positions = find_positions(self.tokens, ids)
+        ref_key = sorted(self.tokens)[0]
+        for key, found in positions.items():
+            if len(found) != len(owners):
+                raise ProductSceneError(
+                    f"template: expected {len(owners)} marker token(s) in encoder {key!r}, found {len(found)}; "
+                    f"the template must not contain the marker word {marker!r} itself")
+        for key, found in positions.items():
+            if found != positions[ref_key]:
+                raise ProductSceneError(
+                    f"tokens: placeholder positions differ between encoders ({ref_key}: {positions[ref_key]}, {key}: {found})")
+        self.slots = [(c, p, name, i) for (c, p), (name, i) in zip(positions[ref_key], owners)]
+        offsets, total = [], 0
+        for chunk in self.tokens[ref_key]:
+            offsets.append(total)
+            total += len(chunk)
+        self.rows = {name: tuple(sorted(offsets[c] + p for c, p, owner, _ in self.slots if owner == name))
+                     for name in self.counts}
+        self.context_rows = context_rows(self.tokens)
+
+    def _check(self, name: str, key: str, v) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise ProductSceneError(f"vectors: {name} {key!r} must be a tensor, got {type(v).__name__}")
+        if v.dim() == 1:
+            v = v.unsqueeze(0)
+        if v.dim() != 2:
+            raise ProductSceneError(f"vectors: {name} {key!r} must be [n, width], got shape {list(v.shape)}")
+        width = self.widths[key]
+        if v.shape[1] != width:
+            raise ProductSceneError(
+                f"vectors: {name} vectors for encoder {key!r} are {v.shape[1]} wide but that text "
+                f"encoder is {width} wide (library made for another model family?)")
+        if v.shape[0] != self.counts[name]:
+            raise ProductSceneError(
+                f"vectors: {name} has {v.shape[0]} vectors for encoder {key!r}, the template was made for "
+                f"{self.counts[name]}")
+        if not torch.isfinite(v.detach()).all():
+            raise ProductSceneError(f"vectors: {name} vectors for encoder {key!r} contain NaN/inf")
+        return v.to(torch.float32)
+
+    def splice(self, vectors: Mapping[str, Vectors]) -> Tokens:
+        """A new token structure with ``vectors[placeholder][tokenizer key]`` (``[n, width]``) in
+        the placeholder's slots (every occurrence). The vectors keep their autograd graph."""
+        missing = set(self.counts) - set(vectors)
+        if missing:
+            raise ProductSceneError(f"vectors: no vectors given for placeholder(s) {sorted(missing)}")
+        prepared = {}
+        for name in self.counts:
+            given = vectors[name]
+            if set(given) != set(self.tokens):
+                raise ProductSceneError(
+                    f"vectors: the CLIP encodes with {sorted(self.tokens)} but {name} has vectors for {sorted(given)}")
+            prepared[name] = {key: self._check(name, key, given[key]) for key in self.tokens}
+        out: Tokens = {}
+        for key, chunks in self.tokens.items():
+            new = [list(chunk) for chunk in chunks]
+            for c, p, name, i in self.slots:
+                new[c][p] = (prepared[name][key][i],) + tuple(new[c][p][1:])
+            out[key] = new
+        return out
+
+
+def tokenize_with_identifier(tokenize: Callable[[str], Tokens], template: str, vectors: Vectors,
+                             widths: Mapping[str, int], marker: str | None = None) -> tuple[Tokens, tuple[int, ...], int]:
+    """A category template (``{category}`` once) tokenized with the identifier ``vectors``
+    (``{tokenizer key: [n, width]}``) spliced in. Returns ``(tokens, rows, context_rows)``."""
     check_template(template)
     ns = {k: (v.shape[0] if v.dim() == 2 else 1) for k, v in vectors.items()}
     if len(set(ns.values())) != 1:
         raise ProductSceneError(f"vectors: every encoder needs the same number of vectors, got {ns}")
-    n = next(iter(ns.values()))
-    if marker is None:
-        marker, ids = choose_marker(tokenize, template)
-    else:
-        ids = marker_token_ids(tokenize, marker)
-        rest = tokenize(template.replace(PLACEHOLDER, " "))
-        for k in rest:
-            if k in ids and ids[k] in set(_ids(rest, k)):
-                raise ProductSceneError(
-                    f"template: already contains the word {marker!r} that marks the identifier; "
-                    f"remove it or choose another marker")
-    tokens = tokenize(placeholder_text(template, n, marker))
-    spliced, rows = splice_vectors(tokens, ids, vectors, widths)
-    return spliced, rows, context_rows(tokens)
+    prompt = PromptTemplate(tokenize, template, {PLACEHOLDER: next(iter(ns.values()))}, widths, marker)
+    return prompt.splice({PLACEHOLDER: vectors}), prompt.rows[PLACEHOLDER], prompt.context_rows
 
 
 def library_vectors_by_key(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -291,8 +291,8 @@ TOKEN_EMBEDDING_KEY = "cond_stage_model.transformer.text_model.embeddings.token_
 
 def write_untrained_library(path: Path, ckpt: Path, words: dict[str, str], *, key: str = TOKEN_EMBEDDING_KEY,
                             license=None, created_by=None) -> Path:
-    """An UNTRAINED SD1.5 library: each identifier is ``ckpt``'s own CLIP-L token embedding of its
-    category's word (the mean over the word's tokens: one vector per identifier)."""
+    """An UNTRAINED SD1.5 library: each identifier is ``ckpt``'s own CLIP-L token embeddings of its
+    category's word, one vector (``productscene.prompt.init_vectors``: the mean of the word's tokens)."""
     _import_paths()
     import torch
     from safetensors import safe_open
@@ -302,13 +302,13 @@ def write_untrained_library(path: Path, ckpt: Path, words: dict[str, str], *, ke
         table = f.get_tensor(key).to(torch.float32)
     tok = _tokenizer()
 
-    def token_embedding(word: str):
+    def token_embeddings(word: str):
         ids = tok(word)["input_ids"][1:-1]      # drop start/end
         if not ids:
             raise ValueError(f"word {word!r} has no tokens")
-        return {"clip_l": table[ids].mean(0, keepdim=True)}
+        return {"clip_l": table[ids]}
 
-    CategoryLibrary.from_words(words, "sd15", token_embedding).write(
+    CategoryLibrary.from_words(words, "sd15", token_embeddings).write(
         path, training=None, license=license, created_by=created_by)
     return path
 

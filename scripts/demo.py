@@ -5,8 +5,9 @@
 Starts ComfyUI headless on loopback with this pack installed (unless ``--server`` points at a
 running one), uploads every product of ``samples/products/``, runs the bundled API workflow
 ``workflows/api/category_background.json`` once per product with the product's category from
-``samples/products/manifest.json``, and writes ``<out>/<product>.png`` plus
-``<out>/contact_sheet.png`` (input | product mask | result, one row per product).
+``samples/products/manifest.json`` (as a job of the batch client, productscene/batch.py), and
+writes ``<out>/<product>.png``, ``<out>/provenance.jsonl`` and ``<out>/contact_sheet.png``
+(input | product mask | result, one row per product).
 
 With no ``--checkpoint`` it builds (once, cached in ``.cache/productscene``) and uses the embedded
 default model: a reduced SD1.5-architecture checkpoint with random weights. See ``DEFAULT_NOTICE``.
@@ -14,9 +15,7 @@ default model: a reduced SD1.5-architecture checkpoint with random weights. See 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import default_model  # noqa: E402
+from productscene.batch import PROVENANCE_NAME, BatchRun, Options, Row, plan, read_provenance  # noqa: E402
 from productscene.client import ComfyClient  # noqa: E402
 from productscene.errors import ProductSceneError  # noqa: E402
 from productscene.files import read_header  # noqa: E402
@@ -135,62 +135,6 @@ def library_for_checkpoint(ckpt: Path, words: dict[str, str]) -> Path:
                                                       f"from {ckpt.name}"})
 
 
-# ----------------------------------------------------------------------------------------------
-# the workflow
-def node_of(prompt: dict, class_type: str, title: str | None = None) -> dict:
-    hits = [n for n in prompt.values() if n.get("class_type") == class_type
-            and (title is None or n.get("_meta", {}).get("title") == title)]
-    if len(hits) != 1:
-        raise DemoError(f"{WORKFLOW.name}: expected one {class_type} node, found {len(hits)}")
-    return hits[0]
-
-
-def node_id_of(prompt: dict, class_type: str) -> str:
-    return next(k for k, n in prompt.items() if n.get("class_type") == class_type)
-
-
-def build_prompt(base: dict, *, image: str, category: str, ckpt: str, library: str, steps: int,
-                 seed: int, cfg: float, prefix: str) -> dict:
-    p = copy.deepcopy(base)
-    node_of(p, "LoadImage")["inputs"]["image"] = image
-    node_of(p, "CheckpointLoaderSimple")["inputs"]["ckpt_name"] = ckpt
-    tokens = node_of(p, "ProductSceneCategoryTokens")["inputs"]
-    tokens["library"], tokens["category"] = library, category
-    ks = node_of(p, "KSampler")["inputs"]
-    ks["steps"], ks["seed"], ks["cfg"] = int(steps), int(seed), float(cfg)
-    node_of(p, "SaveImage")["inputs"]["filename_prefix"] = prefix
-    return p
-
-
-def check_server_choices(client, ckpt: str, library: str, categories: list[str]) -> None:
-    """Clear errors, before anything is queued, when the server lacks our nodes or files."""
-    info = client.object_info()
-    missing = [t for t in ("ProductSceneProductMask", "ProductSceneCategoryTokens",
-                           "ProductSceneMaskedCategoryAttention", "ProductSceneComposite") if t not in info]
-    if missing:
-        raise DemoError(f"the ComfyUI server does not have the ProductScene nodes {missing}; install the "
-                        f"pack into its custom_nodes folder and restart it")
-    ckpts = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-    if ckpt not in ckpts:
-        raise DemoError(f"checkpoint {ckpt!r} is not in the server's models/checkpoints "
-                        f"(it has: {ckpts[:10]}{' ...' if len(ckpts) > 10 else ''})")
-    libs = _combo(info["ProductSceneCategoryTokens"]["input"]["required"]["library"])
-    if library not in libs:
-        raise DemoError(f"category library {library!r} is not in the server's models/category_libraries "
-                        f"(it has: {libs[:10]})")
-    cats = _combo(info["ProductSceneCategoryTokens"]["input"]["required"]["category"])
-    lost = sorted(set(categories) - set(cats))
-    if lost:
-        raise DemoError(f"the server's category libraries lack the sample categories {lost}")
-
-
-def _combo(spec) -> list:
-    opts = spec[0]
-    if opts == "COMBO":
-        opts = spec[1].get("options", [])
-    return list(opts)
-
-
 def check_url(url: str) -> None:
     try:
         ComfyClient(url, timeout=10).system_stats()
@@ -256,7 +200,6 @@ def run(args) -> int:
     products = load_manifest()
     words = default_model.sample_category_words()
     out_dir = Path(args.out).resolve()
-    base = json.loads(WORKFLOW.read_text())
 
     # the model and library
     if args.server:
@@ -291,8 +234,7 @@ def run(args) -> int:
         ckpt_name, lib_name = ckpt_file.name, lib_file.name
 
     if args.server:
-        client = ComfyClient(args.server)
-        return _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start)
+        return _run_with(args.server, args, products, ckpt_name, lib_name, out_dir, t_start)
     from productscene.launcher import ComfyServer
     log("starting ComfyUI headless on loopback (CPU unless a GPU is present) ...")
     t0 = time.time()
@@ -305,8 +247,7 @@ def run(args) -> int:
         raise DemoError(f"ComfyUI could not be started: {e}") from None
     try:
         log(f"ComfyUI ready at {server.url} in {time.time() - t0:.1f} s")
-        client = ComfyClient(server.url)
-        return _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start)
+        return _run_with(server.url, args, products, ckpt_name, lib_name, out_dir, t_start)
     except BaseException:
         log("last lines of the ComfyUI log:")
         log(server.log_tail(40))
@@ -315,47 +256,43 @@ def run(args) -> int:
         server.stop()
 
 
-def _run_with(client, args, products, base, ckpt_name, lib_name, out_dir, t_start) -> int:
+def _run_with(url, args, products, ckpt_name, lib_name, out_dir, t_start) -> int:
+    """The sample products as a batch job (productscene.batch) on the server at ``url``."""
+    work = out_dir / ".inputs"
+    inputs, rows = {}, []
+    for p in products:
+        local = work / f"productscene_demo_{p['name']}.png"
+        inputs[p["name"]] = prepare_image(p["path"], args.size, local)
+        rows.append(Row(where=p["file"], product=local, category=p["category"], output=f"{p['name']}.png"))
+    options = Options(workflow=WORKFLOW, servers=[url], out=out_dir, overwrite=True, seed=str(args.seed),
+                      row_timeout=args.timeout,
+                      sets={"Checkpoint.ckpt_name": ckpt_name, "Category prompt.library": lib_name,
+                            "Sampler.steps": str(args.steps), "Sampler.cfg": str(args.cfg)})
     try:
-        check_server_choices(client, ckpt_name, lib_name, sorted({p["category"] for p in products}))
+        job = plan(options, rows, "the sample products")
     except ProductSceneError as e:
         raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
-    work = out_dir / ".inputs"
-    rows = []
-    all_ok = True
+    summary = BatchRun(job, log=log).run()
+    if summary.failed:
+        raise DemoError("the workflow failed in ComfyUI (is the checkpoint a usable SD1.5 checkpoint?):\n"
+                        + summary.message())
+    timings = {rec["output"]: rec["timings"] for rec in read_provenance(out_dir / PROVENANCE_NAME)}
+    results, all_ok = [], True
     for p in products:
-        t0 = time.time()
-        local = work / f"productscene_demo_{p['name']}.png"
-        uploaded = prepare_image(p["path"], args.size, local)
-        up = client.upload_image(local)
-        name = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
-        prompt = build_prompt(base, image=name, category=p["category"], ckpt=ckpt_name, library=lib_name,
-                              steps=args.steps, seed=args.seed, cfg=args.cfg,
-                              prefix=f"productscene_demo/{p['name']}")
-        try:
-            pid = client.queue(prompt)
-            client.wait(pid, timeout=args.timeout)
-        except ProductSceneError as e:
-            raise DemoError(f"{p['file']}: the workflow failed in ComfyUI (is the checkpoint a usable SD1.5 "
-                            f"checkpoint?): {e}") from None
-        save_id = node_id_of(prompt, "SaveImage")
-        images = client.outputs(pid, save_id)
-        if not images:
-            raise DemoError(f"{p['file']}: the workflow produced no image (see the ComfyUI log)")
         dst = out_dir / f"{p['name']}.png"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(client.download(images[0]))
         result = Image.open(dst)
-        same, total, changed = product_check(uploaded, result)
+        same, total, changed = product_check(inputs[p["name"]], result)
         ok = same == total and total > 0
         all_ok &= ok
         note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
-        log(f"  {p['file']:<22} [{p['category']}] -> {dst}  ({note}; {time.time() - t0:.1f} s)")
-        rows.append({"name": p["name"], "category": p["category"], "input": uploaded, "result": result,
-                     "note": note})
+        seconds = timings[dst.name].get("execution_s", 0.0)
+        log(f"  {p['file']:<22} [{p['category']}] -> {dst}  ({note}; {seconds:.1f} s on the server)")
+        results.append({"name": p["name"], "category": p["category"], "input": inputs[p["name"]],
+                        "result": result, "note": note})
     sheet = out_dir / "contact_sheet.png"
-    contact_sheet(rows, sheet)
+    contact_sheet(results, sheet)
     log(f"contact sheet: {sheet}")
+    log(f"provenance (one JSON record per image): {out_dir / PROVENANCE_NAME}")
     log(f"wall time: {time.time() - t_start:.1f} s")
     if not all_ok:
         log("WARNING: some product pixels changed (see above)")

@@ -9,7 +9,8 @@ WRAPPERS = "outer_sample"
 
 
 def tokens(rows=(4,)):
-    return CategoryTokens(library_path="", category="test", family="sd15", rows=tuple(rows), context_rows=77, vectors={})
+    return CategoryTokens(library_path="", category="test", family="sd15", rows=tuple(rows), context_rows=77,
+                          vectors={}, free_context=torch.full((1, 77, 768), float(rows[0])))
 
 
 def mask():
@@ -33,17 +34,19 @@ def test_installs_one_trampoline_per_cross_attention_layer_on_a_clone(pack, mock
     assert len(patched.get_wrappers(WRAPPERS, host.WRAPPER_KEY)) == 1
 
 
-def test_a_second_gate_joins_the_same_object_without_new_trampolines(pack, mock_patcher):
+def test_a_second_gate_joins_the_same_object(pack, mock_patcher):
     host = pack.nodes.host
     once = apply(pack, mock_patcher, rows=(4,))
     twice = apply(pack, once, rows=(9,))
-    assert [g.token_rows for g in host.scene_of(twice).gates] == [(4,), (9,)]
-    assert [g.token_rows for g in host.scene_of(once).gates] == [(4,)]
-    first = {k: id(v) for k, v in once.replaces.items()}
+    assert [float(g.free_context[0, 0, 0]) for g in host.scene_of(twice).gates] == [4.0, 9.0]
+    assert [float(g.free_context[0, 0, 0]) for g in host.scene_of(once).gates] == [4.0]
     assert len(twice.replaces) == 16
-    assert all(isinstance(fn, host.Attn2Trampoline) for fn in twice.replaces.values())
+    # one trampoline per layer, each handing ComfyUI's device moves to the merged object
+    assert all(isinstance(fn, host.Attn2Trampoline) and fn.previous is None and fn.scene is host.scene_of(twice)
+               for fn in twice.replaces.values())
+    assert all(fn.scene is host.scene_of(once) for fn in once.replaces.values())
     assert len(twice.get_wrappers(WRAPPERS, host.WRAPPER_KEY)) == 1
-    assert len(mock_patcher.calls_of("set_model_attn2_replace")) == len(first)  # only the first install
+    assert len(twice.get_wrappers("apply_model", host.WRAPPER_KEY)) == 1
 
 
 def test_a_foreign_replace_is_wrapped_not_overwritten(pack, mock_patcher):

@@ -184,12 +184,46 @@ def test_template_errors(pack, folders, sd15):
         run(pack, clip=None, library="shop.safetensors", category="tea", template=TEMPLATE)
 
 
-def test_token_embedding_fn_builds_a_library_from_words(pack, folders, sdxl, comfy_nodes):
+def test_word_token_embeddings_build_a_library_from_words(pack, folders, sdxl, comfy_nodes):
     libs, _ = folders
-    fn = pack.nodes.clip_text.token_embedding_fn(sdxl.clip)
+    fn = pack.nodes.clip_text.word_token_embeddings(sdxl.clip)
     data = CategoryLibrary.from_words({"tea": "bamboo", "tools": "wood"}, "sdxl", fn)
     assert torch.equal(data.vectors["clip_g"][0], word_vectors(sdxl.clip, "bamboo")["clip_g"])
     data.write(libs / "words.safetensors")
     cond, ct = run(pack, clip=sdxl.clip, library="words.safetensors", category="tea", template=TEMPLATE)
     (ref,) = comfy_nodes.CLIPTextEncode().encode(sdxl.clip, TEMPLATE.replace("{category}", "bamboo"))
     assert torch.allclose(cond[0][0], ref[0][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_category_tokens_carry_the_prompt_encoded_without_the_identifier(pack, folders, comfy_nodes, family,
+                                                                        request, monkeypatch):
+    """CATEGORY_TOKENS holds the category-free context the gate needs: the same prompt (longer than
+    77 tokens, with a prompt weight and an embedding: name) encoded by ComfyUI without the identifier,
+    the same for every category; and the conditioning it belongs to."""
+    from safetensors.torch import save_file
+    from productscene.prompt import category_free_template
+    tm = request.getfixturevalue(family)
+    libs, embs = folders
+    make_library(libs / "shop.safetensors", tm.clip, family)
+    widths = FAMILIES[family]
+    g = torch.Generator().manual_seed(5)
+    if family == "sdxl":
+        embedding = {e: torch.randn(2, w, generator=g) * 0.02 for e, w in widths.items()}
+    else:
+        embedding = {"emb_params": torch.randn(2, next(iter(widths.values())), generator=g) * 0.02}
+    save_file(embedding, str(embs / "studio.safetensors"))
+    save_file({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in embedding.items()}, str(embs / "studio2.safetensors"))
+    for key in tm.clip.tokenize("").keys():
+        monkeypatch.setattr(getattr(tm.clip.tokenizer, f"clip_{key}"), "embedding_directory", str(embs))
+    filler = ", ".join(["soft light"] * 30)
+    template = f"a photo on a {{category}} background, (embedding:studio:1.2), {filler}"
+    cond, ct = run(pack, clip=tm.clip, library="shop.safetensors", category="tea", template=template)
+    _, ct2 = run(pack, clip=tm.clip, library="shop.safetensors", category="perfume", template=template)
+    assert cond[0][0].shape[1] == 154 and ct.free_context.shape == (1, 154, cond[0][0].shape[-1])
+    (free,) = comfy_nodes.CLIPTextEncode().encode(tm.clip, category_free_template(template))
+    assert torch.equal(ct.free_context, free[0][0])
+    assert torch.equal(ct.free_context, ct2.free_context)  # the same for every category
+    (other,) = comfy_nodes.CLIPTextEncode().encode(tm.clip, category_free_template(template).replace("studio", "studio2"))
+    assert (free[0][0] - other[0][0]).abs().max() > 1e-4  # the embedding's vectors took part
+    assert len(ct.contexts) == 1 and ct.contexts[0] is cond[0][0]

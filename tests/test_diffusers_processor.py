@@ -1,16 +1,14 @@
-"""The category gate as a diffusers attention processor (issue 3, evidence 3)."""
+"""The category gate as a diffusers attention processor: the same definition as in ComfyUI."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 
 from productscene.attention import CategoryGate, SceneAttention
 from productscene.diffusers_processor import install_scene_processors
 
-ROWS = (3, 4)
 CONTEXT = 77
 
 
@@ -24,34 +22,6 @@ def small_unet():
     ).eval()
 
 
-def record_cross_attention(monkeypatch):
-    """Replace torch's SDPA with an explicit one that records cross-attention probabilities."""
-    calls = []
-
-    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        logits = (q @ k.transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
-        if attn_mask is not None:
-            logits = logits + attn_mask
-        probs = logits.softmax(-1)
-        if k.shape[-2] == CONTEXT:
-            calls.append(probs.detach())
-        return probs @ v
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    return calls
-
-
-def run(unet, monkeypatch, latent_hw):
-    calls = record_cross_attention(monkeypatch)
-    torch.manual_seed(1)
-    x = torch.randn(4, 4, *latent_hw)  # [uncond, uncond, cond, cond], as diffusers batches CFG
-    context = torch.randn(4, CONTEXT, 32)
-    with torch.no_grad():
-        unet(x, 10, encoder_hidden_states=context)
-    monkeypatch.undo()
-    return calls
-
-
 def masks(latent_hw):
     h, w = latent_hw[0] * 8, latent_hw[1] * 8
     m = torch.zeros(2, h, w)
@@ -60,33 +30,52 @@ def masks(latent_hw):
     return m
 
 
-def test_diffusers_processor_gives_exactly_zero_on_product_pixels(monkeypatch):
+def contexts(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, CONTEXT, 32, generator=g)
+
+
+def test_diffusers_processor_keeps_the_category_off_product_positions_in_every_layer():
+    """The same definition as in ComfyUI: with identical hidden states, two prompts that differ
+    from the identifier on (a causal text encoder) give bit-identical product-position outputs in
+    every cross-attention layer; background positions differ; the uncond half is untouched."""
     latent_hw = (16, 12)
     unet = small_unet()
-    plain = run(unet, monkeypatch, latent_hw)
     mask = masks(latent_hw)
-    count = install_scene_processors(unet, SceneAttention().with_gate(CategoryGate(mask, ROWS, CONTEXT)),
-                                     latent_hw, chunks=(1, 0))
-    gated = run(unet, monkeypatch, latent_hw)
-    assert count == len(gated) == len(plain) == 4  # down 1, mid 1, up 2 (layers_per_block + 1)
-
-    for probs_gated, probs_plain in zip(gated, plain):
-        nq = probs_gated.shape[-2]
-        hw = next((h, w) for h, w in [(16, 12), (8, 6)] if h * w == nq)
+    free = contexts(9)  # the prompt encoded without the identifier
+    prompt_a = contexts(1)
+    prompt_b = prompt_a.clone()
+    prompt_b[:, 3:] = contexts(2)[:, 3:]  # another category: its row and every later row differ
+    uncond = contexts(3)
+    scene = SceneAttention().with_gate(CategoryGate(mask, free, contexts=[prompt_a, prompt_b]))
+    count = install_scene_processors(unet, scene, latent_hw, chunks=(1, 0))
+    layers = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
+    assert count == len(layers) == 4  # down 1, mid 1, up 2 (layers_per_block + 1)
+    g = torch.Generator().manual_seed(4)
+    for name, attn in layers.items():
+        dim = attn.to_q.in_features
+        nq = {32: 16 * 12, 64: 8 * 6}[dim]  # 32 channels at the latent size, 64 one level down
+        hw = attn.processor.layer_hw(nq)
+        hidden = torch.randn(4, nq, dim, generator=g)  # [uncond, uncond, cond, cond]
+        with torch.no_grad():
+            out_a = attn(hidden, encoder_hidden_states=torch.cat([uncond, uncond, prompt_a, prompt_a]))
+            out_b = attn(hidden, encoder_hidden_states=torch.cat([uncond, uncond, prompt_b, prompt_b]))
         product = (F.adaptive_max_pool2d(mask[:, None], hw)[:, 0] > 0).flatten(1)  # [2, Nq]
-        cond_gated = probs_gated[2:][..., list(ROWS)].amax(dim=(1, 3))
-        cond_plain = probs_plain[2:][..., list(ROWS)].amax(dim=(1, 3))
-        assert float(cond_gated[product].max()) == 0.0
-        assert float(cond_plain[product].min()) > 0.0
-        assert float(cond_gated[~product].min()) > 0.0
-        # uncond half untouched
-        assert torch.equal(probs_gated[:2], probs_plain[:2])
+        delta = (out_a - out_b).abs().amax(-1)
+        assert float(delta[2:][product].max()) == 0.0, name
+        assert float(delta[2:][~product].min()) > 0.0, name
+        assert torch.equal(out_a[:2], out_b[:2])
+        with torch.no_grad():  # a cond row whose prompt is not the gate's is not gated
+            other = attn(hidden, encoder_hidden_states=torch.cat([uncond, uncond, uncond, uncond]))
+            attn.set_processor(AttnProcessor())
+            plain = attn(hidden, encoder_hidden_states=torch.cat([uncond, uncond, uncond, uncond]))
+        torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_processors_are_kept(monkeypatch):
+def test_self_attention_processors_are_kept():
     unet = small_unet()
     before = {n: type(p) for n, p in unet.attn_processors.items()}
-    install_scene_processors(unet, SceneAttention().with_gate(CategoryGate(masks((8, 8)), ROWS, CONTEXT)), (8, 8))
+    install_scene_processors(unet, SceneAttention().with_gate(CategoryGate(masks((8, 8)), contexts(9))), (8, 8))
     after = {n: type(p).__name__ for n, p in unet.attn_processors.items()}
     assert all(after[n] == "SceneAttentionProcessor" for n in after if n.endswith("attn2.processor"))
     assert all(after[n] == before[n].__name__ for n in after if n.endswith("attn1.processor"))

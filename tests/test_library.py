@@ -446,8 +446,9 @@ def test_from_words():
     with pytest.raises(ProductSceneError, match="1024.*768"):
         CategoryLibrary.from_words({"a": "marble"}, "sd15", bad_width)
 
-    def varying(word):
-        return {"clip_l": torch.zeros(len(word) % 2 + 1, 768)}
+    def tokens_of(word):  # words of different token counts: one init-word meaning for all
+        return {"clip_l": torch.arange(float(len(word) % 3 + 1))[:, None].expand(-1, 768)}
 
-    with pytest.raises(ProductSceneError, match="same count"):
-        CategoryLibrary.from_words({"a": "marble", "b": "bamboo1"}, "sd15", varying)
+    data = CategoryLibrary.from_words({"a": "marble", "b": "bamboo12"}, "sd15", tokens_of, n=2)
+    assert data.vectors["clip_l"].shape == (2, 2, 768)
+    assert data.vectors["clip_l"][1, :, 0].tolist() == [0.0, 1.5]  # 3 tokens -> [t0, mean(t1, t2)]

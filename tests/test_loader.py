@@ -112,7 +112,7 @@ def test_core_has_one_identity_across_entry_points(loaded, comfy_nodes):
     node = comfy_nodes.NODE_CLASS_MAPPINGS["ProductSceneMaskedCategoryAttention"]
     with pytest.raises(productscene.errors.ProductSceneError, match="^category_tokens:"):
         node.execute(model=None, product_mask=torch.ones(1, 8, 8), category_tokens=object(),
-                     strength=1.0, grow=0, lora_strength=0.0)
+                     strength=1.0, grow_latent_px=0, lora_strength=0.0)
     host = sys.modules[node.__module__.rsplit(".", 1)[0] + ".host"]
     assert host.ProductSceneError is productscene.errors.ProductSceneError
     assert sys.modules[node.__module__].CategoryTokens is CategoryTokens

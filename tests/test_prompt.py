@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from productscene.errors import ProductSceneError
-from productscene.prompt import (MARKERS, CategoryTokens, check_template, choose_marker,
-                                 context_rows, find_positions, library_vectors_by_key,
-                                 marker_token_ids, placeholder_text, splice_vectors,
-                                 tokenize_with_identifier)
+from productscene.prompt import (MARKERS, PLACEHOLDER, CategoryTokens, PromptTemplate, check_template,
+                                 choose_marker, context_rows, find_positions, init_vectors,
+                                 library_vectors_by_key, marker_token_ids, tokenize_with_identifier)
 
 START, END = 49406, 49407
 
@@ -27,8 +26,13 @@ class FakeTokenizer:
     def __call__(self, text):
         words = text.split()
         chunks, chunk = [], [(START, 1.0, 0)]
+        inside = False  # "(a b)" weights a and b by 1.5, like ComfyUI's "(a b:1.5)"
         for i, w in enumerate(words):
-            weight = 1.5 if w.startswith("(") else 1.0
+            inside = inside or w.startswith("(")
+            weight = 1.5 if inside else 1.0
+            inside = inside and not w.endswith(")")
+            if not w.strip("()"):
+                continue
             if len(chunk) == 76:
                 chunk.append((END, 1.0, 0))
                 chunks.append(chunk)
@@ -56,7 +60,8 @@ def test_template_must_hold_placeholder_exactly_once():
             check_template(bad)
     with pytest.raises(ProductSceneError, match="template"):
         tokenize_with_identifier(FakeTokenizer(), "twice {category} {category}", vecs("l"), WIDTHS)
-    assert placeholder_text("a {category}b", 2, "olis") == "a  olis olis b"
+    with pytest.raises(ProductSceneError, match="does not contain the placeholder '<b>'"):
+        PromptTemplate(FakeTokenizer(), "a photo of <a>", {"<a>": 1, "<b>": 1}, WIDTHS)
 
 
 def test_marker_ids_found_by_tokenizing_alone():
@@ -84,11 +89,44 @@ def test_splice_replaces_markers_and_records_rows(word_ids):
 
 def test_weights_and_word_ids_are_kept():
     tok = FakeTokenizer(word_ids=True)
-    tokens = tok("x (olis) y")
-    out, rows = splice_vectors(tokens, {"l": tok.id("olis")}, vecs("l"), WIDTHS)
-    assert rows == (2,)
-    assert out["l"][0][2][1:] == (1.5, 2)
-    assert isinstance(tokens["l"][0][2][0], int)  # the input was not modified
+    prompt = PromptTemplate(tok, "x ({category}) y", {PLACEHOLDER: 1}, WIDTHS)
+    out = prompt.splice({PLACEHOLDER: vecs("l")})
+    assert prompt.rows == {PLACEHOLDER: (2,)}
+    assert out["l"][0][2][1:] == (1.5, 3)
+    assert isinstance(prompt.tokens["l"][0][2][0], int)  # the template's own tokens are not modified
+
+
+def test_several_placeholders_in_text_order_each_with_its_vectors():
+    tok = FakeTokenizer(keys=("l", "g"))
+    prompt = PromptTemplate(tok, "a photo of <b> and <a> with <b>", {"<a>": 1, "<b>": 2}, WIDTHS)
+    # "<start> a photo of B B and A with B B": every occurrence of <b> gets both of its vectors
+    assert prompt.rows == {"<b>": (4, 5, 9, 10), "<a>": (7,)} and prompt.context_rows == 77
+    va, vb = vecs(("l", "g"), n=1, seed=1), vecs(("l", "g"), n=2, seed=2)
+    out = prompt.splice({"<a>": va, "<b>": vb})
+    for k in ("l", "g"):
+        chunk = out[k][0]
+        assert torch.equal(chunk[7][0], va[k][0])
+        assert torch.equal(chunk[4][0], vb[k][0]) and torch.equal(chunk[5][0], vb[k][1])
+        assert torch.equal(chunk[9][0], vb[k][0]) and torch.equal(chunk[10][0], vb[k][1])
+        assert chunk[8][0] == tok.id("with")
+    with pytest.raises(ProductSceneError, match="<b> has 1 vectors"):
+        prompt.splice({"<a>": va, "<b>": va})
+    with pytest.raises(ProductSceneError, match="no vectors given for placeholder"):
+        prompt.splice({"<a>": va})
+    live = {k: v.clone().requires_grad_(True) for k, v in va.items()}
+    spliced = prompt.splice({"<a>": live, "<b>": vb})
+    spliced["g"][0][7][0].sum().backward()  # the spliced vector is the caller's, graph kept
+    assert live["g"].grad is not None and float(live["g"].grad.sum()) == 1280.0
+
+
+def test_init_word_meaning_is_the_resampled_token_embeddings():
+    tokens = torch.arange(12.0).reshape(3, 4)  # a word of three tokens
+    assert torch.equal(init_vectors(tokens, 1), tokens.mean(0, keepdim=True))
+    assert torch.equal(init_vectors(tokens, 3), tokens)
+    assert torch.equal(init_vectors(tokens[:1], 2), tokens[:1].expand(2, -1))
+    assert torch.equal(init_vectors(tokens, 2), torch.stack([tokens[0], tokens[1:].mean(0)]))
+    with pytest.raises(ProductSceneError, match="init word"):
+        init_vectors(torch.zeros(0, 4), 1)
 
 
 def test_wrong_width_raises_instead_of_being_dropped():
@@ -113,14 +151,18 @@ def test_explicit_marker_in_template_raises_and_auto_marker_avoids_it():
 
 
 def test_marker_count_and_alignment_are_checked():
-    tok = FakeTokenizer(keys=("l", "g"))
-    tokens = tok("a olis b")
-    ids = {"l": tok.id("olis"), "g": tok.id("olis")}
-    with pytest.raises(ProductSceneError, match="expected.*2 marker"):
-        splice_vectors(tokens, ids, vecs(("l", "g"), n=2), WIDTHS)
-    tokens["g"] = tok("a b olis")["l"]
+    tok = FakeTokenizer(keys=("l",))
+
+    def drops_a_marker_in_g(text):
+        return {"l": tok(text)["l"], "g": tok(text.replace(" olis ", " ", 1))["l"]}
+
+    def shifts_g(text):
+        return {"l": tok(text)["l"], "g": tok(("x " + text) if " " in text else text)["l"]}
+
+    with pytest.raises(ProductSceneError, match="expected 2 marker token.*'g', found 1"):
+        PromptTemplate(drops_a_marker_in_g, "a {category} b", {PLACEHOLDER: 2}, WIDTHS)
     with pytest.raises(ProductSceneError, match="positions differ"):
-        splice_vectors(tokens, ids, vecs(("l", "g")), WIDTHS)
+        PromptTemplate(shifts_g, "a {category} b", {PLACEHOLDER: 1}, WIDTHS)
 
 
 def test_identifier_in_second_chunk():
@@ -271,3 +313,34 @@ def test_host_real_tokenizer_markers_are_single_tokens(sdxl, sd2):
         for m in MARKERS:
             ids = marker_token_ids(clip.tokenize, m)
             assert set(ids) == set(clip.tokenize("").keys())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_host_two_placeholders_with_rows_per_prompt_through_the_training_host(family, request, pack):
+    """Break-A-Scene's case on the one splicing path: a batch whose prompts hold different
+    placeholders at different rows ("<a> and <b>", then "<b>" alone), vectors that change per
+    prompt. Splicing a word's own token embedding reproduces the plain prompt, so each vector
+    landed on its rows; gradients reach every vector through the real CLIP."""
+    tm = request.getfixturevalue(family)
+    from productscene.prompt import Prompt
+    host = pack.nodes.training_host.ComfyTrainingHost(tm.model, tm.clip)
+    words = {"<a>": "marble", "<b>": "bamboo", "<c>": "wood"}
+    embed = {w: host.token_embeddings(w) for w in words.values()}
+    assert all(v.shape[0] == 1 for e in embed.values() for v in e.values())  # one token each
+    live = {w: {e: v.clone().requires_grad_(True) for e, v in emb.items()} for w, emb in embed.items()}
+    prompts = [Prompt("a photo of <a> and <b>", {"<a>": live["marble"], "<b>": live["bamboo"]}),
+               Prompt("a photo of <b> on a table", {"<b>": live["wood"]})]
+    with host.session():
+        encoded = host.encode(prompts)
+        (encoded.cond[0].sum() + encoded.cond[1].sum() + (encoded.pooled.sum() if family == "sdxl" else 0)).backward()
+    assert encoded.rows == ({"<a>": (4,), "<b>": (6,)}, {"<b>": (4,)})
+    assert encoded.cond.shape == (2, 77, tm.context_dim)
+    plain = [tm.clip.encode_from_tokens(tm.clip.tokenize(t), return_pooled=True)
+             for t in ("a photo of marble and bamboo", "a photo of wood on a table")]
+    for i, (cond, pooled) in enumerate(plain):
+        torch.testing.assert_close(encoded.cond[i:i + 1].detach(), cond, rtol=1e-5, atol=1e-5)
+        if family == "sdxl":
+            torch.testing.assert_close(encoded.pooled[i:i + 1].detach(), pooled, rtol=1e-5, atol=1e-5)
+    for word, vectors in live.items():
+        for enc, v in vectors.items():
+            assert v.grad is not None and float(v.grad.abs().sum()) > 0, (word, enc)

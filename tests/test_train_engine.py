@@ -186,8 +186,12 @@ def test_loss_graph_image():
 
 
 # ------------------------------------------------------------------------------------ LoRA
-def test_lora_hooks_are_removed_and_state_dict_loads_with_comfy(sd15):
+def test_lora_hooks_match_comfys_lora_loader_and_weight_wrappers_and_are_removed(sd15):
+    """The file the LoRA saves, applied by ComfyUI's own LoRA loader, gives the model the hooks
+    gave; so does the same LoRA as ComfyUI weight wrappers (the alternative lora.py measured);
+    the hooks leave the shared model untouched."""
     import comfy.lora
+    import comfy.model_management as mm
     import comfy.sd
 
     model = sd15.model
@@ -211,23 +215,32 @@ def test_lora_hooks_are_removed_and_state_dict_loads_with_comfy(sd15):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([2.0])
     ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(3)) * 0.1
-    with torch.no_grad():
-        plain = model.model.apply_model(x, sigma, c_crossattn=ctx)
-        with lora.attached():
-            hooked = model.model.apply_model(x, sigma, c_crossattn=ctx)
-        after = model.model.apply_model(x, sigma, c_crossattn=ctx)
-    assert torch.equal(plain, after)  # hooks gone: the shared model is untouched
+
+    def run(patcher):
+        mm.load_models_gpu([patcher])
+        with torch.no_grad():
+            return patcher.model.apply_model(x, sigma, c_crossattn=ctx)
+
+    plain = run(model)
+    with lora.attached():
+        hooked = run(model)
+    assert torch.equal(run(model), plain)  # hooks gone: the shared model is untouched
     assert (hooked - plain).abs().max() > 1e-4
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
-    import comfy.model_management as mm
-    mm.load_models_gpu([patched])
     try:
-        with torch.no_grad():
-            merged = patched.model.apply_model(x, sigma, c_crossattn=ctx)
+        merged = run(patched)
     finally:
         patched.unpatch_model()
     torch.testing.assert_close(merged, hooked, rtol=1e-4, atol=1e-4)
+
+    wrapped = model.clone()
+    for path in lora.paths:
+        layer = lora.layer(path)
+        wrapped.add_weight_wrapper(f"diffusion_model.{path}.weight",
+                                   lambda w, layer=layer: w + (layer.up @ layer.down * layer.scale).to(w.dtype))
+    torch.testing.assert_close(run(wrapped), hooked, rtol=1e-4, atol=1e-4)
+    assert torch.equal(run(model), plain)
 
     again = LoRA(unet, rank=4, alpha=2.0, seed=9)
     again.load_comfy_state_dict(sd)

@@ -96,7 +96,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
     data = write_data(tmp_path / "data")
 
     def hook(value, total, preview, node_id=None):
-        if value == 2:
+        if value == 2 and total == 5:  # training step 2 of 5 (the latent cache reports 6 images first)
             mm.interrupt_current_processing(True)  # what the UI's cancel button does
 
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -117,3 +117,39 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
     lib = productscene.library.CategoryLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
     assert lib.training["steps"] == 5
     assert engine.read_checkpoint_info(state)["step"] == 5
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_identifier_gets_no_gradient_through_product_positions_in_any_layer(pack, family, request):
+    """The trainer's gate is the inference one: with every cross-attention layer's input held fixed
+    (detached), the gradient of the layer's product-position output with respect to the identifier
+    vectors is exactly zero in every layer, and not zero on background positions."""
+    from productscene.attention import ProductRegion
+    from productscene.train import engine
+    from productscene.train.recipes import categories as cats
+    tm = request.getfixturevalue(family)
+    host = pack.nodes.training_host.ComfyTrainingHost(tm.model, tm.clip)
+    outputs = []
+    host.model.set_model_attn2_patch(lambda n, context, value, extra: (n.detach(), context, value))
+    host.model.set_model_attn2_output_patch(lambda n, extra: outputs.append((extra["activations_shape"], n)) or n)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 9, 13)
+    masks[0, 2:5, 3:7] = 1
+    masks[1, 5:8, 8:12] = 1
+    source = cats.MemorySource(torch.randn(2, 4, 9, 13, generator=g), masks, ["perfume", "tea"])
+    config = cats.CategoryConfig(template="a product photo on a {category} background", batch_size=2,
+                                 resolution=64, steps=1)
+    with engine.training_mode():
+        recipe = cats.CategoryRecipe(host, source, ["perfume", "tea"], config, seed=0)
+        with host.session(lora=recipe.lora):
+            batch = recipe.batch(0, torch.Generator().manual_seed(3))
+            recipe._forward(batch, capture_attention=False)
+            identifier = recipe.parameter_groups()["tokens"]
+            region = ProductRegion(batch["masks"])
+            for shape, out in outputs:
+                product = region.queries(tuple(shape[-2:]), (9, 13), out.device)  # [2, Nq]
+                on_product = torch.autograd.grad(out[product].sum(), identifier, retain_graph=True, allow_unused=True)
+                on_background = torch.autograd.grad(out[~product].sum(), identifier, retain_graph=True, allow_unused=True)
+                assert all(gr is None or float(gr.abs().max()) == 0.0 for gr in on_product)
+                assert max(float(gr.abs().max()) for gr in on_background if gr is not None) > 0.0
+    assert len(outputs) == len(pack.nodes.host.cross_attention_keys(tm.model))

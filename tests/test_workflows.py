@@ -1,5 +1,6 @@
-"""The bundled workflows. Every canvas file in workflows/ and its API twin (``x.json`` and
-``api/x.json``) describe the same graph, their links are consistent and typed as the server's
+"""The bundled workflows. Every canvas file in workflows/ (named for the template browser, which
+shows the file name as the template's title) and its API twin (``api/<id>.json``, the id in the
+canvas file's ``extra.productscene.workflow``) describe the same graph (the canvas's notes aside), their links are consistent and typed as the server's
 /object_info says, and every node type is known to a real ComfyUI server. End to end through that
 server, with the default (random-weight, detectable SD1.5) checkpoint:
 
@@ -21,27 +22,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from productscene.graph import bind, combo_options, target
 from productscene.errors import ProductSceneError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
-CANVAS = WORKFLOWS / "category_background.json"
 API = WORKFLOWS / "api" / "category_background.json"
 TRAIN_API = WORKFLOWS / "api" / "category_library_training.json"
 SAMPLES = ROOT / "samples" / "products"
 SAMPLE = SAMPLES / "perfume_bottle.png"
 
-# every canvas workflow (workflows/x.json, listed by ComfyUI's template browser) with its API twin
-# (workflows/api/x.json, which the template browser does not list)
+# every canvas workflow (workflows/<title>.json, listed by ComfyUI's template browser) with its API
+# twin (workflows/api/<id>.json, which the template browser does not list)
 CANVAS_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+# frontend-only nodes: on the canvas, never in a prompt
+VIRTUAL = {"Note", "MarkdownNote"}
+
+
+def workflow_id(canvas_path: Path) -> str:
+    return json.loads(canvas_path.read_text())["extra"]["productscene"]["workflow"]
 
 
 def api_twin(canvas_path: Path) -> Path:
-    return canvas_path.parent / "api" / canvas_path.name
+    return canvas_path.parent / "api" / f"{workflow_id(canvas_path)}.json"
 
 
-workflow_params = pytest.mark.parametrize("canvas_path", CANVAS_FILES, ids=[p.stem for p in CANVAS_FILES])
+def without_notes(canvas: dict) -> dict:
+    return {**canvas, "nodes": [n for n in canvas["nodes"] if n["type"] not in VIRTUAL]}
+
+
+workflow_params = pytest.mark.parametrize("canvas_path", CANVAS_FILES, ids=[workflow_id(p) for p in CANVAS_FILES])
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -129,7 +140,7 @@ def api_graph(api: dict) -> set:
 def test_every_workflow_has_its_twin():
     assert CANVAS_FILES, "no workflows found"
     assert sorted(api_twin(p) for p in CANVAS_FILES) == API_FILES, "canvas and API files do not pair up"
-    assert {p.name for p in CANVAS_FILES} >= {"category_background.json", "category_library_training.json"}
+    assert {workflow_id(p) for p in CANVAS_FILES} >= {"category_background", "category_library_training"}
 
 
 @workflow_params
@@ -163,7 +174,7 @@ def object_info(comfy_server):
 
 @workflow_params
 def test_twins_describe_the_same_graph(canvas_path, object_info):
-    canvas = json.loads(canvas_path.read_text())
+    canvas = without_notes(json.loads(canvas_path.read_text()))
     api = json.loads(api_twin(canvas_path).read_text())
     nodes, canvas_links = canvas_graph(canvas)
 
@@ -221,14 +232,12 @@ def _link_into(server, folder: str, path: Path) -> str:
     return path.name
 
 
-def _run(client, api: dict, set_inputs: dict) -> np.ndarray:
-    prompt = json.loads(json.dumps(api))
-    for (nid, name), value in set_inputs.items():
-        prompt[nid]["inputs"][name] = value
+def _run(client, api: dict, values: dict) -> np.ndarray:
+    """Run the workflow with ``values`` bound by the binding convention (productscene.graph)."""
+    prompt = bind(api, values)
     pid = client.queue(prompt)
     client.wait(pid, timeout=600)
-    save_id = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
-    images = client.outputs(pid, save_id)
+    images = client.outputs(pid, target(prompt, "output")[0])
     assert len(images) == 1, images
     data = client.download(images[0])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -251,18 +260,13 @@ def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_pat
     inside, outside = alpha == 255, alpha == 0
     assert inside.sum() > 100 and outside.sum() > 100
 
+    # the API twin as shipped, bound the way the batch client binds it (node titles)
     api = json.loads(API.read_text())
-    ids = {n["class_type"]: k for k, n in api.items()}
-    common = {
-        (ids["CheckpointLoaderSimple"], "ckpt_name"): ckpt_name,
-        (ids["ProductSceneCategoryTokens"], "library"): lib_name,
-        (ids["LoadImage"], "image"): uploaded,
-        (ids["KSampler"], "steps"): 1,
-        (ids["KSampler"], "seed"): 7,
-    }
+    common = {"Checkpoint.ckpt_name": ckpt_name, "Category prompt.library": lib_name, "product": uploaded,
+              "Sampler.steps": 1, "seed": 7}
     results = {}
     for category in ("perfume", "tools"):
-        results[category] = _run(client, api, {**common, (ids["ProductSceneCategoryTokens"], "category"): category})
+        results[category] = _run(client, api, {**common, "category": category})
 
     for category, out in results.items():
         assert out.shape == rgb.shape, category
@@ -275,12 +279,6 @@ def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_pat
     a, b = results["perfume"], results["tools"]
     assert (a[outside] != b[outside]).any(-1).mean() > 0.1
     assert np.array_equal(a[inside], b[inside])
-
-
-def _combo_options(spec) -> list:
-    if isinstance(spec[0], list):
-        return spec[0]
-    return (spec[1] if len(spec) > 1 else {}).get("options", [])
 
 
 def test_training_workflow_end_to_end(comfy_server, default_model_files):
@@ -336,7 +334,7 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
 
     # the new library is offered by Category Tokens (ComfyUI re-lists combo options per request)
     info = client.object_info("ProductSceneCategoryTokens")["ProductSceneCategoryTokens"]
-    options = _combo_options(info["input"]["required"]["library"])
+    options = combo_options(info["input"]["required"]["library"])
     assert library_name in options, options
-    index = client._get("/productscene/libraries")
-    assert sorted(index[library_name]["categories"]) == sorted(categories)
+    listed = client._get("/productscene/libraries/categories", library=library_name)
+    assert sorted(listed["categories"]) == sorted(categories)

@@ -113,12 +113,6 @@ class Dataset:
     def category_index(self, name: str) -> int:
         return self._cat_index[name]
 
-    def by_category(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {c: [] for c in self.categories}
-        for i, it in enumerate(self.items):
-            out[it.category].append(i)
-        return out
-
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Full-size ``(rgb uint8 [H,W,3], product mask bool [H,W])`` of item ``i``."""
         return read_item(self.items[i])

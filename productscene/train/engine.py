@@ -387,6 +387,14 @@ def read_checkpoint_info(path) -> dict:
 
 
 @contextlib.contextmanager
+def training_mode():
+    """Gradients on, even inside a host's ``torch.inference_mode()`` (ComfyUI runs nodes in it):
+    tensors made inside are normal tensors that autograd can save."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextlib.contextmanager
 def gradient_checkpointing(modules: Iterable[torch.nn.Module]):
     """Run each module's forward under ``torch.utils.checkpoint`` (recompute in backward, less
     activation memory) while inside; the original forwards come back on exit."""

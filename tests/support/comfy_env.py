@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
 import logging
 import os
 import re
@@ -137,16 +136,5 @@ def import_pack(name: str = "productscene_pack_under_test") -> types.ModuleType:
     can be unit-tested: ``pack = import_pack(); pack.nodes.product_mask.SomeNode``.
     Does not register anything in ``nodes.NODE_CLASS_MAPPINGS`` (tests/test_loader.py does that
     through ComfyUI's own loader)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    from productscene.cli import import_repo_as_pack
+    return import_repo_as_pack(name)

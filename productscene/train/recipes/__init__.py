@@ -4,9 +4,11 @@ host; a diffusers adapter could implement the same protocol."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import ContextManager, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from ...prompt import Prompt
 
 
 @dataclass
@@ -14,8 +16,15 @@ class Encoded:
     """A differentiable text encoding of a batch of prompts."""
     cond: torch.Tensor                 # [B, rows, context_width]
     pooled: torch.Tensor | None        # [B, pooled_width] (SDXL needs it) or None
-    rows: tuple[int, ...]              # rows of the identifier (same for every prompt of the batch)
+    rows: tuple[Mapping[str, tuple[int, ...]], ...]   # per prompt: {placeholder: its rows}
     context_rows: int                  # rows of each encoded prompt
+
+    def select(self, index: torch.Tensor) -> "Encoded":
+        """The prompts at ``index`` (e.g. one encoding per category, gathered per sample)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Encoded(self.cond[idx.to(self.cond.device)],
+                       self.pooled[idx.to(self.pooled.device)] if self.pooled is not None else None,
+                       tuple(self.rows[int(i)] for i in idx), self.context_rows)
 
 
 @runtime_checkable
@@ -27,14 +36,24 @@ class DiffusionHost(Protocol):
     unet: torch.nn.Module              # module tree that LoRA targets are searched in
     lora_prefix: str                   # key prefix of that tree in ComfyUI LoRA files ("diffusion_model.")
     num_timesteps: int
+    latent_namespace: str              # identifies the VAE (latent caches never mix two)
 
-    def token_vectors(self, word: str) -> Mapping[str, torch.Tensor]:
-        """``{encoder: [n_tokens, width]}``: the word's token embeddings (no start/end tokens)."""
+    def session(self, lora=None, latent_shape: Sequence[int] | None = None,
+                gradient_checkpoint: bool = False) -> ContextManager:
+        """While inside: the model (with ``lora``'s weight functions attached once) and its text
+        encoder loaded on ``device`` for training batches of ``latent_shape``, base weights frozen,
+        gradients on. Everything is undone on exit."""
 
-    def encode(self, template: str, vectors: Sequence[Mapping[str, torch.Tensor]]) -> Encoded:
-        """Encode ``template`` (holding ``{category}`` once) for each entry of ``vectors``
-        (``{encoder: [n, width]}``), splicing the vectors in at ``{category}``. Gradients reach the
-        vectors."""
+    def token_embeddings(self, word: str) -> Mapping[str, torch.Tensor]:
+        """``{encoder: [t, width]}``: the word's token embeddings (no start/end tokens); raises
+        ProductSceneError when the word has no tokens."""
+
+    def encode(self, prompts: Sequence[Prompt]) -> Encoded:
+        """Encode each prompt with its placeholders' vectors spliced in (one splicing path:
+        ``productscene.prompt.PromptTemplate``). Gradients reach the vectors."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[B, C, h, w]`` (in the model's latent space) of ``[B, H, W, 3]`` images."""
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Noise levels of integer timesteps (on ``device``)."""

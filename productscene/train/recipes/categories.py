@@ -1,27 +1,32 @@
-"""The category-library recipe (Category-Wise Generator, SPEC section 1).
+"""The category-library recipe (Category-Wise Generator, SPEC section 1) and its run.
 
 Learns every category's identifier vectors (one ``[C, n, width]`` tensor per text encoder, rows
-initialised from a word's token embedding) plus ONE shared LoRA on the UNet, with the mask-guided
-gate active during training: each batch's product masks go into a ``CategoryGate`` so the
-identifier never attends to product pixels. The noise-prediction MSE is weighted to the
-background. The result is written as a category library (``productscene.library``).
+initialised from each category's init word, :func:`productscene.prompt.init_vectors`) plus ONE
+shared LoRA on the UNet, with the mask-guided gate active during training: each batch's product
+masks go into a ``CategoryGate`` whose product positions attend the template encoded without the
+identifier (as at inference). The noise-prediction MSE is weighted to the background.
+
+:func:`train_category_library` is the whole run (data check, latent cache, resume, training,
+licence, summary, library file) shared by the node and the command line; hosts only adapt.
 """
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ...attention import AttentionCapture, CategoryGate, SceneAttention
 from ...errors import ProductSceneError
 from ...library import CategoryLibrary, check_family
-from ...prompt import PLACEHOLDER, check_template
-from ..engine import Phase
+from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
+from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
+from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
-from . import DiffusionHost, Encoded
+from . import DiffusionHost
 
 BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
                  "inherit that restriction.")
@@ -29,7 +34,7 @@ BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use 
 
 @dataclass
 class CategoryConfig:
-    template: str = "a product photo on a {category} background"
+    template: str = DEFAULT_TEMPLATE
     vectors_per_token: int = 1
     rank: int = 4
     alpha: float | None = None
@@ -42,7 +47,7 @@ class CategoryConfig:
     token_warmup_steps: int = 0      # first steps train only the identifiers (then identifiers + LoRA)
     product_weight: float = 0.1      # loss weight on product pixels (background = 1)
     gate_strength: float = 1.0
-    gate_grow: int = 0
+    gate_grow_latent_px: int = 0     # the gate's protected area grown by this many latent pixels
     min_timestep: int = 0
     max_timestep: int | None = None  # exclusive; None = the model's number of timesteps
     init_word: str | None = None     # one word for every category; None = each name's first word
@@ -114,7 +119,7 @@ class CategoryRecipe:
     """Recipe for :class:`~productscene.train.engine.Trainer` (groups ``tokens`` and ``lora``)."""
 
     def __init__(self, host: DiffusionHost, source, categories: Sequence[str], config: CategoryConfig | None = None,
-                 seed: int = 0, init_vectors: Mapping[str, torch.Tensor] | None = None):
+                 seed: int = 0, initial: Mapping[str, torch.Tensor] | None = None):
         self.host = host
         self.source = source
         self.config = config or CategoryConfig()
@@ -137,34 +142,32 @@ class CategoryRecipe:
             raise ProductSceneError(f"data: categories {sorted(unknown)[:10]} are not among the categories being trained")
         n = int(self.config.vectors_per_token)
         device = host.device
-        # identifier vectors, initialised from each category's word
+        # identifier vectors, initialised from each category's init word
         self.init_words = {}
-        if init_vectors is None:
+        if initial is None:
             rows = {e: [] for e in self.encoders}
             cache: dict[str, Mapping[str, torch.Tensor]] = {}
             for c in self.categories:
                 word = self.config.init_word or default_init_word(c)
-                emb = cache.get(word)
-                if emb is None:
-                    emb = host.token_vectors(word)
-                    if any(v.shape[0] == 0 for v in emb.values()):
-                        word, emb = "background", host.token_vectors("background")
-                    cache[word] = emb
+                if word not in cache:
+                    try:
+                        cache[word] = host.token_embeddings(word)
+                    except ProductSceneError:  # a word without tokens (e.g. only punctuation)
+                        word = "background"
+                        cache.setdefault(word, host.token_embeddings(word))
                 self.init_words[c] = word
                 for e in self.encoders:
-                    v = emb[e].detach().float().cpu()
-                    v = v[:n] if v.shape[0] >= n else torch.cat([v, v[-1:].expand(n - v.shape[0], -1)])
-                    rows[e].append(v)
-            init_vectors = {e: torch.stack(r) for e, r in rows.items()}
+                    rows[e].append(init_vectors(cache[word][e].detach().cpu(), n))
+            initial = {e: torch.stack(r) for e, r in rows.items()}
         # identifier_c = init_c + shared + (offset_c - mean_k offset_k): the shared part takes what
         # helps every category alike, the centred offsets only what tells categories apart (without
         # it one identifier drifts to be "generally best" and the others follow the data noise)
-        self.init = {e: init_vectors[e].detach().float().clone().to(device) for e in self.encoders}
+        self.init = {e: initial[e].detach().float().clone().to(device) for e in self.encoders}
         self.shared = {e: torch.nn.Parameter(torch.zeros(1, *self.init[e].shape[1:], device=device)) for e in self.encoders}
         self.offsets = {e: torch.nn.Parameter(torch.zeros_like(self.init[e])) for e in self.encoders}
         for e, v in self.init.items():
             if tuple(v.shape) != (len(self.categories), n, self.encoders[e]):
-                raise ProductSceneError(f"init_vectors: {e} must be [{len(self.categories)}, {n}, {self.encoders[e]}], got {list(v.shape)}")
+                raise ProductSceneError(f"initial: {e} must be [{len(self.categories)}, {n}, {self.encoders[e]}], got {list(v.shape)}")
         self.lora = LoRA(host.unet, rank=self.config.rank, alpha=self.config.alpha, targets=self.config.targets,
                          prefix=host.lora_prefix, seed=seed + 7919, device=device)
         hi = self.config.max_timestep if self.config.max_timestep is not None else host.num_timesteps
@@ -172,6 +175,7 @@ class CategoryRecipe:
             raise ProductSceneError(f"timesteps: expected 0 <= min < max <= {host.num_timesteps}, got {self.config.min_timestep}, {hi}")
         self.t_range = (int(self.config.min_timestep), int(hi))
         self.identifier_product_attention: list[float] = []
+        self._free: torch.Tensor | None = None
 
     # -- engine protocol -------------------------------------------------------------------------
     def parameter_groups(self):
@@ -190,7 +194,7 @@ class CategoryRecipe:
         return {"latents": latents, "masks": masks, "noise": noise, "timesteps": t, "categories": cats}
 
     def loss(self, batch, step):
-        pred, target, weights, enc, capture, scene = self._forward(batch, self.config.monitor_attention, grad=True)
+        pred, target, weights, enc, capture, scene = self._forward(batch, self.config.monitor_attention)
         loss = weighted_mse(pred, target, weights)
         logs = {}
         if capture is not None:
@@ -220,6 +224,15 @@ class CategoryRecipe:
                 for e in self.encoders}
         return [{e: rows[e][i] for e in self.encoders} for i in range(len(idx))]
 
+    def free_context(self) -> torch.Tensor:
+        """The template encoded without the identifier (``[1, R, C]``), what product positions
+        attend: the same for every category, encoded once per run (the identifier never reaches it,
+        so it gets no gradient through product positions)."""
+        if self._free is None:
+            with torch.no_grad():
+                self._free = self.host.encode([Prompt(category_free_template(self.config.template))]).cond.detach()
+        return self._free
+
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
         """Every category's identifier ``{encoder: [C, n, width]}`` (detached)."""
@@ -227,7 +240,7 @@ class CategoryRecipe:
             return {e: self.init[e] + self.shared[e] + (self.offsets[e] - self.offsets[e].mean(0, keepdim=True))
                     for e in self.encoders}
 
-    def _forward(self, batch, capture_attention: bool, grad: bool, categories: torch.Tensor | None = None):
+    def _forward(self, batch, capture_attention: bool, categories: torch.Tensor | None = None):
         host = self.host
         dev = host.device
         latents = batch["latents"].to(dev)
@@ -236,22 +249,19 @@ class CategoryRecipe:
         cats = batch["categories"] if categories is None else categories
         # encode each distinct category once, then gather per sample
         uniq, inverse = torch.unique(cats, return_inverse=True)
-        enc = host.encode(self.config.template, self.vectors_for(uniq))
-        if len(uniq) != len(cats):
-            inv = inverse.to(enc.cond.device)
-            enc = Encoded(enc.cond[inv], enc.pooled[inv] if enc.pooled is not None else None,
-                          enc.rows, enc.context_rows)
+        prompts = [Prompt(self.config.template, {PLACEHOLDER: v}) for v in self.vectors_for(uniq)]
+        enc = host.encode(prompts).select(inverse)
+        rows = enc.rows[0][PLACEHOLDER]  # one template: the same rows for every sample
         sigma = host.sigmas(batch["timesteps"].to(dev))
         x = host.add_noise(latents, noise, sigma)
-        gate = CategoryGate(masks.detach().float().cpu(), enc.rows, enc.context_rows,
-                            strength=self.config.gate_strength, grow=self.config.gate_grow)
+        gate = CategoryGate(masks.detach().float(), self.free_context(), strength=self.config.gate_strength,
+                            grow_latent_px=self.config.gate_grow_latent_px)
         scene = SceneAttention().with_gate(gate)
         capture = None
         if capture_attention:
-            capture = AttentionCapture({"identifier": enc.rows}, downsample=None)
+            capture = AttentionCapture({"identifier": rows}, downsample=None)
             scene = scene.with_capture(capture)
-        with self.lora.attached():
-            pred = host.predict_noise(x, sigma, enc, scene)
+        pred = host.predict_noise(x, sigma, enc, scene)
         weights = background_weights(masks, latents.shape[-2:], 1.0, self.config.product_weight)
         return pred, noise, weights, enc, capture, scene
 
@@ -276,7 +286,7 @@ class CategoryRecipe:
         """Per-sample background-weighted noise-prediction loss ``[B]`` with the identifier of
         ``categories`` (gate and LoRA on). Give the same noise and timesteps to compare tokens."""
         batch = {"latents": latents, "masks": masks, "noise": noise, "timesteps": timesteps, "categories": categories}
-        pred, target, weights, *_ = self._forward(batch, False, grad=False)
+        pred, target, weights, *_ = self._forward(batch, False)
         return per_sample_weighted_mse(pred, target.to(pred.device), weights.to(pred.device)).cpu()
 
     # -- output ----------------------------------------------------------------------------------
@@ -287,3 +297,95 @@ class CategoryRecipe:
         return CategoryLibrary.write(path, self.categories, self.library_vectors(), self.family,
                                      init_words=self.init_words, lora=self.lora.comfy_state_dict(),
                                      training=training, license=license)
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class CategoryRun:
+    library: str | None          # the written library; None when the run was cancelled
+    result: TrainResult | None   # None when cancelled before the first step (while caching latents)
+    report: DatasetReport
+    recipe: CategoryRecipe | None
+    graph: torch.Tensor          # the loss graph as an IMAGE tensor
+
+    @property
+    def cancelled(self) -> bool:
+        return self.library is None
+
+
+class _Stopped(Exception):
+    pass
+
+
+def checked_dataset(data, layout: str = "folder", split: str = "train") -> tuple[Dataset, DatasetReport]:
+    """Open a data set and check every file (one deep read); raise one ProductSceneError listing
+    every problem."""
+    ds = open_dataset(data, layout, split)
+    report = check(ds)
+    report.raise_if_problems()
+    return ds, report
+
+
+def train_category_library(host: DiffusionHost, data, out_path, config: CategoryConfig, *,
+                           layout: str = "folder", split: str = "train", checked: DatasetReport | None = None,
+                           seed: int = 0, cache_dir, checkpoint_path=None, checkpoint_every: int = 0,
+                           resume: bool | str = False, autocast="auto",
+                           progress: Callable[[int, int, float], None] | None = None,
+                           latent_progress: Callable[[int, int], None] | None = None,
+                           should_stop: Callable[[], bool] | None = None, license: str | None = None,
+                           gradient_checkpoint: bool = False) -> CategoryRun:
+    """The whole category-library run: check the data (once; pass ``checked`` with an opened
+    ``data`` set to reuse a report), encode every image's VAE latent once into the cache, train,
+    and write the library to ``out_path`` with its licence and training summary.
+
+    Data problems raise before any model work and nothing is written. ``resume``: True = from
+    ``checkpoint_path`` if it exists, or a checkpoint path. When ``should_stop`` ends the run early
+    the checkpoint is saved and ``library`` is None (the host then reports the cancel its way).
+    """
+    if checked is None:
+        ds, report = checked_dataset(data, layout, split)
+    else:
+        ds, report = data, checked
+        report.raise_if_problems()
+    resume_from = None
+    if resume:
+        resume_from = resume if isinstance(resume, (str, os.PathLike)) else checkpoint_path
+        if resume_from is None or not os.path.isfile(resume_from):
+            if isinstance(resume, (str, os.PathLike)):
+                raise ProductSceneError(f"resume: checkpoint {resume!r} not found")
+            resume_from = None  # nothing to resume yet: start fresh
+
+    def latents_done(n, total):
+        if latent_progress is not None:
+            latent_progress(n, total)
+        if should_stop is not None and should_stop():
+            raise _Stopped
+
+    with training_mode():
+        cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
+        try:
+            cache.warm(progress=latents_done)  # every latent once, before the model is loaded to train
+        except _Stopped:
+            return CategoryRun(None, None, report, None, loss_graph([]))
+        recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=seed)
+        trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
+                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                          progress=progress, should_stop=should_stop, name="categories")
+        latent_shape = (int(config.batch_size),) + tuple(cache.get(0)[0].shape)
+        with host.session(lora=recipe.lora, latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
+            result = trainer.run(resume=resume_from)
+    graph = loss_graph(result.history)
+    if result.cancelled:
+        return CategoryRun(None, result, report, recipe, graph)
+    if license is None and layout == "bg60k":
+        license = BG60K_LICENSE
+    h = result.history
+    summary = {
+        "recipe": "categories", "steps": result.steps_done, "seed": seed, "images": len(ds),
+        "categories": len(ds.categories), "layout": layout, "resolution": int(config.resolution),
+        "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None,
+        "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
+        "config": recipe.describe()["config"], "latent_cache": {"hits": cache.hits, "misses": cache.misses},
+    }
+    path = recipe.write_library(out_path, training=summary, license=license)
+    return CategoryRun(path, result, report, recipe, graph)
