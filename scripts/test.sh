@@ -9,6 +9,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup_host.sh"
+bash "$root/scripts/setup_browser.sh"   # chromium for the canvas tests (tests/test_canvas_browser.py)
 cd "$root"
 
 mapfile -t hosts < "$root/.venv/productscene-hosts"
