@@ -42,17 +42,44 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _link(src: Path, dst: Path) -> None:
+def _place(src: Path, dst: Path, *, copy: bool = False) -> None:
+    """Put ``src`` at ``dst``: a symlink (a copy where the file system has none), or a copy when
+    ``copy`` is set."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() or dst.is_symlink():
         raise ProductSceneError(f"{dst.parent.name}: two files are both named {dst.name!r}")
+    if not copy:
+        try:
+            dst.symlink_to(src, target_is_directory=src.is_dir())
+            return
+        except OSError:  # file systems without symlinks
+            pass
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+# CUDA (and ROCm), XPU or MPS, as torch reports them; ``bool()`` stands in for a backend torch lacks.
+_GPU_CHECK = ("torch.cuda.is_available() or getattr(getattr(torch, 'xpu', None), 'is_available', bool)() "
+              "or getattr(getattr(torch.backends, 'mps', None), 'is_available', bool)()")
+
+
+def gpu_usable(python: str | None = None, env: dict | None = None) -> bool:
+    """Whether ComfyUI started with ``python`` would find a GPU through torch. Asked in this process
+    when it is that interpreter and has loaded torch already, else in a short subprocess (a few
+    seconds: it imports torch); False when torch cannot be asked."""
+    python = python or sys.executable
+    torch = sys.modules.get("torch")
+    if torch is not None and os.path.abspath(python) == os.path.abspath(sys.executable):
+        return bool(eval(_GPU_CHECK, {"torch": torch}))
     try:
-        dst.symlink_to(src, target_is_directory=src.is_dir())
-    except OSError:  # file systems without symlinks
-        if src.is_dir():
-            shutil.copytree(src, dst)
-        else:
-            shutil.copy2(src, dst)
+        r = subprocess.run([python, "-c", f"import sys, torch; sys.exit(0 if ({_GPU_CHECK}) else 3)"],
+                           env={**os.environ, **(env or {})}, timeout=120, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
 
 
 class ComfyServer:
@@ -64,9 +91,11 @@ class ComfyServer:
       pack_name: its folder name under custom_nodes/.
       models: ``{folder: [files or dirs]}`` linked into ``models/<folder>/`` (e.g. ``checkpoints``,
         ``embeddings``, ``category_libraries``).
-      inputs: files linked into ``input/``.
+      inputs: files (or folders) copied into ``input/``. Copied, not linked: ComfyUI 0.33 refuses an
+        input whose real path lies outside the input folder.
       python: interpreter for the server (default: the current one).
-      cpu: pass ``--cpu``.
+      cpu: pass ``--cpu``; ``None`` (default) follows the machine: ``--cpu`` only when ``python``
+        finds no GPU (:func:`gpu_usable`).
       extra_args: more ComfyUI arguments.
       timeout: seconds to wait until ``GET /object_info`` answers.
       base_dir: use this (existing or new) directory as base instead of a temporary one (kept).
@@ -74,7 +103,7 @@ class ComfyServer:
     """
 
     def __init__(self, comfyui_dir, *, pack_dir=PACK_ROOT, pack_name: str = DEFAULT_PACK_NAME,
-                 models: dict | None = None, inputs=(), python: str | None = None, cpu: bool = True,
+                 models: dict | None = None, inputs=(), python: str | None = None, cpu: bool | None = None,
                  extra_args=(), timeout: float = 180.0, host: str = "127.0.0.1",
                  base_dir=None, env: dict | None = None, disable_api_nodes: bool = True):
         self.comfyui_dir = Path(comfyui_dir).resolve()
@@ -90,6 +119,8 @@ class ComfyServer:
         self.inputs = [Path(p) for p in inputs]
         self.python = python or sys.executable
         self.cpu = cpu
+        self._use_cpu: bool | None = None if cpu is None else bool(cpu)
+        self.main_py = self.comfyui_dir / "main.py"
         self.extra_args = list(extra_args)
         self.timeout = timeout
         self.host = host
@@ -108,6 +139,13 @@ class ComfyServer:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def use_cpu(self) -> bool:
+        """``--cpu`` or not: the ``cpu`` argument, else whether ``python`` finds no GPU (asked once)."""
+        if self._use_cpu is None:
+            self._use_cpu = not gpu_usable(self.python, self.env)
+        return self._use_cpu
+
+    @property
     def custom_nodes_dir(self) -> Path:
         return self.base_dir / "custom_nodes"
 
@@ -121,17 +159,16 @@ class ComfyServer:
         for sub in PRIVATE_DIRS:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         if self.pack_dir is not None and not self.pack_path.exists():
-            _link(self.pack_dir, self.pack_path)
+            _place(self.pack_dir, self.pack_path)
         for folder, files in self.models.items():
             for f in files:
                 if not f.exists():
                     raise ProductSceneError(f"models[{folder!r}]: file not found: {f}")
-                _link(f.resolve(), self.base_dir / "models" / folder / f.name)
+                _place(f.resolve(), self.base_dir / "models" / folder / f.name)
         for f in self.inputs:
             if not f.exists():
                 raise ProductSceneError(f"inputs: file not found: {f}")
-            _link(f.resolve(), self.base_dir / "input" / f.name)
-        self.main_py = self.comfyui_dir / "main.py"
+            _place(f.resolve(), self.base_dir / "input" / f.name, copy=True)
         if (self.comfyui_dir / "extra_model_paths.yaml").exists():
             # main.py always reads extra_model_paths.yaml beside its real path; run it from a shim
             # tree (copied main.py, everything else linked) so the user's model paths stay out.
@@ -149,7 +186,7 @@ class ComfyServer:
         cmd = [self.python, str(self.main_py), "--listen", self.host, "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}"]
-        if self.cpu:
+        if self.use_cpu:
             cmd.append("--cpu")
         if self.disable_api_nodes:
             cmd.append("--disable-api-nodes")

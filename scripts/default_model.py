@@ -86,15 +86,29 @@ def say(msg: str) -> None:
 
 
 def comfy_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    return Path(env) if env else ROOT / ".venv" / "comfyui"
+    """The ComfyUI tree the default model is built and checked with: ``PRODUCTSCENE_COMFYUI`` (as
+    for the tests and scripts/test.sh's second host), else ``COMFYUI_PATH`` (as for the command
+    line), else the development host ``.venv/comfyui``."""
+    env = os.environ.get("PRODUCTSCENE_COMFYUI") or os.environ.get("COMFYUI_PATH")
+    return (Path(env) if env else ROOT / ".venv" / "comfyui").resolve()
 
 
 def _import_paths() -> None:
     # ComfyUI's tree must come before the repo root: the repo has a nodes/ package and ComfyUI a
     # nodes.py, and `import nodes` must give ComfyUI's.
-    if str(comfy_path()) not in sys.path:
-        sys.path.insert(0, str(comfy_path()))
+    tree = comfy_path()
+    if not (tree / "main.py").is_file() or not (tree / "comfy").is_dir():
+        raise RuntimeError(f"no ComfyUI tree at {tree} (no main.py and comfy/): set PRODUCTSCENE_COMFYUI to "
+                           "a ComfyUI tree or run `bash scripts/setup_host.sh`")
+    loaded = sys.modules.get("comfy")
+    if loaded is not None:
+        # already imported in this process (the tests): it must be the tree asked for, never another
+        where = [Path(p).resolve().parent for p in getattr(loaded, "__path__", [])]
+        if where and tree not in where:
+            raise RuntimeError(f"ComfyUI is already imported from {where[0]}, but the default model was "
+                               f"asked to use {tree} (PRODUCTSCENE_COMFYUI)")
+    if str(tree) not in sys.path:
+        sys.path.insert(0, str(tree))
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
     if "comfy.model_management" not in sys.modules:
@@ -348,7 +362,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     a = ap.parse_args(argv)
     t0 = time.time()
-    ckpt, lib = ensure_defaults(a.cache_dir, force=a.force, verify=not a.no_verify)
+    try:
+        ckpt, lib = ensure_defaults(a.cache_dir, force=a.force, verify=not a.no_verify)
+    except RuntimeError as e:
+        print(f"default_model: error: {e}", file=sys.stderr, flush=True)
+        return 2
     say(f"default model:   {ckpt}")
     say(f"default library: {lib}")
     say(f"({time.time() - t0:.1f} s)")

@@ -236,12 +236,12 @@ def run(args) -> int:
     if args.server:
         return _run_with(args.server, args, products, ckpt_name, lib_name, out_dir, t_start)
     from productscene.launcher import ComfyServer
-    log("starting ComfyUI headless on loopback (CPU unless a GPU is present) ...")
+    log("starting ComfyUI headless on loopback (" + ("a GPU where torch finds one" if args.gpu else "CPU; --gpu lets it use a GPU") + ") ...")
     t0 = time.time()
     try:
         server = ComfyServer(default_model.comfy_path(),
                              models={"checkpoints": [ckpt_file], "category_libraries": [lib_file]},
-                             cpu=not args.gpu)
+                             cpu=None if args.gpu else True)
         server.start()
     except ProductSceneError as e:
         raise DemoError(f"ComfyUI could not be started: {e}") from None

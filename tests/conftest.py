@@ -7,18 +7,28 @@ Fixtures (all built lazily, on first use):
   pack                 (session) the repo imported as a ComfyUI pack package (comfy_env.import_pack())
   comfy_nodes          (session) ComfyUI's ``nodes`` module (core nodes)
   comfy_server         (session) (ComfyServer, ComfyClient): a real ComfyUI server process with this
-                       pack in custom_nodes/productscene_pack_under_test (about 10-15 s to start)
-  default_model_files  (session) (checkpoint, library) of the demo's random-weight default model
+                       pack in custom_nodes/productscene_pack_under_test and the sample products
+                       (samples/products/*.png) in its input folder (about 10-15 s to start)
+  default_model_files  (session) the demo's default checkpoint and library, cached in .cache/
   world                (session) scripts/world_model.World: the small synthetic world and its
                        PRETRAINED base model (.checkpoint, .data, .categories, .meta), built once
                        and cached in .cache/productscene/world-<version>/ (minutes, first run only)
   world_models         (session) (model, clip, vae) of the world base through ComfyUI's loader
                        (fast text encoder; shared: clone before patching)
+
+Host-level tests: every test that uses one of HOST_FIXTURES, every test in a module that imports
+ComfyUI's own modules (comfy, nodes, comfy_api, ...), and every test marked ``pytest.mark.host`` (a
+module that reaches ComfyUI some other way, e.g. its own ComfyServer or a subprocess, puts
+``pytestmark = pytest.mark.host`` at its top). scripts/test.sh runs the whole suite on the first
+host and the host-level tests on the second (PRODUCTSCENE_HOST_TESTS_ONLY=1 selects them).
 """
 from tests.support import comfy_env  # noqa: F401  (first: sys.path, CPU, private base dir)
 from tests.support.scripts import load_script
 
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +40,58 @@ TORCH_THREADS = int(os.environ.get("PRODUCTSCENE_TORCH_THREADS", "1"))
 torch.set_num_threads(TORCH_THREADS)
 
 
+# Fixtures that hand a test ComfyUI's own code (models, nodes, the loader, a server): a test that
+# uses one of them (directly or through another fixture) is host-level. Add new ones here.
+HOST_FIXTURES = frozenset({"sd15", "sd2", "sdxl", "pack", "comfy_nodes", "comfy_server", "default_model_files"})
+HOST_TESTS_ONLY = os.environ.get("PRODUCTSCENE_HOST_TESTS_ONLY", "") in ("1", "true", "yes")
+HOST_LABEL = f"ComfyUI {comfy_env.COMFYUI_VERSION}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("filterwarnings", r"ignore:builtin type [sS]wig:DeprecationWarning")
+    config.addinivalue_line("markers", "host: a host-level test (runs on every ComfyUI host scripts/test.sh tests)")
+
+
+def pytest_report_header(config):
+    scope = "host-level tests only" if HOST_TESTS_ONLY else "all tests"
+    return f"host: {HOST_LABEL} at {comfy_env.COMFYUI_DIR} (python {sys.executable}; {scope})"
+
+
+def _imports_comfyui(module) -> bool:
+    """Whether a test module holds one of ComfyUI's own modules (``import comfy.sd``, ``import nodes``)."""
+    for value in vars(module).values():
+        where = getattr(value, "__path__", None) or [getattr(value, "__file__", None) or ""]
+        if isinstance(value, types.ModuleType) and any(
+                p and Path(p).resolve().is_relative_to(comfy_env.COMFYUI_DIR) for p in where):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    comfy_modules = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in comfy_modules:
+            comfy_modules[module] = _imports_comfyui(module)
+        if HOST_FIXTURES.intersection(getattr(item, "fixturenames", ())) or comfy_modules.get(module):
+            item.add_marker(pytest.mark.host)
+    if HOST_TESTS_ONLY:
+        keep = [i for i in items if i.get_closest_marker("host")]
+        dropped = [i for i in items if not i.get_closest_marker("host")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line that says which host these results came from (scripts/test.sh collects them)."""
+    if config.option.collectonly:
+        return
+    counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
+    scope = "host-level tests" if HOST_TESTS_ONLY else "all tests"
+    terminalreporter.write_line(
+        f"[{HOST_LABEL}] {scope}: {counts['passed']} passed, {counts['failed'] + counts['error']} failed, "
+        f"{counts['skipped']} skipped")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +133,9 @@ def comfy_server():
     from productscene.launcher import ComfyServer
 
     threads = str(TORCH_THREADS)
-    with ComfyServer(comfy_env.COMFYUI_DIR, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as server:
+    inputs = sorted((comfy_env.REPO_ROOT / "samples" / "products").glob("*.png"))
+    with ComfyServer(comfy_env.COMFYUI_DIR, inputs=inputs, cpu=True if comfy_env.FORCE_CPU else None,
+                     env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as server:
         yield server, server.client()
 
 

@@ -103,6 +103,17 @@ def canvas_widgets(node: dict, info: dict) -> dict:
     return out
 
 
+def check_canvas_outputs(node: dict, info: dict) -> None:
+    """A canvas node's outputs are the server's outputs, in order. A core node may have gained
+    outputs since the file was saved (ComfyUI 0.33's SaveImage has an IMAGE output that 0.3.75's
+    lacks): links name outputs by index, so outputs appended at the end leave the file valid and the
+    canvas may lack them. Any other difference (another type, order or count) is a mismatch."""
+    canvas = [o["type"] for o in node["outputs"]]
+    server = list(info["output"])
+    assert canvas == server[:len(canvas)], \
+        f"node {node['id']} ({node['type']}): canvas outputs {canvas}, the server's {server}"
+
+
 def canvas_graph(canvas: dict) -> tuple[dict, set]:
     nodes = {str(n["id"]): n for n in canvas["nodes"]}
     links = set()
@@ -177,8 +188,7 @@ def test_twins_describe_the_same_graph(canvas_path, object_info):
         api_widgets = {k: v for k, v in api[nid]["inputs"].items() if not isinstance(v, list)}
         assert canvas_widgets(node, info) == api_widgets, f"node {nid} ({node['type']}): widget values differ"
         assert node.get("title") == api[nid].get("_meta", {}).get("title")
-        # canvas outputs are the server's outputs, in order
-        assert [o["type"] for o in node["outputs"]] == list(info["output"]), f"node {nid} ({node['type']}): outputs"
+        check_canvas_outputs(node, info)
         # every required input is given, links carry the type the input expects
         required = info["input"].get("required", {})
         optional = info["input"].get("optional", {})
@@ -193,6 +203,25 @@ def test_twins_describe_the_same_graph(canvas_path, object_info):
                 want = spec[0]
                 assert want == out_type or (isinstance(want, str) and out_type in want.split(",")), \
                     f"node {nid}.{name}: gets {out_type} from {origin}, expects {want}"
+
+
+def test_output_check_accepts_gained_outputs_and_catches_a_real_mismatch(object_info):
+    node = {"id": 1, "type": "CheckpointLoaderSimple",
+            "outputs": [{"name": n, "type": t} for n, t in (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))]}
+    info = object_info["CheckpointLoaderSimple"]
+    assert list(info["output"]) == ["MODEL", "CLIP", "VAE"]
+    check_canvas_outputs(node, info)
+    # saved before the node type gained its last output: accepted (SaveImage on 0.33: [] vs [IMAGE])
+    check_canvas_outputs(dict(node, outputs=node["outputs"][:2]), info)
+    check_canvas_outputs({"id": 2, "type": "SaveImage", "outputs": []}, dict(info, output=["IMAGE"]))
+    # real mismatches: a swapped pair, a wrong type, an output the server does not have, a missing middle one
+    swapped = [node["outputs"][0], node["outputs"][2], node["outputs"][1]]
+    wrong = [dict(node["outputs"][0], type="LATENT")] + node["outputs"][1:]
+    extra = node["outputs"] + [{"name": "LATENT", "type": "LATENT"}]
+    gap = [node["outputs"][0], node["outputs"][2]]
+    for outputs in (swapped, wrong, extra, gap):
+        with pytest.raises(AssertionError, match="canvas outputs"):
+            check_canvas_outputs(dict(node, outputs=outputs), info)
 
 
 def _link_into(server, folder: str, path: Path) -> str:

@@ -4,7 +4,9 @@ Import this module before anything imports ``comfy``, ``nodes`` or ``folder_path
 (``tests/conftest.py`` does it at collection time). Importing it:
 
 * puts the ComfyUI tree on ``sys.path[0]`` (default ``<repo>/.venv/comfyui``, made by
-  ``scripts/setup_host.sh``; the environment variable ``PRODUCTSCENE_COMFYUI`` overrides it).
+  ``scripts/setup_host.sh``; the environment variable ``PRODUCTSCENE_COMFYUI`` overrides it, as
+  ``scripts/test.sh`` does for the second host, with that host's python). ``COMFYUI_VERSION`` is
+  the tree's version.
   It must sit *before* the repo root: the repo has a ``nodes/`` package and ComfyUI a ``nodes.py``;
   ``import nodes`` must give ComfyUI's. (The pack's own ``nodes/`` is only ever imported as a
   subpackage of the pack, see :func:`import_pack`.)
@@ -22,6 +24,7 @@ import atexit
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,8 +38,21 @@ COMFYUI_DIR = Path(os.environ.get("PRODUCTSCENE_COMFYUI") or REPO_ROOT / ".venv"
 if not (COMFYUI_DIR / "main.py").is_file() or not (COMFYUI_DIR / "comfy").is_dir():
     raise RuntimeError(
         f"ComfyUI tree not found at {COMFYUI_DIR} (no main.py / comfy/). Run `bash scripts/setup_host.sh` "
-        "or point PRODUCTSCENE_COMFYUI at a ComfyUI 0.3.75 checkout."
+        "or point PRODUCTSCENE_COMFYUI at a ComfyUI tree (0.3.75 or 0.33)."
     )
+
+
+def comfyui_version(tree: Path = COMFYUI_DIR) -> str:
+    """The version a ComfyUI tree declares in its comfyui_version.py ("unknown" without one)."""
+    try:
+        text = (Path(tree) / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return m.group(1) if m else "unknown"
+
+
+COMFYUI_VERSION = comfyui_version()
 
 _comfy_str = str(COMFYUI_DIR)
 if _comfy_str in sys.path:
