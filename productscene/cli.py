@@ -180,8 +180,7 @@ def cmd_train_categories(args) -> int:
                 b.close()
     if run is None or run.library is None:
         print("\ncancelled; " + _saved_state(ckpt), file=sys.stderr)
-        signal.signal(signal.SIGINT, previous)
-        return 130
+        return 130  # Ctrl-C stays ignored while the process winds down
     signal.signal(signal.SIGINT, previous)
     h = run.result.history
     print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
@@ -205,15 +204,13 @@ def check_model_checkpoint(path: str) -> None:
     if not os.path.isfile(path):
         raise ProductSceneError(f"checkpoint: {path!r} not found")
     meta, index = read_header(path)
+    if any(k.startswith(("model.diffusion_model.", "diffusion_model.")) for k in index):
+        return
     kind = meta.get(FORMAT_KEY)
-    if kind:
-        raise ProductSceneError(
-            f"checkpoint: {os.path.basename(path)} is a ProductScene {kind.replace('_', ' ')}, not a model; "
-            f"give --checkpoint the Stable Diffusion checkpoint (UNet, CLIP and VAE) to train for")
-    if not any(k.startswith(("model.diffusion_model.", "diffusion_model.")) for k in index):
-        raise ProductSceneError(
-            f"checkpoint: {os.path.basename(path)} holds no diffusion model weights; give --checkpoint a full "
-            f"Stable Diffusion checkpoint (UNet, CLIP and VAE)")
+    what = f"is a ProductScene {kind.replace('_', ' ')}, not a model" if kind else "holds no diffusion model weights"
+    raise ProductSceneError(
+        f"checkpoint: {os.path.basename(path)} {what}; give --checkpoint a full Stable Diffusion checkpoint "
+        f"(UNet, CLIP and VAE) to train for")
 
 
 def cmd_build_library(args) -> int:

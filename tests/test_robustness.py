@@ -140,3 +140,101 @@ def test_interrupt_inside_a_step_keeps_the_last_completed_step_and_resume_matche
     for category in a.names:
         for enc, v in a.vectors(category).items():
             assert torch.allclose(v, b.vectors(category)[enc], atol=1e-5), (category, enc)
+
+
+# -- the command line -------------------------------------------------------------------------------------
+def _cli_env(**extra):
+    return dict(os.environ, COMFYUI_PATH=str(COMFYUI_DIR), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "productscene", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=_cli_env(), cwd=REPO_ROOT)
+
+
+def _train_args(data, checkpoint, out, tmp_path, steps=2):
+    return ["train-categories", "--data", data, "--checkpoint", checkpoint, "--out", out, "--steps", steps,
+            "--resolution", 64, "--batch-size", 2, "--rank", 2, "--cpu", "--cache-dir", tmp_path / "cache",
+            "--checkpoint-every", 0]
+
+
+def test_cli_out_that_cannot_be_written_is_refused_before_any_model_work(tmp_path, default_model_files):
+    data = _cutouts(tmp_path / "data")
+    (tmp_path / "afile").write_text("x")
+    t0 = time.monotonic()
+    done = run_cli(*_train_args(data, default_model_files[0], tmp_path / "afile" / "lib.safetensors", tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--out" in done.stderr and "'afile' on its way is a file" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "cache").exists()  # no latent was encoded
+    assert time.monotonic() - t0 < 60
+
+
+def test_cli_never_replaces_an_existing_library_without_overwrite(tmp_path, default_model_files):
+    data = _cutouts(tmp_path / "data")
+    out = tmp_path / "lib.safetensors"
+    CategoryLibrary.write(str(out), ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    before = out.read_bytes()
+    done = run_cli(*_train_args(data, default_model_files[0], out, tmp_path))
+    assert done.returncode == 2 and "--out" in done.stderr and "already exists" in done.stderr, done.stderr[-2000:]
+    assert "--overwrite" in done.stderr and out.read_bytes() == before
+    done = run_cli(*_train_args(data, default_model_files[0], out, tmp_path), "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert CategoryLibrary.open(out).names == ["perfume", "tools"]
+
+
+def test_cli_refuses_a_library_given_as_the_model_checkpoint(tmp_path, default_model_files):
+    data = _cutouts(tmp_path / "data")
+    done = run_cli(*_train_args(data, default_model_files[1], tmp_path / "out.safetensors", tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "checkpoint:" in done.stderr and "category library, not a model" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def _start_training(args, tmp_path, min_step: int):
+    """Start the command line; return (process, stderr so far) once training passed ``min_step``."""
+    import re
+    proc = subprocess.Popen([sys.executable, "-m", "productscene", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_cli_env(PRODUCTSCENE_PROGRESS="1"), cwd=REPO_ROOT)
+    seen = b""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        steps = [int(m) for m in re.findall(rb"training:\s+\d+%\|[^|]*\|\s*(\d+)/", seen)]
+        if steps and steps[-1] >= min_step:
+            return proc, seen
+    proc.kill()
+    raise AssertionError(seen.decode(errors="replace")[-3000:])
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_keeps_the_last_completed_step_and_resume_matches_an_uninterrupted_run(
+        tmp_path, default_model_files, presses):
+    data = _cutouts(tmp_path / "data")
+    ckpt, steps = default_model_files[0], 10
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_train_args(data, ckpt, straight, tmp_path, steps)).returncode == 0
+
+    out = tmp_path / "cancelled.safetensors"
+    proc, _ = _start_training(_train_args(data, ckpt, out, tmp_path, steps), tmp_path, min_step=3)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    err = err.decode(errors="replace")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    state = tmp_path / "cancelled.checkpoint.safetensors"
+    info = read_checkpoint_info(state)
+    assert 3 <= info["step"] < steps and len(info["history"]) == info["step"]
+    assert f"step {info['step']} of {steps} (the last completed step) is saved" in err, err[-2000:]
+    assert not out.exists()
+
+    done = run_cli(*_train_args(data, ckpt, out, tmp_path, steps), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = CategoryLibrary.open(straight), CategoryLibrary.open(out)
+    for category in a.names:
+        for enc, v in a.vectors(category).items():
+            assert torch.allclose(v, b.vectors(category)[enc], atol=1e-5), (category, enc)
