@@ -238,3 +238,42 @@ def test_ctrl_c_keeps_the_last_completed_step_and_resume_matches_an_uninterrupte
     for category in a.names:
         for enc, v in a.vectors(category).items():
             assert torch.allclose(v, b.vectors(category)[enc], atol=1e-5), (category, enc)
+
+
+# -- one bad file never takes a node down -----------------------------------------------------------------
+def _broken_library(path: Path, **bad):
+    from safetensors.torch import save_file
+    CategoryLibrary.write(str(path), ["marble", "wood"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
+    from productscene.files import read_header, load_tensors
+    meta, _ = read_header(path)
+    meta.update({k: json.dumps(v) for k, v in bad.items()})
+    save_file(load_tensors(path), str(path), metadata=meta)
+
+
+def test_a_broken_library_is_skipped_and_named_never_taking_the_node_down(comfy_server, tmp_path):
+    server, client = comfy_server
+    folder = Path(server.base_dir) / "models" / "category_libraries"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:6]
+    good = folder / f"ps_good_{tag}.safetensors"
+    CategoryLibrary.write(str(good), ["velvet"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    broken = {f"ps_bad_family_{tag}.safetensors": {"base_family": ["sd15"]},
+              f"ps_bad_encoders_{tag}.safetensors": {"encoders": [768]},
+              f"ps_bad_names_{tag}.safetensors": {"categories": "marble"},
+              f"ps_bad_count_{tag}.safetensors": {"vectors_per_token": "one"}}
+    for name, bad in broken.items():
+        _broken_library(folder / name, **bad)
+    try:
+        info = client.object_info("ProductSceneCategoryTokens")  # was HTTP 500
+        listed = info["ProductSceneCategoryTokens"]["input"]["required"]["library"]
+        listed = listed[0] if isinstance(listed[0], list) else listed[1]["options"]
+        assert good.name in listed and not any(n in listed for n in broken), listed
+        summary = client.libraries()
+        assert good.name in summary and not any(n in summary for n in broken)
+        assert client.library_categories(good.name) == ["velvet"]
+        log = server.log_tail(400)
+        for name in broken:
+            assert f"skipping the broken category library {name}" in log, name
+    finally:
+        for name in (good.name, *broken):
+            (folder / name).unlink()
