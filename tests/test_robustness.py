@@ -277,3 +277,96 @@ def test_a_broken_library_is_skipped_and_named_never_taking_the_node_down(comfy_
     finally:
         for name in (good.name, *broken):
             (folder / name).unlink()
+
+
+# -- silently wrong results, now said at the node that sees them first ------------------------------------
+CATEGORY_API = REPO_ROOT / "workflows" / "api" / "category_background.json"
+SAMPLE = REPO_ROOT / "samples" / "products" / "perfume_bottle.png"
+
+
+@pytest.fixture(scope="module")
+def category_graph(comfy_server, default_model_files, tmp_path_factory):
+    """(client, prompt(**changes) -> API graph, the uploaded product's RGBA pixels)."""
+    server, client = comfy_server
+    ckpt, lib = default_model_files
+    ckpt_name, lib_name = _link_into(server, "checkpoints", Path(ckpt)), _link_into(server, "category_libraries", Path(lib))
+    folder = tmp_path_factory.mktemp("products")
+    product = Image.open(SAMPLE).convert("RGBA").resize((96, 96), Image.LANCZOS)
+    product.save(folder / "ps_robust_product.png")
+    up = client.upload_image(folder / "ps_robust_product.png")
+    api = json.loads(CATEGORY_API.read_text())
+
+    def prompt(**changes):
+        p = json.loads(json.dumps(api))
+        p["1"]["inputs"]["ckpt_name"] = ckpt_name
+        p["4"]["inputs"]["library"] = lib_name
+        p["2"]["inputs"]["image"] = up["name"]
+        p["10"]["inputs"]["steps"] = 1
+        for node, inputs in changes.items():
+            p[node] = inputs if "class_type" in inputs else {**p[node], "inputs": {**p[node]["inputs"], **inputs}}
+        return p
+
+    return client, prompt, np.asarray(product)
+
+
+def test_lora_strength_nan_is_refused(category_graph):
+    client, prompt, _ = category_graph
+    message = _failure(client, prompt(**{"6": {"lora_strength": float("nan")}}))
+    assert "ProductSceneMaskedCategoryAttention" in message and "lora_strength: expected a number from 0 to 2" in message
+
+
+def test_grow_latent_px_that_protects_the_whole_latent_is_refused(category_graph):
+    client, prompt, _ = category_graph
+    message = _failure(client, prompt(**{"6": {"grow_latent_px": 16}}))
+    assert "grow_latent_px" in message and "covers the whole 12x12 latent" in message, message
+
+
+def test_loadimage_mask_given_as_a_product_mask_is_called_inverted(category_graph):
+    client, prompt, _ = category_graph
+    message = _failure(client, prompt(**{"3": {"source": "mask"}}))
+    assert "ProductSceneProductMask" in message and "inverted mask" in message and "loadimage_mask" in message, message
+
+
+def test_feather_that_leaves_no_background_is_named_at_product_mask(category_graph):
+    client, prompt, _ = category_graph
+    message = _failure(client, prompt(**{"3": {"feather_px": 256}}))
+    assert "ProductSceneProductMask" in message and "feather_px" in message and "inverted" not in message, message
+
+
+def test_image_sides_not_multiples_of_8_are_said_at_product_mask(comfy_server, category_graph, tmp_path):
+    _, client = comfy_server
+    _, prompt, _ = category_graph
+    Image.open(SAMPLE).convert("RGBA").resize((100, 130)).save(tmp_path / "ps_robust_odd.png")
+    up = client.upload_image(tmp_path / "ps_robust_odd.png")
+    message = _failure(client, prompt(**{"2": {"image": up["name"]}}))
+    assert "ProductSceneProductMask" in message and "multiples of 8" in message and "100x130" in message, message
+
+
+def _mask_graph(prompt, composite_mask):
+    """LoadImage -> (soft product mask) -> Product Composite(original, inverted original) -> SaveImage."""
+    p = prompt()
+    graph = {k: p[k] for k in ("2",)}
+    graph["20"] = {"class_type": "InvertMask", "inputs": {"mask": ["2", 1]}}
+    graph["21"] = {"class_type": "SolidMask", "inputs": {"value": 0.6, "width": 96, "height": 96}}
+    graph["22"] = {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 0,
+                                                              "y": 0, "operation": "multiply"}}
+    graph["23"] = {"class_type": "ProductSceneProductMask", "inputs": {**p["3"]["inputs"], "image": ["2", 0],
+                                                                        "source": "mask", "mask": ["22", 0]}}
+    graph["24"] = {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}}
+    graph["25"] = {"class_type": "ProductSceneComposite", "inputs": {"original": ["2", 0], "generated": ["24", 0],
+                                                                      "product_mask": composite_mask, "feather_px": 0}}
+    graph["26"] = {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": "ps_robust/soft"}}
+    return graph
+
+
+def test_a_soft_product_mask_keeps_product_pixels_bit_identical(category_graph):
+    client, prompt, rgba = category_graph
+    pid = client.queue(_mask_graph(prompt, ["23", 0]))  # through Product Mask: product pixels become 1
+    client.wait(pid, timeout=300)
+    out = np.asarray(Image.open(__import__("io").BytesIO(client.download(client.outputs(pid, "26")[0]))))[..., :3]
+    product = rgba[..., 3] / 255.0 * 0.6 >= 0.5
+    assert product.sum() > 100
+    assert np.array_equal(out[product], rgba[..., :3][product])
+    # wired straight to the composite, a mask with no pixel at 1 is refused, not blended
+    message = _failure(client, _mask_graph(prompt, ["22", 0]))
+    assert "ProductSceneComposite" in message and "product_mask: no pixel is exactly 1" in message, message
