@@ -370,3 +370,22 @@ def test_a_soft_product_mask_keeps_product_pixels_bit_identical(category_graph):
     # wired straight to the composite, a mask with no pixel at 1 is refused, not blended
     message = _failure(client, _mask_graph(prompt, ["22", 0]))
     assert "ProductSceneComposite" in message and "product_mask: no pixel is exactly 1" in message, message
+
+
+# -- graph misuse (the gate's fingerprint of its own conditioning, checked before the first step) ---------
+@pytest.mark.parametrize("misuse", ["tokens_of_another_node", "concatenated", "on_the_negative"])
+def test_graph_misuse_is_refused_before_sampling(category_graph, misuse):
+    client, prompt, _ = category_graph
+    other = {"class_type": "ProductSceneCategoryTokens",
+             "inputs": {**prompt()["4"]["inputs"], "category": "tools", "clip": ["1", 1]}}
+    changes = {}
+    if misuse == "tokens_of_another_node":  # the sampler gets node 4's prompt, the gate node 30's tokens
+        changes = {"30": other, "6": {"category_tokens": ["30", 1]}}
+    elif misuse == "concatenated":
+        changes = {"31": {"class_type": "ConditioningConcat",
+                          "inputs": {"conditioning_to": ["4", 0], "conditioning_from": ["5", 0]}},
+                   "10": {"positive": ["31", 0]}}
+    elif misuse == "on_the_negative":
+        changes = {"10": {"positive": ["5", 0], "negative": ["4", 0]}}
+    message = _failure(client, prompt(**changes))
+    assert "category_tokens: the positive conditioning reaching the sampler is not the prompt" in message, message
