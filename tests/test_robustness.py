@@ -22,6 +22,7 @@ from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
 from productscene.train.engine import read_checkpoint_info
 from tests.support.comfy_env import COMFYUI_DIR, REPO_ROOT
+from tests.test_workflows import _link_into
 
 TRAIN_API = REPO_ROOT / "workflows" / "api" / "category_library_training.json"
 
@@ -36,14 +37,6 @@ def _cutouts(root: Path, size=64):
             a[16 + 4 * k:44, 12:40] = (220, 220, 220, 255)
             Image.fromarray(a, "RGBA").save(root / category / f"{k}.png")
     return root
-
-
-def _link_into(server, folder: str, path: Path) -> str:
-    dst = Path(server.base_dir) / "models" / folder / path.name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.exists():
-        os.symlink(path, dst)
-    return path.name
 
 
 @pytest.fixture(scope="module")
