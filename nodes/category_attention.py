@@ -1,12 +1,15 @@
 """MaskedCategoryAttention: the category identifier shapes only background pixels."""
 from __future__ import annotations
 
+import math
+
 import comfy.sd
 from comfy_api.v0_0_2 import io
 
 from productscene.attention import CategoryGate, SceneAttention
 from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
+from productscene.masks import check_background_left
 from productscene.prompt import CategoryTokens
 from .category_tokens import CategoryTokensType
 from .host import install
@@ -64,8 +67,12 @@ class MaskedCategoryAttention(io.ComfyNode):
     def execute(cls, model, product_mask, category_tokens, strength, grow_latent_px, lora_strength) -> io.NodeOutput:
         if not isinstance(category_tokens, CategoryTokens) or category_tokens.free_context is None:
             raise ProductSceneError("category_tokens: expected the output of a Category Tokens node")
+        for name, value, top in (("strength", strength, 1.0), ("lora_strength", lora_strength, 2.0)):
+            if not (math.isfinite(float(value)) and 0.0 <= float(value) <= top):
+                raise ProductSceneError(f"{name}: expected a number from 0 to {top:g}, got {value!r}")
         gate = CategoryGate(product_mask, category_tokens.free_context, strength=strength,
                             grow_latent_px=grow_latent_px, contexts=category_tokens.contexts)
+        check_background_left(gate.region.mask, grow_latent_px)
         patched = install(model, SceneAttention().with_gate(gate))
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
 

@@ -5,6 +5,7 @@ libraries may also sit in ``models/embeddings``: those are recognised by their h
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -36,6 +37,7 @@ def register() -> None:
 register()
 
 _HEADER_CACHE: dict[str, tuple[float, int, CategoryLibrary | None]] = {}
+BROKEN: dict[str, str] = {}  # file name -> why it cannot be read (skipped in every list)
 
 
 def _names(folder: str) -> list[str]:
@@ -46,8 +48,9 @@ def _names(folder: str) -> list[str]:
 
 
 def open_cached(path: str) -> CategoryLibrary | None:
-    """The library at ``path`` (header only), or None if it is not a category library.
-    Cached by (mtime, size) so combo lists do not re-read unchanged files."""
+    """The library at ``path`` (header only), or None if it is not a readable category library.
+    Cached by (mtime, size) so combo lists do not re-read unchanged files. A broken file is
+    reported once (with its name and why) in the server log, and never raises."""
     try:
         st = os.stat(path)
     except OSError:
@@ -60,16 +63,30 @@ def open_cached(path: str) -> CategoryLibrary | None:
     if CategoryLibrary.is_library(path):
         try:
             lib = CategoryLibrary.open(path)
-        except ProductSceneError:
-            lib = None
+        except Exception as e:  # one bad file must not take the nodes and routes down
+            why = str(e) if isinstance(e, ProductSceneError) else f"{type(e).__name__}: {e}"
+            BROKEN[os.path.basename(path)] = why
+            logging.warning("ProductScene: skipping the broken category library %s: %s", os.path.basename(path), why)
+    if lib is not None:
+        BROKEN.pop(os.path.basename(path), None)
     _HEADER_CACHE[key] = (st.st_mtime, st.st_size, lib)
     return lib
 
 
 def list_libraries() -> list[str]:
-    """Files of ``category_libraries`` plus ``.safetensors`` files of ``embeddings`` that are
-    category libraries (judged by header). Names are relative to their folder."""
-    out = [n for n in _names(LIBRARY_FOLDER) if n.lower().endswith(".safetensors")]
+    """Readable category libraries: files of ``category_libraries`` plus ``.safetensors`` files of
+    ``embeddings`` that are category libraries (judged by header). Files that say they are category
+    libraries but cannot be read are left out (and reported, see :func:`open_cached`); other
+    files of ``category_libraries`` stay listed so that using one gives its own clear error.
+    Names are relative to their folder."""
+    out = []
+    for name in _names(LIBRARY_FOLDER):
+        if not name.lower().endswith(".safetensors"):
+            continue
+        path = folder_paths.get_full_path(LIBRARY_FOLDER, name)
+        if path and open_cached(path) is None and CategoryLibrary.is_library(path):
+            continue
+        out.append(name)
     seen = set(out)
     for name in _names(EMBEDDINGS_FOLDER):
         if not name.lower().endswith(".safetensors") or name in seen:

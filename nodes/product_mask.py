@@ -6,7 +6,10 @@ from comfy_api.v0_0_2 import io, ui
 
 from productscene.errors import ProductSceneError
 from productscene.masks import (
+    check_not_inverted,
+    check_vae_size,
     composite,
+    harden_product,
     feather,
     grow_or_shrink,
     mask_from_alpha,
@@ -98,6 +101,7 @@ class ProductSceneProductMask(io.ComfyNode):
     def execute(cls, image, source, mask=None, tolerance=0.06, fill_holes=True, largest_only=True,
                 grow_px=0, feather_px=0) -> io.NodeOutput:
         validate_image(image, "image")
+        check_vae_size(image, "image")
         if source not in SOURCES:
             raise ProductSceneError(f"source: expected one of {', '.join(SOURCES)}, got {source!r}")
         hw, batch = tuple(image.shape[1:3]), image.shape[0]
@@ -122,16 +126,29 @@ class ProductSceneProductMask(io.ComfyNode):
                 product = mask
         validate_mask(product, "mask" if source in ("mask", "loadimage_mask") else "image",
                       image_hw=hw, batch=batch)
-        product = product.to(torch.float32)
+        if source == "loadimage_mask":
+            check_not_inverted(product, "mask", "LoadImage's MASK is 1 - alpha and source 'loadimage_mask' inverts "
+                                                "it; for a MASK where 1 = product use source 'mask'")
+        elif source == "mask":
+            check_not_inverted(product, "mask", "LoadImage's MASK output is 1 - alpha: use source 'loadimage_mask' "
+                                                "for it, or invert the mask")
+        product = harden_product(product.to(torch.float32))
         if grow_px:
             product = grow_or_shrink(product, int(grow_px))
             if not bool((product >= 0.5).flatten(1).any(dim=1).all()):
                 raise ProductSceneError(
                     f"grow_px: shrinking the mask by {-int(grow_px)} px leaves no product pixel; use a "
                     f"smaller shrink")
-            validate_mask(product, "grow_px", image_hw=hw)
+            if not bool((product < 0.5).flatten(1).any(dim=1).all()):
+                raise ProductSceneError(
+                    f"grow_px: growing the mask by {int(grow_px)} px covers the whole image, so no background is "
+                    f"left to generate; use a smaller grow_px")
         if feather_px:
             product = feather(product, int(feather_px))
+            if not bool((product < 0.5).flatten(1).any(dim=1).all()):
+                raise ProductSceneError(
+                    f"feather_px: a soft edge of {int(feather_px)} px reaches over the whole image, so no background "
+                    f"(value < 0.5) is left for the category; use a smaller feather_px")
         return io.NodeOutput(product, cutout_preview(image, product),
                              ui=ui.PreviewImage(mask_overlay(image, product), cls=cls))
 

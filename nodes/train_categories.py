@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
 from productscene.prompt import DEFAULT_TEMPLATE
-from productscene.train.recipes.categories import CategoryConfig, train_category_library
+from productscene.train.recipes.categories import CategoryConfig, check_outputs, train_category_library
 from .paths import LIBRARY_FOLDER, _check_name
 from .live_progress import LiveProgress
 from .training_host import ComfyProgress, ComfyTrainingHost
@@ -38,11 +38,28 @@ def output_file_name(name: str) -> str:
     return name
 
 
+DATA_ROOTS_ENV = "PRODUCTSCENE_DATA_ROOTS"
+
+
+def allowed_data_roots() -> list[str]:
+    """ComfyUI's input folder, plus the folders the server's owner lists in the environment
+    variable ``PRODUCTSCENE_DATA_ROOTS`` (separated by the platform's path separator)."""
+    extra = [p for p in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [os.path.realpath(p) for p in [folder_paths.get_input_directory(), *extra]]
+
+
 def resolve_data(folder: str) -> str:
+    """A data set folder inside the input folder (or an allowed root). Anything else is refused
+    without saying what exists where on the server."""
     folder = (folder or "").strip()
     if not folder:
         raise ProductSceneError("data_folder: expected the path of a data set folder")
-    path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    path = os.path.realpath(folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder))
+    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in allowed_data_roots()):
+        raise ProductSceneError(
+            f"data_folder: {folder!r} is outside ComfyUI's input folder; give a folder inside it (a relative path, "
+            f"no '..' out of it). The server's owner can allow more folders with the environment variable "
+            f"{DATA_ROOTS_ENV}")
     if not os.path.isdir(path):
         raise ProductSceneError(f"data_folder: {folder!r} is not a folder (relative paths start in ComfyUI's input folder)")
     return path
@@ -101,12 +118,16 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
     def execute(cls, model, clip, vae, data_folder, layout, steps, lr_tokens, lr_lora, lora_rank, resolution,
                 batch_size, template, output_name, checkpoint_every, resume, seed) -> io.NodeOutput:
         name = output_file_name(output_name)
+        library = os.path.join(library_folder(), name)
+        state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
+        check_outputs(library, state, resume=resume, out="output_name",
+                      shown_out=f"{LIBRARY_FOLDER}/{name}", shown_state=f"{os.path.splitext(name)[0]} (saved training state)",
+                      hint="choose another output_name, turn resume on to continue its training, or delete the file")
         data = resolve_data(data_folder)
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
                                 steps=steps, lr_tokens=lr_tokens, lr_lora=lr_lora)
-        state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
         run = train_category_library(
-            ComfyTrainingHost(model, clip, vae), data, os.path.join(library_folder(), name), config, layout=layout,
+            ComfyTrainingHost(model, clip, vae), data, library, config, layout=layout,
             seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
             checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
             latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)

@@ -158,7 +158,8 @@ class CategoryGate:
 
     def matches(self, context: torch.Tensor) -> bool:
         """Whether one batch row's context ``[N, C]`` is a conditioning this gate belongs to
-        (ComfyUI repeats a shorter context to a common length: the first rows decide)."""
+        (ComfyUI repeats a shorter context to a common length: every repeat must be the gate's own,
+        so a prompt concatenated after it does not match)."""
         for c in self.contexts:
             rows = c.shape[1]
             if context.shape[0] % rows == 0 and context.shape[-1] == c.shape[-1]:
@@ -166,7 +167,7 @@ class CategoryGate:
                 ref = self._on.get(key)
                 if ref is None:
                     ref = self._on[key] = c[0].to(device=context.device, dtype=context.dtype)
-                if torch.equal(context[:rows], ref):
+                if torch.equal(context.reshape(-1, rows, context.shape[-1]), ref.expand(context.shape[0] // rows, -1, -1)):
                     return True
         return False
 

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import types
 from pathlib import Path
@@ -129,13 +130,15 @@ def _advance(bar):
 
 
 def cmd_train_categories(args) -> int:
-    from .train.recipes.categories import CategoryConfig, train_category_library
+    from .train.recipes.categories import CategoryConfig, check_outputs, train_category_library
     from .train.datasets import check, open_dataset
     if args.check_only:
         args.shallow, args.json = False, False
         return cmd_check_dataset(args)
-    if not os.path.isfile(args.checkpoint):
-        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
+    check_model_checkpoint(args.checkpoint)
+    ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    check_outputs(args.out, ckpt, resume=args.resume, overwrite=args.overwrite, out="--out",
+                  hint="pass --overwrite, choose another --out, or --resume its training")
     # every data problem before any model work; the run reuses this report (one deep check)
     dataset = open_dataset(args.data, args.layout, args.split)
     report = check(dataset)
@@ -147,7 +150,6 @@ def cmd_train_categories(args) -> int:
                             lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
     host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
-    ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
     latents = _bar(len(dataset), "latents")
     bar = _bar(args.steps, "training")
 
@@ -158,23 +160,35 @@ def cmd_train_categories(args) -> int:
             bar.refresh()
 
     latent_progress = _advance(latents)
+    stop = []
+
+    def on_sigint(signum, frame):
+        if stop:  # a second Ctrl-C: stop inside the step (the engine keeps the last completed one)
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         run = train_category_library(
             host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
             checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(), checkpoint_path=ckpt,
             checkpoint_every=args.checkpoint_every,
-            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)), autocast=args.autocast,
+            resume=args.resume, autocast=args.autocast,
             progress=progress, latent_progress=latent_progress, license=args.license,
-            gradient_checkpoint=args.gradient_checkpointing)
+            gradient_checkpoint=args.gradient_checkpointing, should_stop=lambda: bool(stop),
+            overwrite=args.overwrite)
     except KeyboardInterrupt:
+        run = None
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cancel path below is not cut short
         for b in (latents, bar):
             if b:
                 b.close()
-        print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
-        return 130
-    for b in (latents, bar):
-        if b:
-            b.close()
+    if run is None or run.library is None:
+        print("\ncancelled; " + _saved_state(ckpt), file=sys.stderr)
+        return 130  # Ctrl-C stays ignored while the process winds down
+    signal.signal(signal.SIGINT, previous)
     h = run.result.history
     print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
           f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
@@ -259,6 +273,8 @@ def cmd_train_concepts(args) -> int:
     print(f"wrote {run.tokens}: {', '.join(run.recipe.names)}; LoRA {run.lora}; embeddings "
           f"{', '.join(os.path.basename(p) for p in run.embeddings.values())}; {run.result.steps_done} steps, "
           f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+    return 0
+
 
 def cmd_evaluate_library(args) -> int:
     from .train.datasets import open_dataset
@@ -283,6 +299,31 @@ def cmd_evaluate_library(args) -> int:
                 b.close()
     print(json.dumps(score.to_json(), indent=1) if args.json else score.format())
     return 0
+
+
+def _saved_state(ckpt: str) -> str:
+    from .train.engine import read_checkpoint_info
+    try:
+        info = read_checkpoint_info(ckpt)
+    except (ProductSceneError, OSError):
+        return "training had not begun, nothing to resume (the latents encoded so far stay cached)"
+    return (f"step {info['step']} of {info['total_steps']} (the last completed step) is saved in {ckpt}; "
+            f"continue with --resume")
+
+
+def check_model_checkpoint(path: str) -> None:
+    """The model checkpoint is a safetensors file of a model, not one of ProductScene's own files."""
+    from .files import FORMAT_KEY, read_header
+    if not os.path.isfile(path):
+        raise ProductSceneError(f"checkpoint: {path!r} not found")
+    meta, index = read_header(path)
+    if any(k.startswith(("model.diffusion_model.", "diffusion_model.")) for k in index):
+        return
+    kind = meta.get(FORMAT_KEY)
+    what = f"is a ProductScene {kind.replace('_', ' ')}, not a model" if kind else "holds no diffusion model weights"
+    raise ProductSceneError(
+        f"checkpoint: {os.path.basename(path)} {what}; give --checkpoint a full Stable Diffusion checkpoint "
+        f"(UNet, CLIP and VAE) to train for")
 
 
 def cmd_build_library(args) -> int:
@@ -373,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-word", default=None, help="init every identifier from this word (default: each name's first word)")
     t.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the training checkpoint (default path, or the one given)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing library at --out (and its training state); without it they are kept")
     t.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--check-only", action="store_true", help="only check the data set")

@@ -75,6 +75,36 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None,
 TEMP_SUFFIX = ".tmp"
 
 
+def check_writable(path, what: str, shown: str | None = None) -> str:
+    """Refuse, before any work starts, an output ``path`` that cannot be written: it is a folder,
+    a folder on its way is a file, or the nearest existing folder is not writable. ``what`` names
+    the input in the message; ``shown`` is how the path is shown (default: as given)."""
+    path = os.path.abspath(os.fspath(path))
+    shown = os.fspath(path) if shown is None else shown
+    if os.path.isdir(path):
+        raise ProductSceneError(f"{what}: {shown!r} is a folder; expected a file name to write")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not os.path.isdir(folder):
+        raise ProductSceneError(
+            f"{what}: cannot write {shown!r}: {os.path.basename(folder)!r} on its way is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ProductSceneError(f"{what}: cannot write {shown!r}: its folder is not writable")
+    return path
+
+
+def refuse_overwrite(path, what: str, hint: str, shown: str | None = None) -> None:
+    """An existing file at ``path`` is never replaced without the user saying so: raise, naming
+    ``what`` and what to do instead (``hint``)."""
+    if os.path.lexists(os.fspath(path)):
+        shown = os.fspath(path) if shown is None else shown
+        raise ProductSceneError(f"{what}: {shown!r} already exists and would be replaced; {hint}")
+
+
 def temp_prefix(path) -> str:
     """How the temporary names of ``path``'s atomic writes begin (``.<name>.``), in its folder."""
     return "." + os.path.basename(os.fspath(path)) + "."

@@ -122,35 +122,48 @@ class CategoryLibrary:
         check_format(metadata, FORMAT, SUPPORTED_VERSIONS, path=path)
         self.format_version = int(metadata["productscene.format_version"])
 
-        def field_json(key, default=None, required=True):
+        def field_json(key, default=None, required=True, expect=None):
             if key not in metadata:
                 if required:
                     raise ProductSceneError(f"{base}: category library metadata lacks {key!r}")
                 return default
             try:
-                return json.loads(metadata[key])
-            except json.JSONDecodeError:
+                value = json.loads(metadata[key])
+            except (json.JSONDecodeError, TypeError):
                 raise ProductSceneError(f"{base}: metadata {key!r} is not valid JSON") from None
+            if expect is not None and (not isinstance(value, expect) or isinstance(value, bool)):
+                kinds = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+                raise ProductSceneError(
+                    f"library {base}: metadata {key!r} should be a JSON {kinds}, got {type(value).__name__}")
+            return value
 
-        self.family = field_json("base_family")
+        self.family = field_json("base_family", expect=str)
         check_family(self.family, what=f"library {base}")
-        self.encoders = {str(k): int(v) for k, v in field_json("encoders").items()}
+        encoders = field_json("encoders", expect=dict)
+        try:
+            self.encoders = {str(k): int(v) for k, v in encoders.items()}
+        except (TypeError, ValueError):
+            raise ProductSceneError(f"library {base}: metadata 'encoders' should map encoder names to widths") from None
         if self.encoders != FAMILIES[self.family]:
             raise ProductSceneError(
                 f"library {base}: encoders {self.encoders} do not match family {self.family!r} "
                 f"(expected {FAMILIES[self.family]})")
-        self.names = list(field_json("categories"))
+        self.names = list(field_json("categories", expect=list))
         _check_names(self.names)
         self._row = {n: i for i, n in enumerate(self.names)}
-        self.vectors_per_token = int(field_json("vectors_per_token"))
+        self.vectors_per_token = field_json("vectors_per_token", expect=int)
+        if self.vectors_per_token < 1:
+            raise ProductSceneError(f"library {base}: metadata 'vectors_per_token' should be >= 1")
         words = field_json("init_words", default=None, required=False)
         if isinstance(words, dict):
             self.init_words = {str(k): str(v) for k, v in words.items()}
         elif isinstance(words, list):
-            self.init_words = {n: w for n, w in zip(self.names, words) if w is not None}
+            self.init_words = {n: str(w) for n, w in zip(self.names, words) if w is not None}
         else:
             self.init_words = {}
         self.training = field_json("training", default=None, required=False)
+        if not isinstance(self.training, (dict, type(None))):
+            self.training = None
         lic = metadata.get("license")
         self.license = field_json("license", required=False) if lic is not None else None
         cb = metadata.get("created_by")

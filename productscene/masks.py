@@ -26,6 +26,10 @@ PRODUCT_THRESHOLD = 0.5
 
 __all__ = [
     "PRODUCT_THRESHOLD",
+    "check_vae_size",
+    "harden_product",
+    "check_not_inverted",
+    "check_background_left",
     "validate_mask",
     "validate_image",
     "resize_to_layer",
@@ -168,6 +172,55 @@ def feather(mask: torch.Tensor, px: int) -> torch.Tensor:
     return torch.maximum(mask, ramp)
 
 
+# --------------------------------------------------------------------------- what the pipeline needs
+VAE_FACTOR = 8  # image pixels per latent pixel (SD1.5, SD2.x, SDXL)
+MIN_SIDE = 8  # one latent pixel
+
+
+def check_vae_size(image: torch.Tensor, name: str = "image") -> None:
+    """Sides that survive a VAE round-trip unchanged: multiples of 8 (at least one latent pixel). Said here,
+    first, instead of a tensor-shape error in VAE Encode or a size error after the whole sampling."""
+    h, w = int(image.shape[1]), int(image.shape[2])
+    if h % VAE_FACTOR or w % VAE_FACTOR or h < MIN_SIDE or w < MIN_SIDE:
+        fit_h, fit_w = max(MIN_SIDE, -(-h // VAE_FACTOR) * VAE_FACTOR), max(MIN_SIDE, -(-w // VAE_FACTOR) * VAE_FACTOR)
+        raise ProductSceneError(
+            f"{name}: expected width and height that are multiples of {VAE_FACTOR} and at least {MIN_SIDE} px "
+            f"(the VAE works in {VAE_FACTOR}x{VAE_FACTOR} blocks), got {w}x{h} (WxH); pad the image to "
+            f"{fit_w}x{fit_h}, or crop it, before Product Mask")
+
+
+def harden_product(mask: torch.Tensor) -> torch.Tensor:
+    """Every pixel that counts as product (>= 0.5) becomes exactly 1, so that the pixels the gate
+    protects are the pixels the composite keeps bit for bit; softer values stay as they are."""
+    return torch.where(mask >= PRODUCT_THRESHOLD, torch.ones_like(mask), mask)
+
+
+def check_not_inverted(mask: torch.Tensor, name: str, hint: str) -> None:
+    """A product photo has background at its border. A 'product' covering (nearly) the whole border
+    of the image is almost always the background: an inverted mask (LoadImage's mask is 1 - alpha)."""
+    border = torch.cat([mask[:, 0, :], mask[:, -1, :], mask[:, :, 0], mask[:, :, -1]], dim=1)
+    covered = (border >= PRODUCT_THRESHOLD).float().mean(dim=1)
+    inverted = [i for i, c in enumerate(covered.tolist()) if c >= 0.9]
+    if inverted:
+        raise ProductSceneError(
+            f"{name}: the product covers {covered[inverted[0]]:.0%} of the image border"
+            + (f" (image {inverted[0]})" if mask.shape[0] > 1 else "")
+            + f"; this looks like an inverted mask (the background marked as product). {hint}")
+
+
+def check_background_left(mask: torch.Tensor, grow_latent_px: int, name: str = "grow_latent_px") -> None:
+    """The gate's protected area (the mask at latent size, grown by ``grow_latent_px``) must leave
+    some background, or the category acts nowhere."""
+    h, w = max(1, mask.shape[-2] // VAE_FACTOR), max(1, mask.shape[-1] // VAE_FACTOR)
+    region = grow(resize_to_layer(mask.float(), h, w), int(grow_latent_px)) > 0.5
+    full = [i for i, r in enumerate(region.flatten(1).all(dim=1).tolist()) if r]
+    if full:
+        raise ProductSceneError(
+            f"{name}: the product grown by {int(grow_latent_px)} latent pixels covers the whole {w}x{h} latent"
+            + (f" of image {full[0]}" if mask.shape[0] > 1 else "")
+            + "; the category would act nowhere. Use a smaller value (or a smaller product mask)")
+
+
 # --------------------------------------------------------------------------- mask sources
 def mask_from_alpha(rgba: torch.Tensor, threshold: float = 0.5, name: str = "image") -> torch.Tensor:
     """Binary product mask ``[B,H,W]`` (float32) from an RGBA image's alpha: 1 where alpha > threshold
@@ -261,6 +314,13 @@ def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tenso
     batch = max(original.shape[0], generated.shape[0])
     validate_mask(mask, "product_mask", image_hw=original.shape[1:3], batch=batch if batch > 1 else None)
     batch = max(batch, mask.shape[0])
+    soft = [i for i in range(mask.shape[0]) if not bool((mask[i] == 1.0).any())]
+    if soft:
+        raise ProductSceneError(
+            f"product_mask: no pixel is exactly 1" + (f" in mask {soft[0]}" if mask.shape[0] > 1 else "")
+            + f" (largest value {float(mask[soft[0]].max()):.3g}), so no product pixel would be kept bit for bit "
+            f"while the gate treats values >= {PRODUCT_THRESHOLD} as product; make the mask with Product Mask "
+            f"(it sets every product pixel to exactly 1)")
     feather_px = _check_px(feather_px, "feather_px")
 
     dtype, device = original.dtype, original.device

@@ -81,8 +81,10 @@ def product(path: Path, i: int) -> None:
     rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
     rgba[..., :3] = rng.integers(0, 256, 3)
     x = 4 + i % 9
-    rgba[8:26, x:x + 14, :3] = rng.integers(0, 256, (18, 14, 3))
-    rgba[8:26, x:x + 14, 3] = 255
+    # in the upper half: grown by the workflow's grow_latent_px the product still leaves background
+    # in the 4x4 latent (Masked Category Attention refuses a gate that covers the whole latent)
+    rgba[2:12, x:x + 14, :3] = rng.integers(0, 256, (10, 14, 3))
+    rgba[2:12, x:x + 14, 3] = 255
     Image.fromarray(rgba, "RGBA").save(path)
 
 

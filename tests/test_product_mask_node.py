@@ -82,16 +82,18 @@ def test_product_mask_from_loadimage_mask_matches_alpha(pack, comfy_nodes, manif
         product, preview = run(node, image=image, source="loadimage_mask", mask=mask)
         alpha = alpha_of(SAMPLES / p["file"])
         assert product.shape == (1, p["height"], p["width"])
-        assert torch.allclose(product[0], alpha, atol=1e-6)               # inverted LoadImage mask
-        assert torch.equal(product[0] == 1, alpha == 1)
+        # inverted LoadImage mask; every product pixel (>= 0.5) exactly 1, softer edges as they are
+        hard = torch.where(alpha >= 0.5, torch.ones_like(alpha), alpha)
+        assert torch.allclose(product[0], hard, atol=1e-6)
+        assert torch.equal(product[0] == 1, alpha >= 0.5)
         assert preview.shape == image.shape
         outside = alpha == 0
         assert torch.allclose(preview[0][outside], torch.full_like(preview[0][outside], 0.5))
         inside = alpha == 1
         assert torch.equal(preview[0][inside], image[0][inside])
-        # source 'mask' passes a MASK through as is (no inversion)
-        same, _ = run(node, image=image, source="mask", mask=mask)
-        assert torch.equal(same, mask)
+        # source 'mask' takes a MASK as is (1 = product, no inversion)
+        same, _ = run(node, image=image, source="mask", mask=1.0 - mask)
+        assert torch.equal(same, product)
 
 
 def test_product_mask_alpha_source_and_grow_feather(pack, manifest):

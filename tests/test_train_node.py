@@ -15,6 +15,12 @@ from PIL import Image
 CATS = ("perfume", "tea", "tools")
 
 
+@pytest.fixture(autouse=True)
+def data_anywhere_in_tmp(pack, tmp_path, monkeypatch):
+    """These tests keep their data sets in tmp_path: the server owner's setting allows it."""
+    monkeypatch.setenv(pack.nodes.train_categories.DATA_ROOTS_ENV, str(tmp_path))
+
+
 def write_data(root, per_category=2, size=64, seed=0):
     g = np.random.default_rng(seed)
     for i, c in enumerate(CATS):

@@ -27,6 +27,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
@@ -200,7 +202,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> tuple[float, dict]:
-        """One optimizer step at ``self.step``. Updates parameters, history and ``self.step``."""
+        """One optimizer step at ``self.step``. Updates parameters, history and ``self.step``.
+
+        Nothing the step changes is kept until the update is applied: an exception before it (an
+        interrupt raised inside a model op) leaves the trainables at the last completed step and
+        :meth:`run` rewinds the random state drawn for the unfinished step."""
         index, _ = self.phase_at(self.step)
         if index != self._phase_index:
             self._activate(index)
@@ -220,17 +226,18 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        grad_norm = None
-        if self.clip_grad is not None and self.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad)))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.history.append(value)
+        with _deferred_sigint():  # the update is all or nothing, even for Ctrl-C
+            grad_norm = None
+            if self.clip_grad is not None and self.clip_grad > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad)))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.history.append(value)
         entry = {"step": self.step, "loss": value}
         if grad_norm is not None:
             entry["grad_norm"] = grad_norm
@@ -238,38 +245,56 @@ class Trainer:
         self.logs.append(entry)
         return value, entry
 
+    def _random_state(self) -> tuple:
+        cuda = (torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda" and torch.cuda.is_available() else None)
+        return self.generator.get_state(), torch.get_rng_state(), cuda
+
+    def _rewind(self, state: tuple) -> None:
+        generator, cpu, cuda = state
+        self.generator.set_state(generator)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+
     def run(self, resume: str | os.PathLike | None = None) -> TrainResult:
         """Train until every phase is done or ``should_stop()`` says so.
 
         On a stop request the state after the last completed step is checkpointed (when a
-        checkpoint path is set) and the result says ``cancelled=True``. Any exception raised
-        between steps (an interrupt from the host) also saves that state, then propagates.
+        checkpoint path is set) and the result says ``cancelled=True``. Any exception raised at any
+        moment of a step (an interrupt from the host inside a model op, Ctrl-C) also saves the
+        state after the last completed step, then propagates; resuming from it matches an
+        uninterrupted run.
         """
         if resume is not None:
             self.load_checkpoint(resume)
         start = time.perf_counter()
         saved = None
         saved_step = -1
-        in_update = False
         try:
             while self.step < self.total_steps:
                 if self.should_stop is not None and self.should_stop():
                     saved = self._save_on_stop()
                     return TrainResult(self.step, self.total_steps, list(self.history), True, saved,
                                        time.perf_counter() - start, list(self.logs))
-                in_update = True
-                value, _ = self.train_step()
-                in_update = False
+                before = self._random_state()
+                done = self.step
+                try:
+                    value, _ = self.train_step()
+                except BaseException:
+                    if self.step == done:  # the unfinished step drew noise and data: give them back
+                        self._rewind(before)
+                    raise
                 if self.checkpoint_path and self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint(self.checkpoint_path)
                     saved, saved_step = self.checkpoint_path, self.step
                 if self.progress is not None:
                     self.progress(self.step, self.total_steps, value)
         except BaseException:
-            # an interrupt between steps leaves a consistent state: keep it; one in the middle of an
-            # update does not, and the last periodic checkpoint stays the last good state
-            if not in_update:
-                self._save_on_stop()
+            if saved_step != self.step:
+                with _deferred_sigint():  # a second Ctrl-C must not cut the save short
+                    self._save_on_stop()
             raise
         if self.checkpoint_path and saved_step != self.step:
             self.save_checkpoint(self.checkpoint_path)
@@ -373,6 +398,28 @@ class Trainer:
         self.history = history[:step]
         self.logs = [{"step": i + 1, "loss": v} for i, v in enumerate(self.history)]
         self._phase_index = None
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Hold Ctrl-C (SIGINT) back until the block is done, then deliver it. Only the main thread
+    can set signal handlers; elsewhere (ComfyUI's worker thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    held = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(*held[0])
 
 
 def _summary(shapes: Mapping[str, list]) -> str:

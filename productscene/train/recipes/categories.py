@@ -23,7 +23,8 @@ from ...errors import ProductSceneError
 from ...library import CategoryLibrary, check_family
 from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
 from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
-from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
+from ...files import check_writable, refuse_overwrite
+from ..engine import Phase, Trainer, TrainResult, loss_graph, read_checkpoint_info, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from . import DiffusionHost, Encoded
@@ -343,6 +344,32 @@ def checked_dataset(data, layout: str = "folder", split: str = "train") -> tuple
     return ds, report
 
 
+def check_outputs(out_path, checkpoint_path=None, *, resume: bool | str = False, overwrite: bool = False,
+                  out: str = "out", shown_out: str | None = None, shown_state: str | None = None,
+                  hint: str = "pass overwrite, choose another name, or resume its training") -> None:
+    """Before any work: the library and the training state can be written, and neither replaces a
+    file the user did not ask to replace (a resumed run continues its own state and library)."""
+    check_writable(out_path, out, shown_out)
+    if checkpoint_path is not None:
+        check_writable(checkpoint_path, "training state", shown_state)
+    if overwrite:
+        return
+    continuing = bool(resume) and (not isinstance(resume, bool) or
+                                   (checkpoint_path is not None and os.path.isfile(checkpoint_path)))
+    if continuing:
+        return
+    refuse_overwrite(out_path, out, hint, shown_out)
+    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
+        try:
+            info = read_checkpoint_info(checkpoint_path)
+            what = f"a run stopped at step {info.get('step')} of {info.get('total_steps')}"
+        except ProductSceneError:
+            what = "a damaged training state"
+        raise ProductSceneError(
+            f"{out}: {shown_state or os.fspath(checkpoint_path)!r} holds {what} and would be replaced by a new run; "
+            f"{hint}")
+
+
 def train_category_library(host: DiffusionHost, data, out_path, config: CategoryConfig, *,
                            layout: str = "folder", split: str = "train", checked: DatasetReport | None = None,
                            seed: int = 0, cache_dir, checkpoint_path=None, checkpoint_every: int = 0,
@@ -350,15 +377,18 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
                            progress: Callable[[int, int, float], None] | None = None,
                            latent_progress: Callable[[int, int], None] | None = None,
                            should_stop: Callable[[], bool] | None = None, license: str | None = None,
-                           gradient_checkpoint: bool = False) -> CategoryRun:
+                           gradient_checkpoint: bool = False, overwrite: bool = False) -> CategoryRun:
     """The whole category-library run: check the data (once; pass ``checked`` with an opened
     ``data`` set to reuse a report), encode every image's VAE latent once into the cache, train,
     and write the library to ``out_path`` with its licence and training summary.
 
-    Data problems raise before any model work and nothing is written. ``resume``: True = from
+    Data problems, an output that cannot be written and an existing library or training state that
+    would be replaced (unless ``overwrite`` or a resume) raise before any model work and nothing is
+    written. ``resume``: True = from
     ``checkpoint_path`` if it exists, or a checkpoint path. When ``should_stop`` ends the run early
     the checkpoint is saved and ``library`` is None (the host then reports the cancel its way).
     """
+    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite)
     if checked is None:
         ds, report = checked_dataset(data, layout, split)
     else:
