@@ -119,8 +119,10 @@ def run_cli(servers, manifest, out, *more, timeout=600):
 def interrupted_run(servers, manifest, out, what, condition, act, timeout=300):
     """Start the client, wait until ``condition()`` holds (polling what the test can observe),
     then ``act(process)``; returns the client's (exit status, stdout, stderr)."""
+    # SIGINT as in a terminal's foreground job (a background shell job inherits it ignored)
     proc = subprocess.Popen(cli_args(servers, manifest, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=cli_env(), cwd=REPO_ROOT)
+                            text=True, env=cli_env(), cwd=REPO_ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while not condition():
