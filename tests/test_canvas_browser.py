@@ -38,6 +38,9 @@ SAMPLES = ROOT / "samples" / "products"
 ARTIFACTS = Path(os.environ.get("PRODUCTSCENE_ARTIFACTS") or ROOT / "output" / "test-artifacts") / "canvas"
 BIG = "browser_5000.safetensors"
 BIG_NAMES = [f"category {i:04d}" for i in range(5000)]
+# the file the Extract concepts workflow writes, which the Recompose one opens with
+CONCEPTS = next(n["inputs"]["output_name"] for n in json.loads((WORKFLOWS / "api" / "concept_extraction.json").read_text()).values()
+                if n["class_type"] == "ProductSceneMultiConceptInversion") + ".safetensors"
 MIN_SCALE = 0.6  # fit-view zoom at which node text is still drawn comfortably (14 px font -> 8.4 px)
 
 
@@ -62,6 +65,10 @@ def site(comfy_server, default_model_files):
             os.symlink(path, dst)
     CategoryLibrary.write(str(models / "category_libraries" / BIG), BIG_NAMES,
                           {"clip_l": torch.randn(len(BIG_NAMES), 1, 768) * 0.01}, "sd15")
+    # what the Recompose template's note asks for first: the concept-token file that the Extract
+    # template writes (a current frontend marks a node whose model-file choice is absent as an error)
+    CategoryLibrary.write(str(models / "category_libraries" / CONCEPTS), ["<perfume>", "<mug>"],
+                          {"clip_l": torch.randn(2, 1, 768) * 0.01}, "sd15")
     return server, client, Path(ckpt).name, Path(lib).name
 
 

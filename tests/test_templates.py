@@ -142,3 +142,22 @@ def test_sample_copies_never_replace_a_users_file(pack, tmp_path):
     assert (tmp_path / "productscene_wrench.png").read_bytes() == b"the user's own file"
     assert not list(tmp_path.glob("*.partial"))
     assert samples.copy_samples(str(tmp_path)) == []  # idempotent
+
+
+def test_recompose_opens_with_the_file_extract_writes():
+    """The Recompose template's Concept Tokens choice is the file the Extract template writes, in the
+    canvas workflows and their API twins: run one after the other, they chain with no edit."""
+    def value(wf, node_type, index):
+        return next(n["widgets_values"][index] for n in wf["nodes"] if n["type"] == node_type)
+
+    def api_input(api, class_type, name):
+        return next(n["inputs"][name] for n in api.values() if n["class_type"] == class_type)
+
+    extract = json.loads((WORKFLOWS / "Extract concepts.json").read_text())
+    recompose = json.loads((WORKFLOWS / "Recompose concepts.json").read_text())
+    extract_api = json.loads((WORKFLOWS / "api" / "concept_extraction.json").read_text())
+    recompose_api = json.loads((WORKFLOWS / "api" / "concept_recompose.json").read_text())
+    written = api_input(extract_api, "ProductSceneMultiConceptInversion", "output_name") + ".safetensors"
+    assert api_input(recompose_api, "ProductSceneConceptTokens", "tokens") == written
+    assert value(recompose, "ProductSceneConceptTokens", 0) == written
+    assert value(extract, "ProductSceneMultiConceptInversion", 12) + ".safetensors" == written
