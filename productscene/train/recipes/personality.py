@@ -27,7 +27,7 @@ from ..datasets import LatentCache
 from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from . import DiffusionHost, Encoded
-from .categories import BG60K_LICENSE, checked_dataset, check_outputs
+from .categories import BG60K_LICENSE, checked_dataset, check_outputs, draw_batch
 
 VisionEncoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, H, W, 3] -> penultimate states [B, N, W]
 
@@ -144,17 +144,13 @@ class PersonalityRecipe:
     def batch(self, step: int, generator: torch.Generator):
         cfg = self.config
         b = int(cfg.batch_size)
-        idx = torch.randint(len(self.source), (b,), generator=generator)
-        items = [self.source.get(int(i)) for i in idx]
-        latents = torch.stack([it[0] for it in items])
-        masks = torch.stack([it[1] for it in items])
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(self.t_range[0], self.t_range[1], (b,), generator=generator)
+        batch = draw_batch(self.source, b, self.t_range, generator)
         u = torch.rand(b, 6, generator=generator)
         params = torch.stack([cfg.crop_scale + (1 - cfg.crop_scale) * u[:, 0], u[:, 1], u[:, 2],
                               (u[:, 3] < cfg.flip).float(), 1 + cfg.jitter * (2 * u[:, 4] - 1),
                               1 + cfg.jitter * (2 * u[:, 5] - 1)], dim=1)
-        return {"index": idx, "latents": latents, "masks": masks, "noise": noise, "timesteps": t, "augment": params}
+        batch["augment"] = params
+        return batch
 
     def references(self, index: torch.Tensor, params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each item's own background (product filled), augmented when ``params`` are given: the
