@@ -270,7 +270,7 @@ def _check_before_sampling(executor, noise, latent_image, sampler, sigmas, *args
     """Validation that needs the latent: runs once before the first step, never inside it."""
     options = executor.class_obj.model_options.get("transformer_options", {})
     scene = options.get(SCENE_KEY)
-    if scene is not None and scene.gates:
+    if scene is not None and (scene.gates or scene.injections):
         scene.check_batch(noise.shape[0])
         scene.check_aspect(tuple(noise.shape[-2:]))
         conds = getattr(executor.class_obj, "conds", None) or {}
@@ -282,8 +282,8 @@ def _check_before_sampling(executor, noise, latent_image, sampler, sigmas, *args
         taken = [key for key in layers if not isinstance(replaces.get(key), Attn2Trampoline)]
         if taken:
             raise ProductSceneError(
-                f"model: a node after Masked Category Attention replaced cross-attention on {len(taken)} "
-                f"layers (first: {taken[0]}) and would run instead of it, letting the category reach the "
-                "product. Connect that node (IPAdapter, InstantID, PuLID, ...) before Masked Category "
-                "Attention: MODEL -> that node -> Masked Category Attention -> KSampler.")
+                f"model: a node after Masked Category Attention (or Apply Personality) replaced cross-attention "
+                f"on {len(taken)} layers (first: {taken[0]}) and would run instead of it, letting the category "
+                "reach the product (or dropping the reference). Connect that node (IPAdapter, InstantID, PuLID, "
+                "...) before Masked Category Attention: MODEL -> that node -> Masked Category Attention -> KSampler.")
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)

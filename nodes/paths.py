@@ -1,6 +1,7 @@
 """Model folders of ProductScene inside ComfyUI's ``folder_paths``.
 
-Importing this module registers ``models/category_libraries`` (``.safetensors`` only). Category
+Importing this module registers ``models/category_libraries`` and ``models/personality_adapters``
+(``.safetensors`` only). Category
 libraries may also sit in ``models/embeddings``: those are recognised by their header.
 """
 from __future__ import annotations
@@ -14,16 +15,17 @@ from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
 
 LIBRARY_FOLDER = "category_libraries"
+PERSONALITY_FOLDER = "personality_adapters"
 EMBEDDINGS_FOLDER = "embeddings"
 _EXTENSIONS = {".safetensors"}
 
 
-def register() -> None:
-    """Add ``category_libraries`` (under ``models_dir``) unless extra_model_paths already did."""
-    default = os.path.join(folder_paths.models_dir, LIBRARY_FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(LIBRARY_FOLDER)
+def register(folder: str = LIBRARY_FOLDER) -> None:
+    """Add ``folder`` (under ``models_dir``) unless extra_model_paths already did."""
+    default = os.path.join(folder_paths.models_dir, folder)
+    entry = folder_paths.folder_names_and_paths.get(folder)
     if entry is None:
-        folder_paths.folder_names_and_paths[LIBRARY_FOLDER] = ([default], set(_EXTENSIONS))
+        folder_paths.folder_names_and_paths[folder] = ([default], set(_EXTENSIONS))
     else:
         paths, exts = entry
         if default not in paths:
@@ -31,10 +33,11 @@ def register() -> None:
         if isinstance(exts, set):
             exts.update(_EXTENSIONS)
         else:
-            folder_paths.folder_names_and_paths[LIBRARY_FOLDER] = (paths, set(exts) | _EXTENSIONS)
+            folder_paths.folder_names_and_paths[folder] = (paths, set(exts) | _EXTENSIONS)
 
 
 register()
+register(PERSONALITY_FOLDER)
 
 _HEADER_CACHE: dict[str, tuple[float, int, CategoryLibrary | None]] = {}
 BROKEN: dict[str, str] = {}  # file name -> why it cannot be read (skipped in every list)

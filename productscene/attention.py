@@ -268,42 +268,74 @@ class AttentionCapture:
 class ReferenceInjection:
     """Decoupled cross-attention to reference tokens (IP-Adapter style) gated to the background.
 
-    ``tokens``: [B or 1, K, C] reference tokens; ``projections``: layer key -> (to_k, to_v) modules
+    ``tokens``: [1 or B, K, C] reference tokens for cond rows; ``negative``: the same for uncond
+    rows (None: uncond rows get ``tokens`` too, so CFG does not amplify the reference and ``weight``
+    alone sets its strength); ``projections``: layer key -> (to_k, to_v) modules
     mapping C to that layer's inner width; ``product_mask``: the product that must receive nothing.
-    Active while ``start <= progress <= end``.
+    Active while ``start <= progress <= end``; ``weight`` 0 adds nothing.
     """
 
     def __init__(self, tokens: torch.Tensor, projections: Mapping[tuple, tuple[torch.nn.Module, torch.nn.Module]],
-                 product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0, end: float = 1.0):
-        if tokens.ndim != 3:
-            raise ProductSceneError(f"reference tokens: expected [B, K, C], got shape {tuple(tokens.shape)}")
-        if not 0.0 <= start <= end <= 1.0:
-            raise ProductSceneError(f"start/end: expected 0 <= start <= end <= 1, got {start}, {end}")
+                 product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0, end: float = 1.0,
+                 negative: torch.Tensor | None = None):
+        for name, t in (("reference tokens", tokens), ("negative reference tokens", negative)):
+            if t is not None and t.ndim != 3:
+                raise ProductSceneError(f"{name}: expected [B, K, C], got shape {tuple(t.shape)}")
+        if not (math.isfinite(float(weight)) and 0.0 <= float(weight) <= 10.0):
+            raise ProductSceneError(f"weight: expected a number from 0 to 10, got {weight!r}")
+        if not (0.0 <= start < end <= 1.0):
+            raise ProductSceneError(f"start/end: expected 0 <= start < end <= 1, got {start}, {end}")
         self.tokens = tokens
+        self.negative = negative
         self.projections = dict(projections)
         self.weight = float(weight)
         self.start, self.end = float(start), float(end)
-        self._product = ProductRegion(product_mask, name="product_mask")
+        self.region = ProductRegion(product_mask, name="product_mask")
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.region.mask
 
     def active(self, layer: LayerInfo) -> bool:
         if self.weight == 0.0 or layer.key not in self.projections:
             return False
         return layer.progress is None or self.start <= layer.progress <= self.end
 
+    def _rows_tokens(self, tokens: torch.Tensor, n: int, q: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(device=q.device)
+        if tokens.shape[0] == 1:
+            return tokens.expand(n, -1, -1)
+        if n % tokens.shape[0]:
+            raise ProductSceneError(f"reference: {tokens.shape[0]} references for a batch of {n} images; "
+                                    "give one reference (or combined references), or one per image")
+        return tokens.repeat(n // tokens.shape[0], 1, 1)
+
     def __call__(self, q: torch.Tensor, layer: LayerInfo, kernel: Kernel) -> torch.Tensor:
         to_k, to_v = self.projections[layer.key]
         b = q.shape[0]
-        tokens = self.tokens.to(device=q.device, dtype=q.dtype)
-        tokens = tokens.expand(b, -1, -1) if tokens.shape[0] == 1 else tokens.repeat(b // tokens.shape[0], 1, 1)
-        out = kernel(q, to_k(tokens), to_v(tokens), layer.heads)
-        product = self._product.queries(layer.hw, layer.latent_hw, q.device)
+        chunks = layer.chunks if b % len(layer.chunks) == 0 else (0,)
+        per_chunk = b // len(chunks)
+        out = torch.zeros_like(q)
+        for i, kind in enumerate(chunks):
+            tokens = self.tokens if kind == 0 or self.negative is None else self.negative
+            rows = slice(i * per_chunk, (i + 1) * per_chunk)
+            t = self._rows_tokens(tokens, per_chunk, q).to(to_k.weight.dtype)
+            out[rows] = kernel(q[rows], to_k(t).to(q.dtype), to_v(t).to(q.dtype), layer.heads)
+        product = self.region.queries(layer.hw, layer.latent_hw, q.device)
         background = (~product).to(q.dtype)
-        background = background.repeat(b // background.shape[0], 1) if background.shape[0] != b else background
+        background = background.repeat(per_chunk // background.shape[0], 1) if background.shape[0] != per_chunk \
+            else background
+        background = background.repeat(len(chunks), 1)
         return out * (self.weight * background[:, :, None])
 
     def to(self, device) -> "ReferenceInjection":
         self.tokens = self.tokens.to(device)
-        self._product.to(device)
+        if self.negative is not None:
+            self.negative = self.negative.to(device)
+        self.region.to(device)
+        for to_k, to_v in self.projections.values():
+            to_k.to(device)
+            to_v.to(device)
         return self
 
     def models(self) -> list:
@@ -351,7 +383,7 @@ class SceneAttention:
 
     def check_batch(self, images: int) -> None:
         """Raise before sampling when a gate's mask batch cannot pair with ``images`` latents."""
-        for gate in self.gates:
+        for gate in self.gates + self.injections:
             bm = gate.mask.shape[0]
             if bm not in (1, images):
                 raise ProductSceneError(
@@ -360,7 +392,7 @@ class SceneAttention:
     def check_aspect(self, latent_hw: tuple[int, int], tolerance: float = 0.05) -> None:
         """Raise when a gate's mask has another aspect ratio than the latent it will be resized to."""
         lh, lw = latent_hw
-        for gate in self.gates:
+        for gate in self.gates + self.injections:
             mh, mw = gate.mask.shape[-2:]
             if abs(mh / mw - lh / lw) > tolerance * (lh / lw):
                 raise ProductSceneError(

@@ -20,7 +20,9 @@ Host-level tests: every test that uses one of HOST_FIXTURES, every test in a mod
 ComfyUI's own modules (comfy, nodes, comfy_api, ...), and every test marked ``pytest.mark.host`` (a
 module that reaches ComfyUI some other way, e.g. its own ComfyServer or a subprocess, puts
 ``pytestmark = pytest.mark.host`` at its top). scripts/test.sh runs the whole suite on the first
-host and the host-level tests on the second (PRODUCTSCENE_HOST_TESTS_ONLY=1 selects them).
+host and the host-level tests on the second (PRODUCTSCENE_HOST_TESTS_ONLY=1 selects them), except
+the learning proofs (``pytest.mark.learning``: they measure an algorithm on the world base, which
+the second host's trainer tests already run; once is enough and keeps CI under 30 minutes).
 """
 from tests.support import comfy_env  # noqa: F401  (first: sys.path, CPU, private base dir)
 from tests.support.scripts import load_script
@@ -50,6 +52,8 @@ HOST_LABEL = f"ComfyUI {comfy_env.COMFYUI_VERSION}"
 def pytest_configure(config):
     config.addinivalue_line("filterwarnings", r"ignore:builtin type [sS]wig:DeprecationWarning")
     config.addinivalue_line("markers", "host: a host-level test (runs on every ComfyUI host scripts/test.sh tests)")
+    config.addinivalue_line("markers", "learning: a learning proof on the world base; it measures the algorithm, "
+                                       "not the host, so it runs on the first host only")
 
 
 def pytest_report_header(config):
@@ -76,8 +80,8 @@ def pytest_collection_modifyitems(config, items):
         if HOST_FIXTURES.intersection(getattr(item, "fixturenames", ())) or comfy_modules.get(module):
             item.add_marker(pytest.mark.host)
     if HOST_TESTS_ONLY:
-        keep = [i for i in items if i.get_closest_marker("host")]
-        dropped = [i for i in items if not i.get_closest_marker("host")]
+        keep = [i for i in items if i.get_closest_marker("host") and not i.get_closest_marker("learning")]
+        dropped = [i for i in items if i not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = keep

@@ -298,7 +298,7 @@ def test_replace_installed_after_the_gate_is_refused_before_sampling(libraries, 
     model.set_model_attn2_replace(Reweight(), "middle", 1, 0)  # matches no layer: never refused
     calls = []
     monkeypatch.setattr(comfy_attention, "optimized_attention", lambda *a, **k: calls.append(1))
-    with pytest.raises(ProductSceneError, match=r"^model: a node after Masked Category Attention replaced "
+    with pytest.raises(ProductSceneError, match=r"^model: a node after Masked Category Attention \(or Apply Personality\) replaced "
                        r"cross-attention on 1 layers \(first: \('input', 1, 0\)\) .* Connect that node "
                        r"\(IPAdapter, .*\) before Masked Category Attention: MODEL -> that node -> Masked "
                        "Category Attention -> KSampler"):

@@ -23,6 +23,8 @@ from productscene.train.evaluate import evaluate_library
 from productscene.train.lora import CROSS_ATTENTION_TARGETS
 from productscene.train.recipes.categories import CategoryConfig, CategoryRecipe, train_category_library
 
+pytestmark = pytest.mark.learning  # the first host only (tests/conftest.py)
+
 SEED = 0
 STEPS = 480
 T_MIN, T_MAX = 200, 900

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from productscene.train.recipes.concepts import ConceptConfig, train_concepts
 
+pytestmark = pytest.mark.learning  # the first host only (tests/conftest.py)
+
 S = 128
 TIMESTEPS = (100, 200, 300)
 

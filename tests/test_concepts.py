@@ -138,6 +138,7 @@ def test_full_unet_phase2_writes_a_diff_that_comfy_applies(sd15, tmp_path):
     assert len(model.patches) == len(diff)
 
 
+@pytest.mark.host  # its models come through request.getfixturevalue, which conftest cannot see
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_other_families_train_and_export(family, request, tmp_path):
     tm = request.getfixturevalue(family)

@@ -26,7 +26,8 @@ from tests.support.replay import Replay
 from tests.test_category_attention import (category_prompt, compare, gate_node, host, libraries,  # noqa: F401
                                            two_masks)
 
-pytestmark = pytest.mark.skipif(ipadapter.skip_reason() is not None, reason=str(ipadapter.skip_reason()))
+pytestmark = [pytest.mark.skipif(ipadapter.skip_reason() is not None, reason=str(ipadapter.skip_reason())),
+              pytest.mark.host]  # ComfyUI and IPAdapter_plus are loaded inside the tests
 
 FIRING = {("sd15", "real layout"): 15, ("sd2", "real layout"): 15, ("sdxl", "real layout"): 60,  # its
           ("sd15", "tiny"): 2, ("sd2", "tiny"): 2, ("sdxl", "tiny"): 2}  # middle-block keys match no layer
@@ -132,8 +133,10 @@ def test_ipadapter_after_the_gate_changes_only_its_own_clone_on_current_comfyui(
     to the next run) must not gain the callback, and running the IPAdapter node again on it (a
     changed weight, a second branch) must not add it twice."""
     import comfy.model_patcher
+    import comfy.utils
 
-    monkeypatch.setattr(comfy.model_patcher, "copy", types.SimpleNamespace(deepcopy=copy_dicts_and_lists))
+    if not hasattr(comfy.utils, "deepcopy_list_dict"):  # ComfyUI 0.3.x: emulate current ComfyUI's clone
+        monkeypatch.setattr(comfy.model_patcher, "copy", types.SimpleNamespace(deepcopy=copy_dicts_and_lists))
     tm = tiny("sdxl")
     unet, plus = plus_models["sdxl", "tiny"]
     latent_hw = (16, 16)

@@ -211,6 +211,7 @@ def _key_vectors(clip, seed, n=1):
     return {k: torch.randn(n, w, generator=g) for k, w in _widths(clip).items()}
 
 
+@pytest.mark.host  # its models come through request.getfixturevalue, which conftest cannot see
 def test_host_splice_changes_exactly_the_identifier_rows(tiny):
     """One-layer causal CLIP: rows before the identifier do not depend on it; the identifier rows
     change when (and only because) its vector changes; equal vectors give equal conds."""
@@ -236,6 +237,7 @@ def test_host_splice_changes_exactly_the_identifier_rows(tiny):
     assert words[first - 1] == clip.tokenize("a")[next(iter(va))][0][1][0]
 
 
+@pytest.mark.host  # its models come through request.getfixturevalue, which conftest cannot see
 def test_host_identifier_vector_reaches_its_row(tiny):
     """Splicing the word's own token embedding at the identifier rows reproduces the plain prompt
     exactly: the vector lands at the recorded row and nowhere else."""
@@ -282,6 +284,7 @@ def test_host_sdxl_rows_align_in_both_encoders(sdxl):
     assert pa.shape[-1] == 1280
 
 
+@pytest.mark.host  # its models come through request.getfixturevalue, which conftest cannot see
 def test_host_long_prompt_identifier_in_second_chunk(tiny):
     clip = tiny.clip
     widths = _widths(clip)

@@ -111,6 +111,18 @@ class CachedSource:
         return self.cache.dataset[i].category
 
 
+def draw_batch(source, b: int, t_range: tuple[int, int], generator: torch.Generator) -> dict:
+    """``b`` items of ``source`` drawn with ``generator``, their noise and timesteps in ``t_range``:
+    ``{"index", "latents", "masks", "noise", "timesteps"}`` (what the recipes' ``batch`` starts from)."""
+    idx = torch.randint(len(source), (b,), generator=generator)
+    items = [source.get(int(i)) for i in idx]
+    latents = torch.stack([it[0] for it in items])
+    masks = torch.stack([it[1] for it in items])
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(t_range[0], t_range[1], (b,), generator=generator)
+    return {"index": idx, "latents": latents, "masks": masks, "noise": noise, "timesteps": t}
+
+
 def default_init_word(name: str) -> str:
     words = [w for w in re.split(r"[\s_\-/,.&]+", name) if w]
     return words[0].lower() if words else "background"
@@ -184,15 +196,9 @@ class CategoryRecipe:
                 "lora": list(self.lora.parameters())}
 
     def batch(self, step: int, generator: torch.Generator):
-        b = int(self.config.batch_size)
-        idx = torch.randint(len(self.source), (b,), generator=generator)
-        items = [self.source.get(int(i)) for i in idx]
-        latents = torch.stack([it[0] for it in items])
-        masks = torch.stack([it[1] for it in items])
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(self.t_range[0], self.t_range[1], (b,), generator=generator)
-        cats = torch.tensor([self.labels[int(i)] for i in idx], dtype=torch.long)
-        return {"latents": latents, "masks": masks, "noise": noise, "timesteps": t, "categories": cats}
+        batch = draw_batch(self.source, int(self.config.batch_size), self.t_range, generator)
+        batch["categories"] = torch.tensor([self.labels[int(i)] for i in batch["index"]], dtype=torch.long)
+        return batch
 
     def loss(self, batch, step):
         pred, target, weights, enc, capture, scene = self._forward(batch, self.config.monitor_attention)

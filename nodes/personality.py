@@ -1,0 +1,175 @@
+"""Personality Reference and Apply Personality: a brand's style from a reference image, on the
+background only (SPEC section 2). The adapter, its tokens and the injection are the core's
+(``productscene.personality``); these nodes translate ComfyUI's CLIP vision, IMAGE, MASK and MODEL."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from productscene.attention import SceneAttention
+from productscene.errors import ProductSceneError
+from productscene.masks import check_background_left, validate_image
+from productscene.personality import PersonalityAdapter, combine, neutral_fill, patch_keep
+from .host import cross_attention_layers, install
+from .paths import PERSONALITY_FOLDER, resolve
+
+PersonalityReferenceType = io.Custom("PERSONALITY_REFERENCE")
+COMBINE = ("average", "concatenate")
+_ADAPTERS: dict[str, tuple[int, int, PersonalityAdapter]] = {}
+
+
+@dataclass(frozen=True)
+class PersonalityReference:
+    """What Personality Reference hands to Apply Personality: the adapter and the reference tokens."""
+    adapter: PersonalityAdapter
+    tokens: torch.Tensor  # [1, K or R*K, C]
+    adapter_name: str
+
+
+def list_adapters() -> list[str]:
+    try:
+        return sorted(n for n in folder_paths.get_filename_list(PERSONALITY_FOLDER) if n.lower().endswith(".safetensors"))
+    except KeyError:
+        return []
+
+
+def open_adapter(name: str) -> PersonalityAdapter:
+    """The adapter file ``name`` of models/personality_adapters, cached by (mtime, size)."""
+    path = resolve(PERSONALITY_FOLDER, name, what="adapter")
+    st = os.stat(path)
+    key = os.path.realpath(path)
+    hit = _ADAPTERS.get(key)
+    if hit is None or hit[:2] != (st.st_mtime_ns, st.st_size):
+        with torch.inference_mode(False):
+            adapter = PersonalityAdapter.load(path).eval().requires_grad_(False)
+        hit = (st.st_mtime_ns, st.st_size, adapter)
+        _ADAPTERS[key] = hit
+    return hit[2]
+
+
+def model_layers(model) -> dict[tuple, int]:
+    """``{layer key: inner width}`` of every cross-attention layer of a ComfyUI model."""
+    return {k: m.to_k.weight.shape[0] for k, m in cross_attention_layers(model).items()}
+
+
+def model_context_dim(model) -> int:
+    return next(iter(cross_attention_layers(model).values())).to_k.weight.shape[1]
+
+
+def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor | None) -> tuple:
+    """CLIP vision penultimate states of ``image`` (the whole image, squashed to the encoder's
+    square, so the mask maps onto the patch grid), with the reference's product filled."""
+    validate_image(image, "image", channels=(3, 4))
+    if reference_mask is not None and reference_mask.ndim == 2:
+        reference_mask = reference_mask[None]
+    filled = neutral_fill(image[..., :3], reference_mask)
+    out = clip_vision.encode_image(filled, crop=False)
+    states = out["penultimate_hidden_states"]
+    return states, patch_keep(states.shape[1], reference_mask, states.shape[0])
+
+
+def encode_reference(clip_vision, image, adapter: PersonalityAdapter, how: str = "average",
+                     reference_mask=None) -> torch.Tensor:
+    if how not in COMBINE:
+        raise ProductSceneError(f"combine: expected one of {', '.join(COMBINE)}, got {how!r}")
+    states, keep = vision_states(clip_vision, image, reference_mask)
+    adapter.check_states(states, "clip_vision")
+    return combine(adapter.tokens(states.float(), keep), how)
+
+
+class ProductScenePersonalityReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductScenePersonalityReference",
+            display_name="Personality Reference (ProductScene)",
+            category="ProductScene",
+            description=("Encodes a brand's reference image (its layout, elements and colours) with CLIP vision and "
+                         "a personality adapter into reference tokens for Apply Personality. The reference's own "
+                         "product (reference_mask) is left out of what is encoded."),
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter was trained with "
+                                    "(its penultimate hidden states are used)."),
+                io.Image.Input("image", tooltip="The reference image(s) in the brand's style. Several images "
+                               "(a batch) are combined as 'combine' says. The whole image is seen (not a centre crop)."),
+                io.Combo.Input("adapter", options=list_adapters(),
+                               tooltip="Personality adapter file (models/personality_adapters), trained for "
+                                       "this checkpoint's family and this CLIP vision model."),
+                io.Combo.Input("combine", options=list(COMBINE), default="average",
+                               tooltip="Several references: 'average' their tokens (one blended style), or "
+                                       "'concatenate' them (every reference's tokens, attended together)."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="Optional: the reference's own product (1 = product), same size as the "
+                                      "image. It is filled and its patches are left out, so only the style is taken."),
+            ],
+            outputs=[PersonalityReferenceType.Output(display_name="REFERENCE",
+                                                     tooltip="Reference tokens for Apply Personality.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, image, adapter, combine, reference_mask=None) -> io.NodeOutput:
+        loaded = open_adapter(adapter)
+        tokens = encode_reference(clip_vision, image, loaded, combine, reference_mask)
+        return io.NodeOutput(PersonalityReference(loaded, tokens.detach().clone(), adapter))
+
+
+class ProductSceneApplyPersonality(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductSceneApplyPersonality",
+            display_name="Apply Personality (ProductScene)",
+            category="ProductScene",
+            description=("Patches every cross-attention layer with the reference's decoupled cross-attention, "
+                         "added to the text attention on background positions only: the product receives "
+                         "nothing from the reference. Works with Masked Category Attention on the same model."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.5, SD2.x or SDXL) the adapter was trained for."),
+                PersonalityReferenceType.Input("reference", tooltip="From Personality Reference."),
+                io.Mask.Input("product_mask", tooltip="1 = product. One mask, or one per image of the batch; same "
+                              "aspect ratio as the image being generated. Product positions get nothing."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="How strongly the reference's attention is added (0 = off: the model is unchanged)."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule at which the reference starts acting (0 = first step)."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule after which it stops (1 = last step); must be above start."),
+                PersonalityReferenceType.Input("negative_reference", optional=True,
+                                               tooltip="Optional: a reference for the negative (unconditional) "
+                                                       "branch, a style to steer away from. Without one, both branches "
+                                                       "get the reference and weight alone sets its strength."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, reference, product_mask, weight, start, end, negative_reference=None) -> io.NodeOutput:
+        for name, value in (("reference", reference), ("negative_reference", negative_reference)):
+            if value is not None and not isinstance(value, PersonalityReference):
+                raise ProductSceneError(f"{name}: expected the output of a Personality Reference node")
+        for name, value, top in (("weight", weight, 2.0), ("start", start, 1.0), ("end", end, 1.0)):
+            if not (math.isfinite(float(value)) and 0.0 <= float(value) <= top):
+                raise ProductSceneError(f"{name}: expected a number from 0 to {top:g}, got {value!r}")
+        if not start < end:
+            raise ProductSceneError(f"start/end: start ({start}) must be below end ({end})")
+        adapter = reference.adapter
+        if negative_reference is not None and negative_reference.adapter_name != reference.adapter_name:
+            raise ProductSceneError("negative_reference: made with another adapter than reference; use the same one")
+        dim = model_context_dim(model)
+        if dim != adapter.context_dim:
+            raise ProductSceneError(
+                f"reference: the adapter {reference.adapter_name} was made for {adapter.family} "
+                f"({adapter.context_dim}-wide context), but this model's context is {dim} wide")
+        adapter.check_layers(model_layers(model), "reference")
+        injection = adapter.injection(reference.tokens, product_mask, weight=weight, start=start, end=end,
+                                      negative=None if negative_reference is None else negative_reference.tokens)
+        check_background_left(injection.mask, 0, name="product_mask")
+        return io.NodeOutput(install(model, SceneAttention().with_injection(injection)))
+
+
+NODES = [ProductScenePersonalityReference, ProductSceneApplyPersonality]

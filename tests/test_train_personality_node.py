@@ -1,0 +1,91 @@
+"""The Train Personality Adapter node at host level (ComfyUI's real classes: tiny SD1.5, CLIP vision
+built by ComfyUI's own class): it writes an adapter that Personality Reference and Apply
+Personality accept, cancel keeps a loadable training state, resume finishes it, and an existing
+adapter is never replaced without being asked."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import productscene
+from productscene.errors import ProductSceneError
+from productscene.personality import PersonalityAdapter
+from tests.support.clip_vision import build_clip_vision
+from tests.support.models import encode, sample
+from tests.test_train_node import write_data
+
+
+@pytest.fixture(autouse=True)
+def data_anywhere_in_tmp(pack, tmp_path, monkeypatch):
+    monkeypatch.setenv(pack.nodes.train_categories.DATA_ROOTS_ENV, str(tmp_path))
+
+
+def _kwargs(tm, data, **over):
+    kw = dict(model=tm.model, clip=tm.clip, vae=tm.vae, clip_vision=build_clip_vision(64), data_folder=str(data),
+              layout="folder", steps=3, lr=1e-3, tokens=4, resolution=64, batch_size=2, prompt="a product photo",
+              output_name="node_personality", checkpoint_every=0, resume=False, seed=0)
+    kw.update(over)
+    return kw
+
+
+def test_node_trains_an_adapter_the_reference_nodes_accept(pack, sd15, tmp_path):
+    node = pack.nodes.train_personality.ProductSceneTrainPersonalityAdapter
+    assert all(getattr(i, "tooltip", None) for i in node.define_schema().inputs)
+    data = write_data(tmp_path / "data")
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        name, graph = node.execute(**_kwargs(sd15, data)).args
+    assert name == "node_personality.safetensors" and graph.shape[0] == 1 and graph.shape[-1] == 3
+    path = os.path.join(pack.nodes.train_personality.adapter_folder(), name)
+    adapter = PersonalityAdapter.load(path)
+    assert adapter.family == "sd15" and adapter.vision_width == 64 and adapter.n_tokens == 4
+    assert adapter.training_summary["steps"] == 3 and adapter.training_summary["recipe"] == "personality"
+    # trained: the adapter's per-layer projections moved away from the text to_k/to_v they started from
+    layers = pack.nodes.host.cross_attention_layers(sd15.model)
+    start = PersonalityAdapter.for_layers("sd15", 64, layers, tokens=4, seed=0)
+    assert not torch.equal(start.tokens(torch.ones(1, 17, 64)), adapter.tokens(torch.ones(1, 17, 64)))
+    # the reference nodes take it, and it changes the background
+    personality = pack.nodes.personality
+    image = torch.rand(1, 64, 64, 3)
+    with torch.inference_mode():
+        ref = personality.ProductScenePersonalityReference.execute(build_clip_vision(64), image, name, "average").result[0]
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:40, 16:40] = 1.0
+        model = personality.ProductSceneApplyPersonality.execute(sd15.model, ref, mask, 1.0, 0.0, 1.0).result[0]
+        cond, negative = encode(sd15, "a product photo"), encode(sd15, "blurry")
+        assert not torch.equal(sample(sd15, cond, negative, model=model), sample(sd15, cond, negative))
+    # never replaced without being asked
+    with torch.inference_mode(), pytest.raises(ProductSceneError, match="^output_name: .* already exists"):
+        node.execute(**_kwargs(sd15, data))
+
+
+def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp_path):
+    import comfy.model_management as mm
+    import comfy.utils
+    node = pack.nodes.train_personality.ProductSceneTrainPersonalityAdapter
+    tp = pack.nodes.train_personality
+    engine = productscene.train.engine
+    data = write_data(tmp_path / "data")
+
+    def hook(value, total, preview, node_id=None):
+        # the first training report (current ComfyUI throttles the others); what the UI's cancel does
+        if total == 5 and 1 <= value < 5:
+            mm.interrupt_current_processing(True)
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_personality"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+    state = os.path.join(pack.nodes.train_categories.work_folder("checkpoints"),
+                         "cancel_personality.personality-checkpoint.safetensors")
+    info = engine.read_checkpoint_info(state)
+    assert 1 <= info["step"] < 5 and len(info["history"]) == info["step"]
+    assert not os.path.exists(os.path.join(tp.adapter_folder(), "cancel_personality.safetensors"))
+    with torch.inference_mode():
+        name = node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_personality", resume=True)).args[0]
+    assert PersonalityAdapter.load(os.path.join(tp.adapter_folder(), name)).training_summary["steps"] == 5
