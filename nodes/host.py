@@ -19,7 +19,7 @@ import torch
 import comfy.patcher_extension
 from comfy.ldm.modules import attention as comfy_attention
 
-from productscene.attention import LayerInfo, SceneAttention
+from productscene.attention import LayerInfo, SceneAttention, unet_cross_attention
 from productscene.errors import ProductSceneError
 
 SCENE_KEY = "productscene"
@@ -40,19 +40,7 @@ def comfy_kernel(q, k, v, heads, extra_options=None):
 
 def cross_attention_layers(model_patcher) -> dict[tuple[str, int, int], object]:
     """``{key: attn2 module}`` of every cross-attention layer, keyed as ComfyUI keys attn2 replaces."""
-    unet = model_patcher.model.diffusion_model
-    groups = [("input", enumerate(unet.input_blocks)), ("middle", [(0, unet.middle_block)]),
-              ("output", enumerate(unet.output_blocks))]
-    layers = {}
-    for name, blocks in groups:
-        for index, block in blocks:
-            for module in block:
-                for t, transformer in enumerate(getattr(module, "transformer_blocks", ())):
-                    if getattr(transformer, "attn2", None) is not None:
-                        layers[(name, index, t)] = transformer.attn2
-    if not layers:
-        raise ProductSceneError("model: found no cross-attention layers; expected an SD1.5, SD2.x or SDXL UNet")
-    return layers
+    return unet_cross_attention(model_patcher.model.diffusion_model)
 
 
 def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:

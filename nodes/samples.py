@@ -2,8 +2,8 @@
 image that exists and run as shipped (workflows/Category background.json loads
 ``productscene_perfume_bottle.png``).
 
-Inside a running ComfyUI server only (like routes.py): on start, each ``samples/products/*.png`` (and ``samples/scenes/*.png``) is
-copied to ``<input>/productscene_<name>`` unless a file of that name is already there (a user's
+Inside a running ComfyUI server only (like routes.py): on start, each ``samples/products/*.png`` (and
+``samples/scenes/*.png``, ``samples/references/*.png``) is copied to ``<input>/productscene_<name>`` unless a file of that name is already there (a user's
 file is never replaced). Copies go to a temporary name first, then are renamed into place.
 """
 from __future__ import annotations
@@ -17,13 +17,14 @@ from .running_server import prompt_server
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "products"
 SCENES = SAMPLES.parent / "scenes"  # the concept workflows' scene and its masks
+REFERENCES = SAMPLES.parent / "references"  # the brand reference workflow's sample references
 PREFIX = "productscene_"
 
 
 def copy_samples(input_dir: str) -> list[str]:
     """Copy the sample cut-outs missing from ``input_dir``; returns the names written."""
     written = []
-    for sample in sorted(SAMPLES.glob("*.png")) + sorted(SCENES.glob("*.png")):
+    for sample in sorted(SAMPLES.glob("*.png")) + sorted(SCENES.glob("*.png")) + sorted(REFERENCES.glob("*.png")):
         target = os.path.join(input_dir, PREFIX + sample.name)
         if os.path.exists(target):
             continue

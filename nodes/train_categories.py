@@ -2,67 +2,20 @@
 data set folder, with the mask-guided gate on, and writes a category library."""
 from __future__ import annotations
 
-import os
-
-import folder_paths
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
-from productscene.errors import ProductSceneError
 from productscene.prompt import DEFAULT_TEMPLATE
-from productscene.train.recipes.categories import CategoryConfig, check_outputs, train_category_library
-from .paths import LIBRARY_FOLDER, _check_name
+from productscene.train.recipes.categories import CategoryConfig, train_category_library
+from .paths import LIBRARY_FOLDER
 from .live_progress import LiveProgress
+from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, work_folder
 from .training_host import ComfyProgress, ComfyTrainingHost
 
 
 def library_folder() -> str:
-    paths = folder_paths.get_folder_paths(LIBRARY_FOLDER)
-    return paths[0] if paths else os.path.join(folder_paths.models_dir, LIBRARY_FOLDER)
+    return model_folder(LIBRARY_FOLDER)
 
-
-def work_folder(kind: str) -> str:
-    """Training state outside the model folders: ``<user dir>/productscene/<kind>``."""
-    path = os.path.join(folder_paths.get_user_directory(), "productscene", kind)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def output_file_name(name: str) -> str:
-    name = name.strip()
-    _check_name(name, "output_name")
-    if "/" in name.replace("\\", "/"):
-        raise ProductSceneError(f"output_name: {name!r} must be a plain file name (no folders)")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    return name
-
-
-DATA_ROOTS_ENV = "PRODUCTSCENE_DATA_ROOTS"
-
-
-def allowed_data_roots() -> list[str]:
-    """ComfyUI's input folder, plus the folders the server's owner lists in the environment
-    variable ``PRODUCTSCENE_DATA_ROOTS`` (separated by the platform's path separator)."""
-    extra = [p for p in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
-    return [os.path.realpath(p) for p in [folder_paths.get_input_directory(), *extra]]
-
-
-def resolve_data(folder: str) -> str:
-    """A data set folder inside the input folder (or an allowed root). Anything else is refused
-    without saying what exists where on the server."""
-    folder = (folder or "").strip()
-    if not folder:
-        raise ProductSceneError("data_folder: expected the path of a data set folder")
-    path = os.path.realpath(folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder))
-    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in allowed_data_roots()):
-        raise ProductSceneError(
-            f"data_folder: {folder!r} is outside ComfyUI's input folder; give a folder inside it (a relative path, "
-            f"no '..' out of it). The server's owner can allow more folders with the environment variable "
-            f"{DATA_ROOTS_ENV}")
-    if not os.path.isdir(path):
-        raise ProductSceneError(f"data_folder: {folder!r} is not a folder (relative paths start in ComfyUI's input folder)")
-    return path
 
 
 class ProductSceneTrainCategoryLibrary(io.ComfyNode):
@@ -99,14 +52,8 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
                 io.String.Input("template", default=DEFAULT_TEMPLATE,
                                 tooltip="Training prompt; {category} (once) marks the identifier. Use the same wording "
                                         "in the Category Tokens node."),
-                io.String.Input("output_name", default="my_categories",
-                                tooltip="Library file name written to models/category_libraries (.safetensors added)."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1000000,
-                             tooltip="Save the training state every N steps (0: only at the end and on cancel)."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from this output name's saved training state, if there is one."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of data order, noise and timesteps (same seed, same result)."),
+                *run_inputs("my_categories", "Library file name written to models/category_libraries (.safetensors added).",
+                            "data order"),
             ],
             outputs=[
                 io.String.Output(display_name="library", tooltip="File name of the written library in models/category_libraries."),
@@ -117,12 +64,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, data_folder, layout, steps, lr_tokens, lr_lora, lora_rank, resolution,
                 batch_size, template, output_name, checkpoint_every, resume, seed) -> io.NodeOutput:
-        name = output_file_name(output_name)
-        library = os.path.join(library_folder(), name)
-        state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".checkpoint.safetensors")
-        check_outputs(library, state, resume=resume, out="output_name",
-                      shown_out=f"{LIBRARY_FOLDER}/{name}", shown_state=f"{os.path.splitext(name)[0]} (saved training state)",
-                      hint="choose another output_name, turn resume on to continue its training, or delete the file")
+        name, library, state = node_outputs(LIBRARY_FOLDER, output_name, ".checkpoint.safetensors", resume)
         data = resolve_data(data_folder)
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
                                 steps=steps, lr_tokens=lr_tokens, lr_lora=lr_lora)
@@ -131,10 +73,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
             seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
             checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
             latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
-        if run.cancelled:  # state saved; let ComfyUI show the run as interrupted
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException()
-        return io.NodeOutput(name, run.graph)
+        return io.NodeOutput(name, finished(run).graph)
 
 
 NODES = [ProductSceneTrainCategoryLibrary]

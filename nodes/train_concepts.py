@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.train.recipes.concepts import MAX_CONCEPTS, ConceptConfig, train_concepts
 from .live_progress import LiveProgress
-from .train_categories import library_folder, output_file_name, work_folder
+from .paths import LIBRARY_FOLDER
+from .trainer_files import RESUME_HINT, finished, model_folder, output_file_name, run_inputs, shown, work_folder
 from .training_host import ComfyTrainingHost
-
-
-def model_folder(kind: str) -> str:
-    paths = folder_paths.get_folder_paths(kind)
-    return paths[0] if paths else os.path.join(folder_paths.models_dir, kind)
 
 
 def split_words(text: str) -> tuple[str, ...]:
@@ -70,15 +65,8 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Union-sampled draws per step."),
                 io.Float.Input("attention_weight", default=0.01, min=0.0, max=10.0, step=0.001,
                                tooltip="Weight of the cross-attention loss (each token's attention map against its mask)."),
-                io.String.Input("output_name", default="my_concepts",
-                                tooltip="File name of the concept tokens (models/category_libraries) and of the LoRA "
-                                        "(models/loras); embeddings are <name>_<concept>."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
-                             tooltip="Save the training state every N steps (0: only at the end and on cancel)."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from this output name's saved training state, if there is one."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of concept draws, flips, noise and timesteps (same seed, same result)."),
+                *run_inputs("my_concepts", "File name of the concept tokens (models/category_libraries) and of the "
+                            "LoRA (models/loras); embeddings are <name>_<concept>.", "concept draws, flips"),
                 io.Image.Input("class_images", optional=True,
                                tooltip="Optional prior preservation: images of the class made by the same model."),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.1, optional=True,
@@ -110,15 +98,12 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
         history = os.path.join(work_folder("history"), stem + ".loss.json")
         lora_name = stem + (".diff" if unet == "full" else "") + ".safetensors"
         run = train_concepts(
-            ComfyTrainingHost(model, clip, vae), image, masks, os.path.join(library_folder(), name), config,
+            ComfyTrainingHost(model, clip, vae), image, masks, os.path.join(model_folder(LIBRARY_FOLDER), name), config,
             lora_path=os.path.join(model_folder("loras"), lora_name), embeddings_dir=model_folder("embeddings"),
             history_path=history, class_images=class_images, seed=seed, checkpoint_path=state,
             checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(config.phase1_steps + config.phase2_steps),
-            should_stop=mm.processing_interrupted)
-        if run.cancelled:  # state saved; let ComfyUI show the run as interrupted
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException()
-        return io.NodeOutput(name, lora_name if run.lora else "", run.graph, history)
+            should_stop=mm.processing_interrupted, out="output_name", shown=shown, hint=RESUME_HINT)
+        return io.NodeOutput(name, lora_name if finished(run).lora else "", run.graph, history)
 
 
 NODES = [ProductSceneMultiConceptInversion]

@@ -3,26 +3,20 @@ folder (each image's own augmented background is its reference) and writes it to
 models/personality_adapters. The run is the core's (``train_personality_adapter``)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
-from productscene.train.recipes.categories import check_outputs
 from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
 from .host import cross_attention_layers
 from .live_progress import LiveProgress
 from .paths import PERSONALITY_FOLDER
-from .train_categories import output_file_name, resolve_data, work_folder
-from .training_host import ComfyTrainingHost
-
-import folder_paths
+from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, work_folder
+from .training_host import ComfyProgress, ComfyTrainingHost
 
 
 def adapter_folder() -> str:
-    paths = folder_paths.get_folder_paths(PERSONALITY_FOLDER)
-    return paths[0] if paths else os.path.join(folder_paths.models_dir, PERSONALITY_FOLDER)
+    return model_folder(PERSONALITY_FOLDER)
 
 
 def vision_encoder(clip_vision):
@@ -70,14 +64,8 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
                 io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per optimizer step."),
                 io.String.Input("prompt", default="a product photo",
                                 tooltip="The one training prompt. Name no style: the reference is what should carry it."),
-                io.String.Input("output_name", default="my_personality",
-                                tooltip="Adapter file name written to models/personality_adapters (.safetensors added)."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1000000,
-                             tooltip="Save the training state every N steps (0: only at the end and on cancel)."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from this output name's saved training state, if there is one."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of data order, augmentation, noise and timesteps (same seed, same result)."),
+                *run_inputs("my_personality", "Adapter file name written to models/personality_adapters (.safetensors added).",
+                            "data order, augmentation"),
             ],
             outputs=[
                 io.String.Output(display_name="adapter", tooltip="File name of the written adapter in models/personality_adapters."),
@@ -88,12 +76,7 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, data_folder, layout, steps, lr, tokens, resolution, batch_size,
                 prompt, output_name, checkpoint_every, resume, seed) -> io.NodeOutput:
-        name = output_file_name(output_name)
-        out = os.path.join(adapter_folder(), name)
-        state = os.path.join(work_folder("checkpoints"), os.path.splitext(name)[0] + ".personality-checkpoint.safetensors")
-        check_outputs(out, state, resume=resume, out="output_name",
-                      shown_out=f"{PERSONALITY_FOLDER}/{name}", shown_state=f"{os.path.splitext(name)[0]} (saved training state)",
-                      hint="choose another output_name, turn resume on to continue its training, or delete the file")
+        name, out, state = node_outputs(PERSONALITY_FOLDER, output_name, ".personality-checkpoint.safetensors", resume)
         data = resolve_data(data_folder)
         config = PersonalityConfig(tokens=tokens, prompt=prompt, batch_size=batch_size, resolution=resolution,
                                    steps=steps, lr=lr)
@@ -102,11 +85,8 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
             host, data, out, config, encode_vision=vision_encoder(clip_vision), vision_width=vision_width(clip_vision),
             layers=cross_attention_layers(host.model), layout=layout, seed=seed, cache_dir=work_folder("latent_cache"),
             checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
-            should_stop=mm.processing_interrupted)
-        if run.cancelled:
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException()
-        return io.NodeOutput(name, run.graph)
+            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
+        return io.NodeOutput(name, finished(run).graph)
 
 
 NODES = [ProductSceneTrainPersonalityAdapter]

@@ -47,6 +47,23 @@ class LayerInfo:
     #                             None: every cond row
 
 
+def unet_cross_attention(unet: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """``{key: attn2 module}`` of every cross-attention layer of an SD-style UNet (``input_blocks``,
+    ``middle_block``, ``output_blocks``), keyed as ComfyUI keys attn2 replaces: ``("input", 4, 0)``."""
+    groups = [("input", enumerate(unet.input_blocks)), ("middle", [(0, unet.middle_block)]),
+              ("output", enumerate(unet.output_blocks))]
+    layers = {}
+    for name, blocks in groups:
+        for index, block in blocks:
+            for module in block:
+                for t, transformer in enumerate(getattr(module, "transformer_blocks", ())):
+                    if getattr(transformer, "attn2", None) is not None:
+                        layers[(name, index, t)] = transformer.attn2
+    if not layers:
+        raise ProductSceneError("model: found no cross-attention layers; expected an SD1.5, SD2.x or SDXL UNet")
+    return layers
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Reference kernel: torch's scaled dot-product attention (no mask: the fast kernels apply)."""
     b, nq, inner = q.shape

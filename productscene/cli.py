@@ -2,13 +2,15 @@
 
 Commands
   train-categories  train a category library from a data set (BG60k or folder layout)
+  train-personality train a personality adapter (the style a reference image carries) from a data set
   train-concepts    Break-A-Scene: learn several concept tokens (+ LoRA) from one image and its masks
+  evaluate-library  score a category library on held-out images (confusion matrix, top-1 accuracy)
   check-dataset     check a data set and list every problem (nothing is written)
   build-library     build a category library from textual-inversion embedding files
   batch             run a workflow over a catalogue (CSV manifest or folder) on ComfyUI servers
 
-The core never imports ComfyUI. ``train-categories`` finds a ComfyUI tree (``--comfyui``, env
-``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and imports this repository as a ComfyUI pack
+The core never imports ComfyUI. The training commands find a ComfyUI tree (``--comfyui``, env
+``COMFYUI_PATH``, default ``<repo>/.venv/comfyui``) and import this repository as a ComfyUI pack
 (``load_pack``), so the node and the command line run the same code on the same core.
 """
 from __future__ import annotations
@@ -129,37 +131,34 @@ def _advance(bar):
     return update
 
 
-def cmd_train_categories(args) -> int:
-    from .train.recipes.categories import CategoryConfig, check_outputs, train_category_library
-    from .train.datasets import check, open_dataset
-    if args.check_only:
-        args.shallow, args.json = False, False
-        return cmd_check_dataset(args)
-    check_model_checkpoint(args.checkpoint)
-    ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
-    check_outputs(args.out, ckpt, resume=args.resume, overwrite=args.overwrite, out="--out",
-                  hint="pass --overwrite, choose another --out, or --resume its training")
-    # every data problem before any model work; the run reuses this report (one deep check)
-    dataset = open_dataset(args.data, args.layout, args.split)
-    report = check(dataset)
-    if not report.ok:
-        print(report.message(limit=None), file=sys.stderr)
-        return 1
-    config = CategoryConfig(template=args.template, vectors_per_token=args.vectors, rank=args.rank,
-                            batch_size=args.batch_size, resolution=args.resolution, steps=args.steps,
-                            lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
-    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
-    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
-    latents = _bar(len(dataset), "latents")
-    bar = _bar(args.steps, "training")
+class _TrainingBars:
+    """The bars of a training command: ``latents`` (images encoded; only when ``images`` is given)
+    and ``training`` (steps, with the loss)."""
 
-    def progress(step, total, loss):
-        if bar:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.refresh()
+    def __init__(self, steps: int, images: int | None = None):
+        self.latents = _bar(images, "latents") if images is not None else None
+        self.training = _bar(steps, "training")
+        self.latent_progress = _advance(self.latents)
 
-    latent_progress = _advance(latents)
+    def progress(self, step, total, loss):
+        if self.training:
+            self.training.n = step
+            self.training.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.training.refresh()
+
+    def close(self):
+        for b in (self.latents, self.training):
+            if b:
+                b.close()
+
+
+def _train_interruptibly(train, ckpt: str, steps: int, images: int | None = None):
+    """Run ``train(bars, should_stop)`` (a core training run; ``bars``: its :class:`_TrainingBars`)
+    under Ctrl-C: the first Ctrl-C asks the run to stop after its step (``should_stop``), a second
+    stops inside it; either way the engine keeps the last completed step in ``ckpt``. Returns the
+    run, or None when it was cancelled (said on stderr; Ctrl-C then stays ignored while the process
+    winds down)."""
+    bars = _TrainingBars(steps, images)
     stop = []
 
     def on_sigint(signum, frame):
@@ -170,34 +169,115 @@ def cmd_train_categories(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        run = train_category_library(
-            host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
-            checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(), checkpoint_path=ckpt,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume, autocast=args.autocast,
-            progress=progress, latent_progress=latent_progress, license=args.license,
-            gradient_checkpoint=args.gradient_checkpointing, should_stop=lambda: bool(stop),
-            overwrite=args.overwrite)
+        run = train(bars, lambda: bool(stop))
     except KeyboardInterrupt:
         run = None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cancel path below is not cut short
-        for b in (latents, bar):
-            if b:
-                b.close()
-    if run is None or run.library is None:
+        bars.close()
+    if run is None or run.cancelled:
         print("\ncancelled; " + _saved_state(ckpt), file=sys.stderr)
-        return 130  # Ctrl-C stays ignored while the process winds down
+        return None
     signal.signal(signal.SIGINT, previous)
-    h = run.result.history
-    print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {run.result.steps_done} steps, "
-          f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+    return run
+
+
+def _trained(result, ckpt: str) -> str:
+    """The end of a training command's last line: steps, loss, time and the training state."""
+    h = result.history
+    loss = f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f}" if h else "no loss recorded"
+    return f"{result.steps_done} steps, {loss} in {result.seconds:.1f} s; checkpoint {ckpt}"
+
+
+def _checked_training_inputs(args):
+    """What a data-set training command checks before any model work: the model checkpoint, the
+    outputs (``--out`` and the training state) and every file of the data set. Returns
+    ``(training state path, data set, report)``, or None when the data set has problems (each one
+    printed)."""
+    from .train.datasets import check, open_dataset
+    from .train.recipes.categories import check_outputs
+    check_model_checkpoint(args.checkpoint)
+    ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    check_outputs(args.out, ckpt, resume=args.resume, overwrite=args.overwrite, out="--out",
+                  hint="pass --overwrite, choose another --out, or --resume its training")
+    dataset = open_dataset(args.data, args.layout, args.split)
+    report = check(dataset)
+    if not report.ok:
+        print(report.message(limit=None), file=sys.stderr)
+        return None
+    return ckpt, dataset, report
+
+
+def cmd_train_categories(args) -> int:
+    from .train.recipes.categories import CategoryConfig, train_category_library
+    if args.check_only:
+        args.shallow, args.json = False, False
+        return cmd_check_dataset(args)
+    # every data problem before any model work; the run reuses this report (one deep check)
+    checked = _checked_training_inputs(args)
+    if checked is None:
+        return 1
+    ckpt, dataset, report = checked
+    config = CategoryConfig(template=args.template, vectors_per_token=args.vectors, rank=args.rank,
+                            batch_size=args.batch_size, resolution=args.resolution, steps=args.steps,
+                            lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
+    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
+    run = _train_interruptibly(lambda bars, should_stop: train_category_library(
+        host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
+        checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(), checkpoint_path=ckpt,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, autocast=args.autocast,
+        progress=bars.progress, latent_progress=bars.latent_progress, license=args.license,
+        gradient_checkpoint=args.gradient_checkpointing, should_stop=should_stop,
+        overwrite=args.overwrite), ckpt, args.steps, images=len(dataset))
+    if run is None:
+        return 130
+    print(f"wrote {run.library}: {len(run.recipe.categories)} categories, {_trained(run.result, ckpt)}")
+    return 0
+
+
+def check_clip_vision(path: str) -> None:
+    """The CLIP vision file is a safetensors file of an image encoder (read by its header only), not
+    a diffusion model or one of ProductScene's own files."""
+    _check_weights_file(path, "clip-vision", ("vision_model.", "visual.", "encoder.layer."),
+                        ("a CLIP vision model", "CLIP vision"),
+                        "give --clip-vision a CLIP vision model (.safetensors) that ComfyUI's CLIPVisionLoader takes")
+
+
+def cmd_train_personality(args) -> int:
+    """Learn a personality adapter self-supervised from a data set (each image's own augmented
+    background is its reference): the command-line twin of the Train Personality Adapter node, on
+    the same core run. Only the adapter trains; the model and both encoders stay frozen."""
+    from .train.recipes.personality import PersonalityConfig, train_personality_adapter
+    check_clip_vision(args.clip_vision)
+    config = PersonalityConfig(tokens=args.tokens, prompt=args.prompt, batch_size=args.batch_size,
+                               resolution=args.resolution, steps=args.steps, lr=args.lr)
+    checked = _checked_training_inputs(args)  # every data problem before any model work
+    if checked is None:
+        return 1
+    ckpt, dataset, report = checked
+    pack = load_pack(args.comfyui, cpu=args.cpu)
+    host_mod = importlib.import_module(pack.__name__ + ".nodes.training_host")
+    node = importlib.import_module(pack.__name__ + ".nodes.train_personality")
+    layers_of = importlib.import_module(pack.__name__ + ".nodes.host").cross_attention_layers
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
+    clip_vision = _standalone().load_clip_vision(args.clip_vision, error=ProductSceneError)
+    host = host_mod.ComfyTrainingHost(model, clip, vae)
+    run = _train_interruptibly(lambda bars, should_stop: train_personality_adapter(
+        host, dataset, args.out, config, encode_vision=node.vision_encoder(clip_vision),
+        vision_width=node.vision_width(clip_vision), layers=layers_of(host.model), layout=args.layout,
+        split=args.split, checked=report, seed=args.seed, cache_dir=args.cache_dir or _default_cache(),
+        checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume, autocast=args.autocast,
+        progress=bars.progress, latent_progress=bars.latent_progress, should_stop=should_stop,
+        overwrite=args.overwrite, license=args.license, gradient_checkpoint=args.gradient_checkpointing),
+        ckpt, args.steps, images=len(dataset))
+    if run is None:
+        return 130
+    print(f"wrote {run.adapter}: {config.tokens} reference tokens for {host.family}, {_trained(run.result, ckpt)}")
     return 0
 
 
 def _read_image(path, what: str):
-    import numpy as np
-    import torch
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -230,9 +310,8 @@ def read_scene(image_path, mask_paths):
 
 
 def cmd_train_concepts(args) -> int:
-    from .train.recipes.concepts import ConceptConfig, prepare_scene, train_concepts
-    if not os.path.isfile(args.checkpoint):
-        raise ProductSceneError(f"checkpoint: {args.checkpoint!r} not found")
+    from .train.recipes.concepts import ConceptConfig, check_concept_outputs, concept_names, prepare_scene, train_concepts
+    check_model_checkpoint(args.checkpoint)
     image, masks = read_scene(args.image, args.mask)
     split = lambda text: tuple(w.strip() for w in text.split(",")) if text else ()  # noqa: E731
     config = ConceptConfig(names=split(args.names), init_words=split(args.init_words), background=args.background,
@@ -240,39 +319,26 @@ def cmd_train_concepts(args) -> int:
                            lr_phase2=args.lr_phase2, unet=args.unet, rank=args.rank, resolution=args.resolution,
                            batch_size=args.batch_size, attention_weight=args.attention_weight)
     prepare_scene(image, masks, config.resolution, config.background)  # every mask problem before loading a model
-    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
-    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
     stem = os.path.splitext(args.out)[0]
     ckpt = args.state or stem + ".checkpoint.safetensors"
-    total = config.phase1_steps + config.phase2_steps
-    bar = _bar(total, "training")
-
-    def progress(step, total, loss):
-        if bar:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.refresh()
-
-    try:
-        run = train_concepts(
-            host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
-            lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
-            embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
-            history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_path=ckpt,
-            checkpoint_every=args.checkpoint_every,
-            resume=(args.resume if isinstance(args.resume, str) else bool(args.resume)), autocast=args.autocast,
-            progress=progress, gradient_checkpoint=args.gradient_checkpointing)
-    except KeyboardInterrupt:
-        if bar:
-            bar.close()
-        print(f"\ncancelled; the last completed step is saved in {ckpt}; continue with --resume", file=sys.stderr)
+    resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
+    outputs = dict(lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
+                   embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
+                   checkpoint_path=ckpt, resume=resume, overwrite=args.overwrite, out="--out", shown=os.fspath,
+                   hint="pass --overwrite, choose another --out, or --resume its training")
+    # every file the run writes, before a model loads
+    check_concept_outputs(args.out, concept_names(len(masks), config.names, config.background), **outputs)
+    host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
+    model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
+    run = _train_interruptibly(lambda bars, should_stop: train_concepts(
+        host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
+        history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_every=args.checkpoint_every,
+        autocast=args.autocast, progress=bars.progress, should_stop=should_stop,
+        gradient_checkpoint=args.gradient_checkpointing, **outputs), ckpt, config.phase1_steps + config.phase2_steps)
+    if run is None:
         return 130
-    if bar:
-        bar.close()
-    h = run.result.history
     print(f"wrote {run.tokens}: {', '.join(run.recipe.names)}; LoRA {run.lora}; embeddings "
-          f"{', '.join(os.path.basename(p) for p in run.embeddings.values())}; {run.result.steps_done} steps, "
-          f"loss {h[0]:.4f} -> {sum(h[-20:]) / len(h[-20:]):.4f} in {run.result.seconds:.1f} s; checkpoint {ckpt}")
+          f"{', '.join(os.path.basename(p) for p in run.embeddings.values())}; {_trained(run.result, ckpt)}")
     return 0
 
 
@@ -313,17 +379,26 @@ def _saved_state(ckpt: str) -> str:
 
 def check_model_checkpoint(path: str) -> None:
     """The model checkpoint is a safetensors file of a model, not one of ProductScene's own files."""
+    _check_weights_file(path, "checkpoint", ("model.diffusion_model.", "diffusion_model."), ("a model", "diffusion model"),
+                        "give --checkpoint a full Stable Diffusion checkpoint (UNet, CLIP and VAE) to train for")
+
+
+def _check_weights_file(path: str, name: str, prefixes: tuple[str, ...], wanted: tuple[str, str], hint: str) -> None:
+    """``path`` is a safetensors file whose header (no tensor is read) names weights that start with
+    one of ``prefixes``. Errors begin with ``name``; ``wanted``: (what the file should be, whose
+    weights it should hold), e.g. ("a model", "diffusion model"); ``hint`` ends them."""
     from .files import FORMAT_KEY, read_header
     if not os.path.isfile(path):
-        raise ProductSceneError(f"checkpoint: {path!r} not found")
-    meta, index = read_header(path)
-    if any(k.startswith(("model.diffusion_model.", "diffusion_model.")) for k in index):
+        raise ProductSceneError(f"{name}: {path!r} not found")
+    try:
+        meta, index = read_header(path)
+    except ProductSceneError as e:
+        raise ProductSceneError(f"{name}: {e}") from None
+    if any(k.startswith(prefixes) for k in index):
         return
     kind = meta.get(FORMAT_KEY)
-    what = f"is a ProductScene {kind.replace('_', ' ')}, not a model" if kind else "holds no diffusion model weights"
-    raise ProductSceneError(
-        f"checkpoint: {os.path.basename(path)} {what}; give --checkpoint a full Stable Diffusion checkpoint "
-        f"(UNet, CLIP and VAE) to train for")
+    what = f"is a ProductScene {kind.replace('_', ' ')}, not {wanted[0]}" if kind else f"holds no {wanted[1]} weights"
+    raise ProductSceneError(f"{name}: {os.path.basename(path)} {what}; {hint}")
 
 
 def cmd_build_library(args) -> int:
@@ -398,10 +473,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_check_dataset)
 
+    def host_args(sp):
+        sp.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
+        sp.add_argument("--cpu", action="store_true", help="run on the CPU")
+
+    def run_args(sp, out, data=True):
+        """Training state, precision and host options; ``out``: what --out holds; ``data``: a data-set
+        run (--cache-dir)."""
+        sp.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="continue from the training checkpoint (default path, or the one given)")
+        sp.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing {out} at --out (and its training state); without it they are kept")
+        sp.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
+        sp.add_argument("--checkpoint-every", type=int, default=100)
+        if data:
+            sp.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/productscene/latents)")
+        sp.add_argument("--autocast", choices=["auto", "off", "bf16", "fp16"], default="auto")
+        sp.add_argument("--gradient-checkpointing", action="store_true")
+        host_args(sp)
+
+    def model_args(sp, out, required=True):
+        sp.add_argument("--checkpoint", required=required, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+        sp.add_argument("--out", required=required, help=f"{out} to write (.safetensors)")
+
     t = sub.add_parser("train-categories", help="train a category library")
     data_args(t)
-    t.add_argument("--checkpoint", help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
-    t.add_argument("--out", help="category library to write (.safetensors)")
+    model_args(t, "category library", required=False)
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--lr", type=float, default=5e-3, help="learning rate of the identifier vectors")
     t.add_argument("--lr-lora", type=float, default=1e-4, help="learning rate of the shared LoRA")
@@ -412,27 +509,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--template", default=DEFAULT_TEMPLATE, help="training prompt; {category} marks the identifier")
     t.add_argument("--init-word", default=None, help="init every identifier from this word (default: each name's first word)")
-    t.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from the training checkpoint (default path, or the one given)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing library at --out (and its training state); without it they are kept")
-    t.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
-    t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--check-only", action="store_true", help="only check the data set")
-    t.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/productscene/latents)")
-    t.add_argument("--autocast", choices=["auto", "off", "bf16", "fp16"], default="auto")
-    t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--license", default=None, help="licence text stored in the library")
-    t.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
-    t.add_argument("--cpu", action="store_true", help="run on the CPU")
+    run_args(t, "library")
     t.set_defaults(func=cmd_train_categories)
 
+    r = sub.add_parser("train-personality", help="train a personality adapter (a brand's style from reference images)",
+                       description=cmd_train_personality.__doc__)
+    data_args(r)
+    model_args(r, "personality adapter")
+    r.add_argument("--clip-vision", required=True,
+                   help="CLIP vision model (.safetensors) the references are encoded with; use the same one in "
+                        "Personality Reference")
+    r.add_argument("--tokens", type=int, default=16, help="reference tokens per image")
+    r.add_argument("--prompt", default="a product photo",
+                   help="the one training prompt; name no style, the reference is what should carry it")
+    r.add_argument("--steps", type=int, default=1000)
+    r.add_argument("--lr", type=float, default=1e-4, help="learning rate of the adapter")
+    r.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
+    r.add_argument("--batch-size", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation, noise and timesteps")
+    r.add_argument("--license", default=None, help="licence text stored in the adapter (BG60k's own by default "
+                                                   "with --layout bg60k)")
+    run_args(r, "adapter")
+    r.set_defaults(func=cmd_train_personality)
+
     k = sub.add_parser("train-concepts", help="Break-A-Scene: concept tokens (+ LoRA) from one image and its masks")
-    k.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+    model_args(k, "concept-token file")
     k.add_argument("--image", required=True, help="the image holding the concepts")
     k.add_argument("--mask", action="append", required=True,
                    help="mask image of one concept (white, or alpha = the concept); repeat, up to 8")
-    k.add_argument("--out", required=True, help="concept-token file to write (.safetensors)")
     k.add_argument("--names", default="", help="comma-separated concept names, one per mask (default concept1, ...)")
     k.add_argument("--init-words", default="", help="comma-separated init words (one per mask, or one for all)")
     k.add_argument("--background", action="store_true", help="learn the background as one more concept")
@@ -449,14 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--lora", default=None, help="LoRA file (default OUT.lora.safetensors)")
     k.add_argument("--embeddings-dir", default=None, help="folder of the per-token textual-inversion files (default: OUT's)")
     k.add_argument("--history", default=None, help="loss history JSON (default OUT.loss.json)")
-    k.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from the training checkpoint (default path, or the one given)")
-    k.add_argument("--state", default=None, help="training checkpoint path (default: OUT.checkpoint.safetensors)")
-    k.add_argument("--checkpoint-every", type=int, default=100)
-    k.add_argument("--autocast", choices=["auto", "off", "bf16", "fp16"], default="auto")
-    k.add_argument("--gradient-checkpointing", action="store_true")
-    k.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
-    k.add_argument("--cpu", action="store_true", help="run on the CPU")
+    run_args(k, "concept-token file (with its LoRA and textual-inversion files)", data=False)
     k.set_defaults(func=cmd_train_concepts)
 
     e = sub.add_parser("evaluate-library", help="score a category library on held-out images",
@@ -474,8 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resolution", type=int, default=None, help="default: the library's training resolution")
     e.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/productscene/latents)")
     e.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    e.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or <repo>/.venv/comfyui)")
-    e.add_argument("--cpu", action="store_true", help="run on the CPU")
+    host_args(e)
     e.set_defaults(func=cmd_evaluate_library)
 
     b = sub.add_parser("build-library", help="build a category library from embedding files")

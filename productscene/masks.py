@@ -317,7 +317,7 @@ def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tenso
     soft = [i for i in range(mask.shape[0]) if not bool((mask[i] == 1.0).any())]
     if soft:
         raise ProductSceneError(
-            f"product_mask: no pixel is exactly 1" + (f" in mask {soft[0]}" if mask.shape[0] > 1 else "")
+            "product_mask: no pixel is exactly 1" + (f" in mask {soft[0]}" if mask.shape[0] > 1 else "")
             + f" (largest value {float(mask[soft[0]].max()):.3g}), so no product pixel would be kept bit for bit "
             f"while the gate treats values >= {PRODUCT_THRESHOLD} as product; make the mask with Product Mask "
             f"(it sets every product pixel to exactly 1)")

@@ -17,12 +17,23 @@ back untouched); it draws no meaningful background. Its category library holds o
 sample category, initialised from this model's own CLIP token embedding of a describing word, and is
 untrained.
 
-Files (atomic writes; rebuilt only when missing or when ``BUILDER_VERSION`` / the categories change):
+For the brand-reference workflow it also builds a CLIP vision model and a personality adapter:
+
+- a CLIP vision model of ComfyUI's ViT-L/14 shape (``clip_vision_config_vitl.json``, 303M parameters,
+  1024-wide penultimate states), seeded random weights, fp16, about 610 MB: the smallest image
+  encoder ComfyUI's CLIPVisionLoader detects;
+- an UNTRAINED personality adapter for the default model and that encoder (16 tokens; its per-layer
+  to_k/to_v start as each layer's own text to_k/to_v, its projection is seeded).
+
+Files (atomic writes; rebuilt only when missing or when a builder version / the categories change):
     <repo>/.cache/productscene/default-sd15-random.safetensors
     <repo>/.cache/productscene/default-categories.safetensors
+    <repo>/.cache/productscene/default-clip-vision-vitl-random.safetensors
+    <repo>/.cache/productscene/default-personality-untrained.safetensors
 
 Usage (the venv python): ``python scripts/default_model.py [--force] [--no-verify]``.
-Importable: ``ensure_default_model()``, ``ensure_default_library()``, ``ensure_defaults()``.
+Importable: ``ensure_default_model()``, ``ensure_default_library()``, ``ensure_defaults()``,
+``ensure_reference_defaults()``.
 """
 from __future__ import annotations
 
@@ -39,10 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = ROOT / ".cache" / "productscene"
 CHECKPOINT_NAME = "default-sd15-random.safetensors"
 LIBRARY_NAME = "default-categories.safetensors"
+CLIP_VISION_NAME = "default-clip-vision-vitl-random.safetensors"
+ADAPTER_NAME = "default-personality-untrained.safetensors"
 MANIFEST = ROOT / "samples" / "products" / "manifest.json"
 
 # Bump when what the builder writes changes: cached files of another version are rebuilt.
 BUILDER_VERSION = "1"
+REFERENCE_BUILDER_VERSION = "1"   # the CLIP vision model and the personality adapter
 SEED = 20240531
 
 UNET_CONFIG = {
@@ -177,12 +191,14 @@ def _random_tensor(key: str, shape, gen):
         return torch.arange(shape[-1], dtype=torch.float32).expand(*shape).clone()
     if key.endswith(".bias") or len(shape) == 0:
         return torch.zeros(shape)
-    if len(shape) == 1:                      # GroupNorm / LayerNorm scales
+    if len(shape) == 1 and "class_embedding" not in key:  # GroupNorm / LayerNorm scales
         return torch.ones(shape)
     if "token_embedding" in key:
         return torch.randn(shape, generator=gen) * 0.02
     if "position_embedding" in key:
         return torch.randn(shape, generator=gen) * 0.01
+    if "class_embedding" in key:
+        return torch.randn(shape, generator=gen) * 0.02
     fan_in = math.prod(shape[1:])
     return torch.randn(shape, generator=gen) * (1.0 / math.sqrt(fan_in))
 
@@ -355,6 +371,119 @@ def ensure_defaults(cache_dir: Path | None = None, force: bool = False, verify: 
     return ckpt, lib
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the brand-reference pieces: a CLIP vision model and an untrained personality adapter
+CLIP_VISION_WIDTH = 1024
+ADAPTER_TOKENS = 16
+
+
+def clip_vision_path(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or CACHE_DIR) / CLIP_VISION_NAME
+
+
+def adapter_path(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or CACHE_DIR) / ADAPTER_NAME
+
+
+def build_clip_vision(path: Path, seed: int = SEED) -> Path:
+    """A ViT-L/14 CLIP vision file (ComfyUI's ``clip_vision_config_vitl.json``; keys ``vision_model.*``
+    and ``visual_projection.weight``) with seeded random weights, fp16."""
+    _import_paths()
+    import torch
+    import comfy.ops
+    from comfy.clip_model import CLIPVisionModelProjection
+    from productscene.files import save_safetensors_atomic
+
+    config = json.loads((comfy_path() / "comfy" / "clip_vision_config_vitl.json").read_text())
+    with torch.device("meta"):
+        model = CLIPVisionModelProjection(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    tensors = {k: _random_tensor(k, shapes[k], gen).to(torch.float16) for k in sorted(shapes)}
+    metadata = {
+        "productscene.default_model": "ProductScene embedded default CLIP vision model: ComfyUI's ViT-L/14 "
+                                      "shape with SEEDED RANDOM weights (not trained; a fixed feature extractor).",
+        "productscene.builder_version": REFERENCE_BUILDER_VERSION,
+        "productscene.seed": str(seed + 1),
+        "productscene.trained": "false",
+    }
+    save_safetensors_atomic(tensors, path, metadata, kind="default_clip_vision", version=1)
+    return path
+
+
+def verify_clip_vision(path: Path) -> dict:
+    """Load with ComfyUI's own CLIP vision loader (what CLIPVisionLoader calls); finite states."""
+    _import_paths()
+    import torch
+    import comfy.clip_vision
+
+    t0 = time.time()
+    cv = comfy.clip_vision.load(str(path))
+    if cv is None:
+        raise RuntimeError(f"{path}: ComfyUI's CLIP vision loader does not detect it")
+    states = cv.encode_image(torch.rand(1, 64, 64, 3), crop=False)["penultimate_hidden_states"]
+    if states.shape[-1] != CLIP_VISION_WIDTH or not torch.isfinite(states).all():
+        raise RuntimeError(f"{path}: penultimate states {tuple(states.shape)}, finite={bool(torch.isfinite(states).all())}")
+    return {"width": int(states.shape[-1]), "states": int(states.shape[1]), "load_s": round(time.time() - t0, 2)}
+
+
+def build_adapter(path: Path, checkpoint: Path, seed: int = SEED) -> Path:
+    """An UNTRAINED personality adapter for ``checkpoint`` (SD1.5) and the default CLIP vision
+    model: ``PersonalityAdapter.for_layers`` on the checkpoint's own cross-attention layers."""
+    _import_paths()
+    import comfy.sd
+    from productscene.attention import unet_cross_attention
+    from productscene.personality import PersonalityAdapter
+
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    layers = unet_cross_attention(model.model.diffusion_model)
+    adapter = PersonalityAdapter.for_layers("sd15", CLIP_VISION_WIDTH, layers, tokens=ADAPTER_TOKENS, seed=seed)
+    adapter.save(path, training={
+        "recipe": "untrained", "by": "scripts/default_model.py", "builder_version": REFERENCE_BUILDER_VERSION,
+        "checkpoint": checkpoint.name, "clip_vision": CLIP_VISION_NAME,
+        "note": ("UNTRAINED default personality adapter: per-layer to_k/to_v copied from the default model's "
+                 "text to_k/to_v, seeded random projection. It carries no learned style.")})
+    return path
+
+
+def _current(path: Path) -> bool:
+    meta = _header_meta(path)
+    if not meta:
+        return False
+    if meta.get("productscene.builder_version") == REFERENCE_BUILDER_VERSION:
+        return True
+    try:
+        return json.loads(meta.get("training", "{}")).get("builder_version") == REFERENCE_BUILDER_VERSION
+    except (ValueError, AttributeError):
+        return False
+
+
+def ensure_reference_defaults(checkpoint: Path | None = None, cache_dir: Path | None = None,
+                              force: bool = False, verify: bool = True, log=say) -> tuple[Path, Path]:
+    """(CLIP vision model, untrained personality adapter) of the default model, built when missing."""
+    ckpt = Path(checkpoint) if checkpoint else ensure_default_model(cache_dir, log=log)
+    cv = clip_vision_path(cache_dir)
+    if force or not _current(cv):
+        log(f"building the default CLIP vision model (random-weight ViT-L/14 shape, ~610 MB) at {cv} ...")
+        t0 = time.time()
+        build_clip_vision(cv)
+        log(f"  written in {time.time() - t0:.1f} s")
+        if verify:
+            try:
+                info = verify_clip_vision(cv)
+            except Exception:
+                cv.unlink(missing_ok=True)
+                raise
+            log(f"  verified: ComfyUI's CLIP vision loader takes it ({info['states']} x {info['width']} states, "
+                f"load {info['load_s']} s)")
+    adapter = adapter_path(cache_dir)
+    if force or not _current(adapter):
+        log(f"building the default personality adapter (untrained) at {adapter}")
+        build_adapter(adapter, ckpt)
+    return cv, adapter
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true", help="rebuild even when the cached files are current")
@@ -364,11 +493,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         ckpt, lib = ensure_defaults(a.cache_dir, force=a.force, verify=not a.no_verify)
+        cv, adapter = ensure_reference_defaults(ckpt, a.cache_dir, force=a.force, verify=not a.no_verify)
     except RuntimeError as e:
         print(f"default_model: error: {e}", file=sys.stderr, flush=True)
         return 2
     say(f"default model:   {ckpt}")
     say(f"default library: {lib}")
+    say(f"default CLIP vision model: {cv}")
+    say(f"default personality adapter: {adapter}")
     say(f"({time.time() - t0:.1f} s)")
     return 0
 

@@ -7,10 +7,14 @@ running one), uploads every product of ``samples/products/``, runs the bundled A
 ``workflows/api/category_background.json`` once per product with the product's category from
 ``samples/products/manifest.json`` (as a job of the batch client, productscene/batch.py), and
 writes ``<out>/<product>.png``, ``<out>/provenance.jsonl`` and ``<out>/contact_sheet.png``
-(input | product mask | result, one row per product).
+(input | product mask | result, one row per product). Then it runs the brand-style workflow
+``workflows/api/category_brand_background.json`` on the same products, each with a sample brand
+reference image (``samples/references/``), into ``<out>/brand/``, and adds those results to the
+contact sheet (brand reference | category + brand style).
 
 With no ``--checkpoint`` it builds (once, cached in ``.cache/productscene``) and uses the embedded
-default model: a reduced SD1.5-architecture checkpoint with random weights. See ``DEFAULT_NOTICE``.
+default model: a reduced SD1.5-architecture checkpoint with random weights, a random-weight CLIP vision
+model and an untrained personality adapter. See ``DEFAULT_NOTICE``.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ from productscene.errors import ProductSceneError  # noqa: E402
 from productscene.files import read_header  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "api" / "category_background.json"
+BRAND_WORKFLOW = ROOT / "workflows" / "api" / "category_brand_background.json"
 SAMPLES = ROOT / "samples" / "products"
+REFERENCES = ROOT / "samples" / "references"
 
 DEFAULT_NOTICE = """\
 --------------------------------------------------------------------------------------------
@@ -42,13 +48,15 @@ No --checkpoint given: using ProductScene's embedded DEFAULT MODEL.
   What it is: a reduced SD1.5-architecture checkpoint (ComfyUI's real SD1.5 UNet class with
   fewer levels, the standard CLIP-L text encoder and SD VAE) with SEEDED RANDOM WEIGHTS, built
   on this machine and cached in .cache/productscene/. Its category library is UNTRAINED (each
-  category's identifier is the model's own token embedding of the category word).
+  category's identifier is the model's own token embedding of the category word). The brand
+  run uses a random-weight CLIP vision model (ViT-L/14 shape) and an UNTRAINED personality adapter.
   What it proves: the whole pipeline runs in a real ComfyUI (product mask, category tokens,
   masked category attention, background-only inpainting, exact composite) and the product
   pixels come back bit-identical.
   What it is NOT: it draws no meaningful background - expect coloured noise around the product.
   For real backgrounds: --checkpoint /path/to/an-sd15-checkpoint.safetensors (and a trained
-  category library: --library PATH).
+  category library: --library PATH; for the brand run, --clip-vision PATH and a personality
+  adapter trained for them: --adapter PATH).
 --------------------------------------------------------------------------------------------"""
 
 
@@ -78,6 +86,19 @@ def load_manifest() -> list[dict]:
     if not out:
         raise DemoError("the samples manifest lists no products")
     return out
+
+
+def load_references() -> list[Path]:
+    """The sample brand reference images (samples/references/manifest.json)."""
+    try:
+        items = json.loads((REFERENCES / "manifest.json").read_text())["references"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DemoError(f"cannot read {REFERENCES / 'manifest.json'}: {e}") from None
+    paths = [REFERENCES / it["file"] for it in items]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise DemoError(f"sample brand references missing: {', '.join(missing) or 'none listed'}")
+    return paths
 
 
 def prepare_image(src: Path, size: int, dst: Path) -> Image.Image:
@@ -168,9 +189,13 @@ def _checker(size, cell=8) -> Image.Image:
 
 
 def contact_sheet(rows: list[dict], path: Path, cell: int = 256) -> None:
+    """One row per product: input | product mask | category result, and, where the brand run
+    happened, brand reference | category + brand result."""
     font = ImageFont.load_default()
     label_h, pad = 22, 8
-    cols = ["input", "product mask", "result"]
+    cols = ["input", "product mask", "category background"]
+    if any("brand" in r for r in rows):
+        cols += ["brand reference", "category + brand style"]
     W = pad + len(cols) * (cell + pad)
     H = label_h + pad + len(rows) * (cell + label_h + pad)
     sheet = Image.new("RGB", (W, H), (255, 255, 255))
@@ -185,7 +210,10 @@ def contact_sheet(rows: list[dict], path: Path, cell: int = 256) -> None:
         shown.paste(inp, (0, 0), inp)
         alpha = inp.getchannel("A")
         mask = alpha.point(lambda v: 255 if v == 255 else (128 if v > 0 else 0)).convert("RGB")
-        for j, im in enumerate([shown, mask, r["result"].convert("RGB")]):
+        tiles = [shown, mask, r["result"].convert("RGB")]
+        if "brand" in r:
+            tiles += [r["reference"].convert("RGB"), r["brand"].convert("RGB")]
+        for j, im in enumerate(tiles):
             im = im.copy()
             im.thumbnail((cell, cell), Image.LANCZOS)
             sheet.paste(im, (pad + j * (cell + pad) + (cell - im.width) // 2,
@@ -195,13 +223,27 @@ def contact_sheet(rows: list[dict], path: Path, cell: int = 256) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+def _model_file(value: str | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser().absolute()
+    if not path.is_file():
+        raise DemoError(f"--{what} {value}: no such file")
+    return path
+
+
 def run(args) -> int:
     t_start = time.time()
     products = load_manifest()
+    references = load_references()
     words = default_model.sample_category_words()
     out_dir = Path(args.out).resolve()
+    brand_skipped = ("no brand-style run: give --clip-vision and --adapter (a CLIP vision model and a personality "
+                     "adapter trained for this checkpoint and that model) to run workflows/api/"
+                     "category_brand_background.json as well")
 
-    # the model and library
+    # the model, library, CLIP vision model and personality adapter
+    cv_file = adapter_file = None
     if args.server:
         check_url(args.server)
         if args.checkpoint is None or args.library is None:
@@ -209,45 +251,50 @@ def run(args) -> int:
                             "(its models/checkpoints and models/category_libraries): the demo cannot copy "
                             "files into another ComfyUI")
         ckpt_file = lib_file = None
-        ckpt_name, lib_name = args.checkpoint, args.library
+        names = {"checkpoint": args.checkpoint, "library": args.library,
+                 "clip_vision": args.clip_vision, "adapter": args.adapter}
     else:
         if args.checkpoint is None:
             log(DEFAULT_NOTICE)
             t0 = time.time()
             ckpt_file, lib_file = default_model.ensure_defaults()
+            cv_file, adapter_file = default_model.ensure_reference_defaults(ckpt_file)
             log(f"default model ready in {time.time() - t0:.1f} s: {ckpt_file}")
         else:
-            ckpt_file = Path(args.checkpoint).expanduser().absolute()
-            if not ckpt_file.is_file():
-                raise DemoError(f"--checkpoint {args.checkpoint}: no such file")
+            ckpt_file = _model_file(args.checkpoint, "checkpoint")
             if ckpt_file.suffix.lower() == ".safetensors":
                 is_safetensors_sd15(ckpt_file)   # clear error for files that are no checkpoint
             if args.library:
-                lib_file = Path(args.library).expanduser().absolute()
-                if not lib_file.is_file():
-                    raise DemoError(f"--library {args.library}: no such file")
+                lib_file = _model_file(args.library, "library")
             else:
                 lib_file = library_for_checkpoint(ckpt_file, words)
                 log(f"no --library: using an UNTRAINED library made from {ckpt_file.name}'s own token "
                     f"embeddings of the category words ({lib_file.name}); a trained library gives the "
                     f"real category styles")
-        ckpt_name, lib_name = ckpt_file.name, lib_file.name
+            cv_file, adapter_file = _model_file(args.clip_vision, "clip-vision"), _model_file(args.adapter, "adapter")
+        names = {"checkpoint": ckpt_file.name, "library": lib_file.name,
+                 "clip_vision": cv_file.name if cv_file else None, "adapter": adapter_file.name if adapter_file else None}
+    if (names["clip_vision"] is None) != (names["adapter"] is None):
+        raise DemoError("give --clip-vision and --adapter together (the adapter was trained with that CLIP vision model)")
+    if names["adapter"] is None:
+        log(brand_skipped)
 
     if args.server:
-        return _run_with(args.server, args, products, ckpt_name, lib_name, out_dir, t_start)
+        return _run_with(args.server, args, products, references, names, out_dir, t_start)
     from productscene.launcher import ComfyServer
     log("starting ComfyUI headless on loopback (" + ("a GPU where torch finds one" if args.gpu else "CPU; --gpu lets it use a GPU") + ") ...")
     t0 = time.time()
+    models = {"checkpoints": [ckpt_file], "category_libraries": [lib_file]}
+    if adapter_file is not None:
+        models.update(clip_vision=[cv_file], personality_adapters=[adapter_file])
     try:
-        server = ComfyServer(default_model.comfy_path(),
-                             models={"checkpoints": [ckpt_file], "category_libraries": [lib_file]},
-                             cpu=None if args.gpu else True)
+        server = ComfyServer(default_model.comfy_path(), models=models, cpu=None if args.gpu else True)
         server.start()
     except ProductSceneError as e:
         raise DemoError(f"ComfyUI could not be started: {e}") from None
     try:
         log(f"ComfyUI ready at {server.url} in {time.time() - t0:.1f} s")
-        return _run_with(server.url, args, products, ckpt_name, lib_name, out_dir, t_start)
+        return _run_with(server.url, args, products, references, names, out_dir, t_start)
     except BaseException:
         log("last lines of the ComfyUI log:")
         log(server.log_tail(40))
@@ -256,43 +303,73 @@ def run(args) -> int:
         server.stop()
 
 
-def _run_with(url, args, products, ckpt_name, lib_name, out_dir, t_start) -> int:
-    """The sample products as a batch job (productscene.batch) on the server at ``url``."""
-    work = out_dir / ".inputs"
-    inputs, rows = {}, []
-    for p in products:
-        local = work / f"productscene_demo_{p['name']}.png"
-        inputs[p["name"]] = prepare_image(p["path"], args.size, local)
-        rows.append(Row(where=p["file"], product=local, category=p["category"], output=f"{p['name']}.png"))
-    options = Options(workflow=WORKFLOW, servers=[url], out=out_dir, overwrite=True, seed=str(args.seed),
-                      row_timeout=args.timeout,
-                      sets={"Checkpoint.ckpt_name": ckpt_name, "Category prompt.library": lib_name,
-                            "Sampler.steps": str(args.steps), "Sampler.cfg": str(args.cfg)})
+def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, what: str) -> dict:
+    """Run ``rows`` through ``workflow`` as one batch job (productscene.batch); the timings per output."""
+    options = Options(workflow=workflow, servers=[url], out=out_dir, overwrite=True, seed=str(args.seed),
+                      row_timeout=args.timeout, sets=sets)
     try:
-        job = plan(options, rows, "the sample products")
+        job = plan(options, rows, what)
     except ProductSceneError as e:
         raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
     summary = BatchRun(job, log=log).run()
     if summary.failed:
-        raise DemoError("the workflow failed in ComfyUI (is the checkpoint a usable SD1.5 checkpoint?):\n"
+        raise DemoError(f"{workflow.name} failed in ComfyUI (is the checkpoint a usable SD1.5 checkpoint?):\n"
                         + summary.message())
-    timings = {rec["output"]: rec["timings"] for rec in read_provenance(out_dir / PROVENANCE_NAME)}
+    return {rec["output"]: rec["timings"] for rec in read_provenance(out_dir / PROVENANCE_NAME)}
+
+
+def _check(path: Path, uploaded: Image.Image, label: str, seconds: float) -> tuple[Image.Image, str, bool]:
+    result = Image.open(path)
+    same, total, changed = product_check(uploaded, result)
+    note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
+    log(f"  {label:<40} -> {path}  ({note}; {seconds:.1f} s on the server)")
+    return result, note, same == total and total > 0
+
+
+def _run_with(url, args, products, references, names, out_dir, t_start) -> int:
+    """The sample products as batch jobs (productscene.batch) on the server at ``url``: the category
+    workflow, then (with a CLIP vision model and an adapter) the brand-style workflow."""
+    work = out_dir / ".inputs"
+    inputs, rows, brand_rows = {}, [], []
+    for i, p in enumerate(products):
+        local = work / f"productscene_demo_{p['name']}.png"
+        inputs[p["name"]] = prepare_image(p["path"], args.size, local)
+        rows.append(Row(where=p["file"], product=local, category=p["category"], output=f"{p['name']}.png"))
+        brand_rows.append(Row(where=p["file"], product=local, category=p["category"],
+                              reference=references[i % len(references)], output=f"{p['name']}.png"))
+    sets = {"Checkpoint.ckpt_name": names["checkpoint"], "Category prompt.library": names["library"],
+            "Sampler.steps": str(args.steps), "Sampler.cfg": str(args.cfg)}
+    log("category background (workflows/api/category_background.json):")
+    timings = _job(url, args, WORKFLOW, rows, sets, out_dir, "the sample products")
+    brand_dir = out_dir / "brand"
+    brand_timings = None
+    if names["adapter"] is not None:
+        log("category background in a brand's style (workflows/api/category_brand_background.json):")
+        brand_timings = _job(url, args, BRAND_WORKFLOW, brand_rows,
+                             {**sets, "CLIP vision.clip_name": names["clip_vision"],
+                              "Personality reference.adapter": names["adapter"]},
+                             brand_dir, "the sample products with brand references")
     results, all_ok = [], True
-    for p in products:
-        dst = out_dir / f"{p['name']}.png"
-        result = Image.open(dst)
-        same, total, changed = product_check(inputs[p["name"]], result)
-        ok = same == total and total > 0
+    for p, brand_row in zip(products, brand_rows):
+        uploaded = inputs[p["name"]]
+        name = f"{p['name']}.png"
+        result, note, ok = _check(out_dir / name, uploaded, f"{p['file']} [{p['category']}]",
+                                  timings[name].get("execution_s", 0.0))
+        row = {"name": p["name"], "category": p["category"], "input": uploaded, "result": result, "note": note}
+        if brand_timings is not None:
+            brand, brand_note, brand_ok = _check(
+                brand_dir / name, uploaded, f"{p['file']} [{p['category']} + {brand_row.reference.stem}]",
+                brand_timings[name].get("execution_s", 0.0))
+            row.update(brand=brand, reference=Image.open(brand_row.reference))
+            row["note"] += f"; with brand style: {brand_note.split(';')[0]}"
+            ok = ok and brand_ok
         all_ok &= ok
-        note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
-        seconds = timings[dst.name].get("execution_s", 0.0)
-        log(f"  {p['file']:<22} [{p['category']}] -> {dst}  ({note}; {seconds:.1f} s on the server)")
-        results.append({"name": p["name"], "category": p["category"], "input": inputs[p["name"]],
-                        "result": result, "note": note})
+        results.append(row)
     sheet = out_dir / "contact_sheet.png"
     contact_sheet(results, sheet)
     log(f"contact sheet: {sheet}")
-    log(f"provenance (one JSON record per image): {out_dir / PROVENANCE_NAME}")
+    log(f"provenance (one JSON record per image): {out_dir / PROVENANCE_NAME}"
+        + (f" and {brand_dir / PROVENANCE_NAME}" if brand_timings is not None else ""))
     log(f"wall time: {time.time() - t_start:.1f} s")
     if not all_ok:
         log("WARNING: some product pixels changed (see above)")
@@ -308,6 +385,12 @@ def main(argv=None) -> int:
                                          "With --server: the checkpoint's name as that server lists it.")
     ap.add_argument("--library", help="category library file (default: an untrained one for the sample "
                                       "categories). With --server: its name as the server lists it.")
+    ap.add_argument("--clip-vision", help="CLIP vision model file for the brand-style run (default: the embedded "
+                                          "random-weight one with the default model). With --server: its name "
+                                          "as that server lists it.")
+    ap.add_argument("--adapter", help="personality adapter file trained for the checkpoint and --clip-vision "
+                                      "(default: an untrained one with the default model). With --server: its "
+                                      "name as that server lists it.")
     ap.add_argument("--server", help="URL of a running ComfyUI with ProductScene installed "
                                      "(default: start one on loopback)")
     ap.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder (default output/demo)")

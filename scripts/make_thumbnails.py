@@ -112,6 +112,25 @@ def category_background() -> Image.Image:
     return canvas
 
 
+def category_brand_background() -> Image.Image:
+    canvas = Image.new("RGB", (SIZE, SIZE), PANEL)
+    header(canvas, "Category and brand style", "a brand's reference image styles the\nbackground, the product untouched")
+    tile = (140, 172)
+    cut = product("perfume_bottle.png", 120)
+    left = checkerboard(tile)
+    left.paste(cut, ((tile[0] - cut.width) // 2, (tile[1] - cut.height) // 2), cut)
+    with Image.open(ROOT / "samples" / "references" / "brand_terrazzo.png") as ref:
+        reference = ref.convert("RGB").resize(tile, Image.LANCZOS)
+    right = on_background(cut, reference.filter(ImageFilter.GaussianBlur(3)))
+    x = [28, (SIZE - tile[0]) // 2, SIZE - 28 - tile[0]]
+    for xi, im in zip(x, (left, reference, right)):
+        frame(canvas, im, (xi, 200))
+    d = ImageDraw.Draw(canvas)
+    for xi, label in zip(x, ("cut-out PNG", "brand reference", "perfume + brand")):
+        d.text((xi, 390), label, font=font(15), fill=DIM)
+    return canvas
+
+
 def category_training() -> Image.Image:
     canvas = Image.new("RGB", (SIZE, SIZE), PANEL)
     header(canvas, "Train a category library", "one folder of cut-outs per category,\none library for thousands of categories")
@@ -182,7 +201,8 @@ def concept_recompose() -> Image.Image:
 
 
 PICTURES = {"category_background": category_background, "category_library_training": category_training,
-            "concept_extraction": concept_extraction, "concept_recompose": concept_recompose}
+            "concept_extraction": concept_extraction, "concept_recompose": concept_recompose,
+            "category_brand_background": category_brand_background}
 
 
 def main() -> int:

@@ -10,6 +10,8 @@ Fixtures (all built lazily, on first use):
                        pack in custom_nodes/productscene_pack_under_test and the sample products
                        (samples/products/*.png) in its input folder (about 10-15 s to start)
   default_model_files  (session) the demo's default checkpoint and library, cached in .cache/
+  reference_model_files (session) the demo's default CLIP vision model (random-weight ViT-L/14 shape,
+                       which ComfyUI's CLIPVisionLoader detects) and untrained personality adapter
   world                (session) scripts/world_model.World: the small synthetic world and its
                        PRETRAINED base model (.checkpoint, .data, .categories, .meta), built once
                        and cached in .cache/productscene/world-<version>/ (minutes, first run only)
@@ -44,7 +46,8 @@ torch.set_num_threads(TORCH_THREADS)
 
 # Fixtures that hand a test ComfyUI's own code (models, nodes, the loader, a server): a test that
 # uses one of them (directly or through another fixture) is host-level. Add new ones here.
-HOST_FIXTURES = frozenset({"sd15", "sd2", "sdxl", "pack", "comfy_nodes", "comfy_server", "default_model_files"})
+HOST_FIXTURES = frozenset({"sd15", "sd2", "sdxl", "pack", "comfy_nodes", "comfy_server", "default_model_files",
+                           "reference_model_files"})
 HOST_TESTS_ONLY = os.environ.get("PRODUCTSCENE_HOST_TESTS_ONLY", "") in ("1", "true", "yes")
 HOST_LABEL = f"ComfyUI {comfy_env.COMFYUI_VERSION}"
 
@@ -148,6 +151,13 @@ def default_model_files():
     """(checkpoint, library) of the demo's embedded default model, built once and cached in
     .cache/productscene (scripts/default_model.py): a detectable SD1.5 checkpoint, random weights."""
     return load_script("default_model").ensure_defaults(log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def reference_model_files(default_model_files):
+    """(CLIP vision model, personality adapter) of the demo's brand-reference workflow, built once and
+    cached in .cache/productscene (scripts/default_model.py): random weights, an untrained adapter."""
+    return load_script("default_model").ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

@@ -53,12 +53,15 @@ CANVAS_BY_NAME = {p.stem: p for p in CANVAS.values()}
 
 
 @pytest.fixture(scope="module")
-def site(comfy_server, default_model_files):
-    """The server, its models (default checkpoint and library, a 5,000-category library)."""
+def site(comfy_server, default_model_files, reference_model_files):
+    """The server, its models (default checkpoint and library, a 5,000-category library, the default
+    CLIP vision model and personality adapter the brand template opens with)."""
     server, client = comfy_server
     ckpt, lib = default_model_files
+    clip_vision, adapter = reference_model_files
     models = Path(server.base_dir) / "models"
-    for folder, path in (("checkpoints", Path(ckpt)), ("category_libraries", Path(lib))):
+    for folder, path in (("checkpoints", Path(ckpt)), ("category_libraries", Path(lib)),
+                         ("clip_vision", Path(clip_vision)), ("personality_adapters", Path(adapter))):
         dst = models / folder / path.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():

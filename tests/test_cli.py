@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from productscene.library import CategoryLibrary
+from productscene.personality import PersonalityAdapter
+from productscene.train.engine import read_checkpoint_info
 from tests.support.comfy_env import COMFYUI_DIR, REPO_ROOT
+from tests.support.scripts import load_script
+from tests.test_robustness import _start_training
 
 
 def run_cli(*args, timeout=600):
@@ -108,6 +114,14 @@ def test_train_concepts_writes_tokens_lora_and_embeddings(tmp_path, default_mode
     for f in ("scene_concepts.lora.safetensors", "scene_concepts_red.safetensors", "scene_concepts_blue.safetensors",
               "scene_concepts.loss.json", "scene_concepts.checkpoint.safetensors"):
         assert (tmp_path / f).is_file(), f
+    # never replaced without --overwrite: refused before a model loads, every file kept
+    written = {f: f.read_bytes() for f in tmp_path.glob("scene_concepts*")}
+    again = run_cli("train-concepts", "--checkpoint", checkpoint, "--image", image, "--mask", masks[0], "--mask",
+                    masks[1], "--names", "red,blue", "--out", out, "--phase1-steps", 1, "--phase2-steps", 1,
+                    "--resolution", 64, "--cpu", timeout=120)
+    assert again.returncode == 2 and "--out:" in again.stderr and "already exists" in again.stderr, again.stderr
+    assert "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert {f: f.read_bytes() for f in tmp_path.glob("scene_concepts*")} == written
 
 
 def test_train_concepts_refuses_bad_masks_before_loading_a_model(tmp_path, default_model_files):
@@ -118,3 +132,87 @@ def test_train_concepts_refuses_bad_masks_before_loading_a_model(tmp_path, defau
                    tmp_path / "empty.png", "--out", tmp_path / "x.safetensors", "--cpu")
     assert done.returncode == 2 and "mask 2 of 2 is empty" in done.stderr
     assert "ComfyUI" not in done.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+# -- train-personality ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_vision_file(default_model_files):
+    """The demo's default CLIP vision model (random-weight ViT-L/14, ~610 MB), built once and cached
+    in .cache/productscene beside the default checkpoint."""
+    cv, _adapter = load_script("default_model").ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
+    return cv
+
+
+def _personality_args(data, checkpoint, clip_vision, out, tmp_path, steps=2):
+    return ["train-personality", "--data", data, "--checkpoint", checkpoint, "--clip-vision", clip_vision,
+            "--out", out, "--resolution", 64, "--steps", steps, "--batch-size", 2, "--tokens", 4, "--cpu",
+            "--cache-dir", tmp_path / "cache"]
+
+
+def test_train_personality_writes_an_adapter_and_never_replaces_it_without_overwrite(
+        dataset, tmp_path, default_model_files, clip_vision_file):
+    out = tmp_path / "brand.safetensors"
+    args = _personality_args(dataset, default_model_files[0], clip_vision_file, out, tmp_path)
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = PersonalityAdapter.load(out)
+    assert adapter.family == "sd15" and adapter.vision_width == 1024 and adapter.n_tokens == 4
+    assert adapter.training_summary["steps"] == 2 and adapter.training_summary["recipe"] == "personality"
+    assert adapter.training_summary["images"] == 4
+    assert (tmp_path / "brand.checkpoint.safetensors").is_file() and f"wrote {out}" in done.stdout
+
+    before = out.read_bytes()
+    again = run_cli(*args)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.startswith("error: --out:") and "already exists" in again.stderr, again.stderr[-2000:]
+    assert "--overwrite" in again.stderr and out.read_bytes() == before
+
+
+def _broken_image(data):
+    (data / "perfume" / "broken.png").write_bytes(b"not a png")
+    return data
+
+
+@pytest.mark.parametrize("bad, code, said", [
+    ("missing clip-vision", 2, ("clip-vision:", "nope.safetensors", "not found")),
+    ("library as checkpoint", 2, ("checkpoint:", "category library, not a model")),
+    ("broken image", 1, ("broken.png",)),
+])
+def test_train_personality_refuses_bad_input_before_loading_a_model(
+        dataset, tmp_path, default_model_files, clip_vision_file, bad, code, said):
+    checkpoint, library = default_model_files
+    clip_vision = tmp_path / "nope.safetensors" if bad == "missing clip-vision" else clip_vision_file
+    data = _broken_image(dataset) if bad == "broken image" else dataset
+    out = tmp_path / "brand.safetensors"
+    t0 = time.monotonic()
+    done = run_cli(*_personality_args(data, library if bad == "library as checkpoint" else checkpoint,
+                                      clip_vision, out, tmp_path))
+    assert done.returncode == code, done.stderr[-3000:]
+    for text in said:
+        assert text in done.stderr, done.stderr[-2000:]
+    # no model was loaded: nothing but the refusal on stderr (ComfyUI's start-up warnings come first
+    # otherwise), no latent encoded, nothing written, and quickly
+    assert "Traceback" not in done.stderr and "WARNING" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "cache").exists() and not out.exists()
+    assert not (tmp_path / "brand.checkpoint.safetensors").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_train_personality_ctrl_c_keeps_the_last_completed_step_and_resume_finishes(
+        dataset, tmp_path, default_model_files, clip_vision_file):
+    out, steps = tmp_path / "brand.safetensors", 3
+    args = _personality_args(dataset, default_model_files[0], clip_vision_file, out, tmp_path, steps)
+    proc, _ = _start_training(args + ["--checkpoint-every", 0], tmp_path, min_step=1)
+    proc.send_signal(signal.SIGINT)  # once: the run stops after the step it is in
+    _, err = proc.communicate(timeout=300)
+    err = err.decode(errors="replace")
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    info = read_checkpoint_info(tmp_path / "brand.checkpoint.safetensors")
+    assert 1 <= info["step"] < steps and len(info["history"]) == info["step"], info
+    assert f"step {info['step']} of {steps} (the last completed step) is saved" in err, err[-2000:]
+    assert not out.exists()
+
+    done = run_cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert PersonalityAdapter.load(out).training_summary["steps"] == steps
+    assert read_checkpoint_info(tmp_path / "brand.checkpoint.safetensors")["step"] == steps

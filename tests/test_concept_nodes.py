@@ -57,6 +57,28 @@ def test_node_writes_tokens_lora_embeddings_history(trained):
     assert os.path.isfile(history) and graph.shape[-1] == 3
 
 
+def test_node_never_replaces_its_files_without_being_asked(sd15, trained):
+    """The token file, its LoRA, its textual-inversion files: a second run under the same name is
+    refused before any work, naming the file and what to do, and every file stays as it was."""
+    tokens, lora, _graph, _history = trained
+    files = [pack.nodes.paths.resolve_library(tokens), folder_paths.get_full_path("loras", lora),
+             *(folder_paths.get_full_path("embeddings", f"node_concepts_{c}.safetensors") for c in ("bottle", "cap"))]
+    before = [open(f, "rb").read() for f in files]
+    with pytest.raises(ProductSceneError, match=r"^output_name: 'category_libraries/node_concepts.safetensors' "
+                                                r"already exists.*turn resume on"):
+        _train(sd15, "node_concepts")
+    # only a textual-inversion file of that name is there (a user's own): still refused, still kept
+    emb = folder_paths.get_full_path("embeddings", "node_concepts_bottle.safetensors")
+    other = os.path.join(os.path.dirname(emb), "lonely_bottle.safetensors")
+    with open(other, "wb") as f:
+        f.write(b"a user's own embedding")
+    with pytest.raises(ProductSceneError, match=r"^output_name: 'embeddings/lonely_bottle.safetensors' already exists"):
+        _train(sd15, "lonely", phase1_steps=1, phase2_steps=1)
+    assert [open(f, "rb").read() for f in files] == before
+    assert open(other, "rb").read() == b"a user's own embedding"
+    assert not os.path.exists(os.path.join(os.path.dirname(files[0]), "lonely.safetensors"))
+
+
 def test_concept_tokens_reproduce_the_trained_conditioning_and_embedding_syntax(sd15, trained):
     tokens = trained[0]
     model, cond, ct = CT.execute(sd15.model, sd15.clip, tokens, "a photo of <bottle> and <cap>", 1.0).args

@@ -149,3 +149,56 @@ def test_ipadapter_after_the_gate_changes_only_its_own_clone_on_current_comfyui(
     assert [len(replaces(m)[("output", 0, 0)].callback) for m in (first, second)] == [1, 1]
     samples = [ksampler_step(m, cond, negative, latent_hw) for m in (gated, first, second)]
     assert torch.equal(samples[1], samples[2]) and not torch.equal(samples[0], samples[1])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_ipadapter_the_gate_and_a_personality_reference_compose_in_any_order(family, libraries, plus_models):
+    """The pack's own Personality Reference on the same layers as IPAdapter_plus and the gate, in
+    three orders: IPAdapter's per-layer effect is its effect alone on every layer where it fires, and
+    swapping both the category and the reference changes no product position of any layer (0.0)
+    while the background changes."""
+    from productscene.personality import PersonalityAdapter
+    from tests.support.comfy_env import import_pack
+
+    apply_node = import_pack().nodes.personality.ProductSceneApplyPersonality
+    reference_type = import_pack().nodes.personality.PersonalityReference
+    tm = tiny(family)
+    unet, plus = plus_models[family, "real layout"]
+    latent_hw = (16, 16)
+    masks = two_masks(latent_hw)
+    negative = encode(tm, "blurry")
+    cond_a, tokens_a = category_prompt(tm, libraries[family], "marble")
+    cond_b, tokens_b = category_prompt(tm, libraries[family], "workbench")
+    adapter = PersonalityAdapter.for_layers(family, 64, host.cross_attention_layers(unet), tokens=4, seed=3)
+    g = torch.Generator().manual_seed(5)
+    refs = {k: reference_type(adapter, adapter.tokens(torch.randn(1, 17, 64, generator=g)).detach(), "test")
+            for k in ("a", "b")}
+
+    def gate(model, tokens):
+        return gate_node.execute(model, masks, tokens, 1.0, 0, 0.0).result[0]
+
+    def brand(model, ref):
+        return apply_node.execute(model, ref, masks, 1.0, 0.0, 1.0).result[0]
+
+    orders = {
+        "ipadapter, gate, reference": lambda t, r: brand(gate(ipadapter.apply(unet, plus), t), r),
+        "reference, ipadapter, gate": lambda t, r: gate(ipadapter.apply(brand(unet, r), plus), t),
+        "gate, reference, ipadapter": lambda t, r: ipadapter.apply(brand(gate(unet, t), r), plus),
+    }
+    plain = Replay().run(tm, unet, cond_a, negative, latent_hw, batch=2)
+    replay = lambda model, cond: Replay(plain.inputs).run(tm, model, cond, negative, latent_hw, batch=2)
+    effect_alone = [a - p for a, p in zip(layer_outputs(replay(ipadapter.apply(unet, plus), cond_a)),
+                                          layer_outputs(plain))]
+    firing = [i for i, e in enumerate(effect_alone) if e.abs().max() > 0]
+    assert len(firing) == FIRING[family, "real layout"]
+    without_ipadapter = layer_outputs(replay(brand(gate(unet, tokens_a), refs["a"]), cond_a))
+    for order, build in orders.items():
+        first = replay(build(tokens_a, refs["a"]), cond_a)
+        for i, (out, base, alone) in enumerate(zip(layer_outputs(first), without_ipadapter, effect_alone)):
+            scale = float(alone.abs().max())
+            torch.testing.assert_close(out - base, alone, atol=1e-5 * max(1.0, scale), rtol=1e-4,
+                                       msg=f"{order}: layer {i}")
+        second = replay(build(tokens_b, refs["b"]), cond_b)
+        product, background, _ = compare(first, second, masks)
+        assert max(product) == 0.0, order  # neither the category nor the reference reaches the product
+        assert min(background) > 0.0, order

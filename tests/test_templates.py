@@ -126,7 +126,8 @@ def test_server_serves_the_translations(comfy_server):
 def test_server_puts_the_sample_cut_outs_in_its_input_folder(comfy_server):
     # the category workflow opens with productscene_perfume_bottle.png: it must exist for a new user
     server, _client = comfy_server
-    samples = sorted((ROOT / "samples" / "products").glob("*.png")) + sorted((ROOT / "samples" / "scenes").glob("*.png"))
+    samples = [p for folder in ("products", "scenes", "references") for p in sorted((ROOT / "samples" / folder).glob("*.png"))]
+    assert any(p.parent.name == "references" for p in samples)
     for sample in samples:
         copy = Path(server.base_dir) / "input" / f"productscene_{sample.name}"
         assert copy.read_bytes() == sample.read_bytes(), copy

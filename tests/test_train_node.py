@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.cancel import cancel_when
+
 
 CATS = ("perfume", "tea", "tools")
 
@@ -18,7 +20,7 @@ CATS = ("perfume", "tea", "tools")
 @pytest.fixture(autouse=True)
 def data_anywhere_in_tmp(pack, tmp_path, monkeypatch):
     """These tests keep their data sets in tmp_path: the server owner's setting allows it."""
-    monkeypatch.setenv(pack.nodes.train_categories.DATA_ROOTS_ENV, str(tmp_path))
+    monkeypatch.setenv(pack.nodes.trainer_files.DATA_ROOTS_ENV, str(tmp_path))
 
 
 def write_data(root, per_category=2, size=64, seed=0):
@@ -90,30 +92,21 @@ def test_bad_data_set_one_error_nothing_written(pack, sd15, tmp_path):
     assert "3 problem(s)" in msg and "plain.png" in msg and "broken.png" in msg and "empty.png" in msg
     tc = pack.nodes.train_categories
     assert not os.path.exists(os.path.join(tc.library_folder(), "bad_lib.safetensors"))
-    assert not os.path.exists(os.path.join(tc.work_folder("checkpoints"), "bad_lib.checkpoint.safetensors"))
+    assert not os.path.exists(os.path.join(pack.nodes.trainer_files.work_folder("checkpoints"), "bad_lib.checkpoint.safetensors"))
 
 
 def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp_path):
     import comfy.model_management as mm
-    import comfy.utils
     node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
     tc = pack.nodes.train_categories
     engine = productscene.train.engine
     data = write_data(tmp_path / "data")
 
-    def hook(value, total, preview, node_id=None):
-        if value == 2 and total == 5:  # training step 2 of 5 (the latent cache reports 6 images first)
-            mm.interrupt_current_processing(True)  # what the UI's cancel button does
-
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib"))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
-        mm.interrupt_current_processing(False)
-    state = os.path.join(tc.work_folder("checkpoints"), "cancel_lib.checkpoint.safetensors")
+    # training step 2 of 5 (the latent cache reports 6 images first)
+    with cancel_when(lambda value, total: value == 2 and total == 5), torch.inference_mode(), \
+            pytest.raises(mm.InterruptProcessingException):
+        node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib"))
+    state = os.path.join(pack.nodes.trainer_files.work_folder("checkpoints"), "cancel_lib.checkpoint.safetensors")
     info = engine.read_checkpoint_info(state)
     assert info["step"] == 2 and len(info["history"]) == 2
     assert not os.path.exists(os.path.join(tc.library_folder(), "cancel_lib.safetensors"))

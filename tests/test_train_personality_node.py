@@ -14,12 +14,13 @@ from productscene.errors import ProductSceneError
 from productscene.personality import PersonalityAdapter
 from tests.support.clip_vision import build_clip_vision
 from tests.support.models import encode, sample
+from tests.support.cancel import cancel_when
 from tests.test_train_node import write_data
 
 
 @pytest.fixture(autouse=True)
 def data_anywhere_in_tmp(pack, tmp_path, monkeypatch):
-    monkeypatch.setenv(pack.nodes.train_categories.DATA_ROOTS_ENV, str(tmp_path))
+    monkeypatch.setenv(pack.nodes.trainer_files.DATA_ROOTS_ENV, str(tmp_path))
 
 
 def _kwargs(tm, data, **over):
@@ -62,26 +63,16 @@ def test_node_trains_an_adapter_the_reference_nodes_accept(pack, sd15, tmp_path)
 
 def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp_path):
     import comfy.model_management as mm
-    import comfy.utils
     node = pack.nodes.train_personality.ProductSceneTrainPersonalityAdapter
     tp = pack.nodes.train_personality
     engine = productscene.train.engine
     data = write_data(tmp_path / "data")
 
-    def hook(value, total, preview, node_id=None):
-        # the first training report (current ComfyUI throttles the others); what the UI's cancel does
-        if total == 5 and 1 <= value < 5:
-            mm.interrupt_current_processing(True)
-
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_personality"))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
-        mm.interrupt_current_processing(False)
-    state = os.path.join(pack.nodes.train_categories.work_folder("checkpoints"),
+    # the first training report (current ComfyUI throttles the others)
+    with cancel_when(lambda value, total: total == 5 and 1 <= value < 5), torch.inference_mode(), \
+            pytest.raises(mm.InterruptProcessingException):
+        node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_personality"))
+    state = os.path.join(pack.nodes.trainer_files.work_folder("checkpoints"),
                          "cancel_personality.personality-checkpoint.safetensors")
     info = engine.read_checkpoint_info(state)
     assert 1 <= info["step"] < 5 and len(info["history"]) == info["step"]

@@ -6,6 +6,9 @@ server, with the default (random-weight, detectable SD1.5) checkpoint:
 
 - category background: on a sample product the product pixels come back bit-identical, the
   background changes, and two categories give two backgrounds;
+- category and brand style: the same, with a brand reference image (CLIP vision + an untrained
+  personality adapter): product pixels bit-identical, two references give two backgrounds, and
+  weight 0 gives exactly the category workflow's image;
 - category library training: a tiny folder data set trains a library (2 steps, 64 px) that the
   library reader opens with the data set's categories and a LoRA, the loss graph is saved, and the
   new library is offered by the Category Tokens node."""
@@ -28,6 +31,7 @@ from productscene.errors import ProductSceneError
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api" / "category_background.json"
+BRAND_API = WORKFLOWS / "api" / "category_brand_background.json"
 TRAIN_API = WORKFLOWS / "api" / "category_library_training.json"
 SAMPLES = ROOT / "samples" / "products"
 SAMPLE = SAMPLES / "perfume_bottle.png"
@@ -279,6 +283,45 @@ def test_category_workflow_end_to_end(comfy_server, default_model_files, tmp_pat
     a, b = results["perfume"], results["tools"]
     assert (a[outside] != b[outside]).any(-1).mean() > 0.1
     assert np.array_equal(a[inside], b[inside])
+
+
+def _upload(client, image: Image.Image, path: Path) -> str:
+    image.save(path)
+    up = client.upload_image(path)
+    return f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
+
+
+def test_brand_style_workflow_end_to_end(comfy_server, default_model_files, reference_model_files, tmp_path):
+    server, client = comfy_server
+    ckpt, lib = default_model_files
+    clip_vision, adapter = reference_model_files
+    names = {"Checkpoint.ckpt_name": _link_into(server, "checkpoints", Path(ckpt)),
+             "Category prompt.library": _link_into(server, "category_libraries", Path(lib)),
+             "CLIP vision.clip_name": _link_into(server, "clip_vision", Path(clip_vision)),
+             "Personality reference.adapter": _link_into(server, "personality_adapters", Path(adapter))}
+    product = Image.open(SAMPLE).convert("RGBA").resize((96, 96), Image.LANCZOS)
+    uploaded = _upload(client, product, tmp_path / "ps_test_brand_product.png")
+    refs = {}
+    for name in ("brand_terrazzo", "brand_botanical"):
+        ref = Image.open(ROOT / "samples" / "references" / f"{name}.png").convert("RGB").resize((128, 128))
+        refs[name] = _upload(client, ref, tmp_path / f"ps_test_{name}.png")
+    rgba = np.asarray(product)
+    rgb, inside, outside = rgba[..., :3], rgba[..., 3] == 255, rgba[..., 3] == 0
+
+    brand = json.loads(BRAND_API.read_text())
+    common = {**names, "product": uploaded, "category": "perfume", "Sampler.steps": 1, "seed": 7}
+    results = {name: _run(client, brand, {**common, "reference": ref}) for name, ref in refs.items()}
+    for name, out in results.items():
+        assert out.shape == rgb.shape and np.array_equal(out[inside], rgb[inside]), f"{name}: product pixels changed"
+    a, b = results.values()
+    assert (a[outside] != b[outside]).any(-1).mean() > 0.1, "two references gave the same background"
+    assert np.array_equal(a[inside], b[inside])
+    # weight 0: Apply Personality leaves the model as it was, so the image is the category workflow's
+    off = _run(client, brand, {**common, "reference": refs["brand_terrazzo"], "Apply personality.weight": 0.0})
+    plain = _run(client, json.loads(API.read_text()), {k: v for k, v in common.items()
+                                                      if not k.startswith(("CLIP vision", "Personality"))})
+    assert np.array_equal(off, plain)
+    assert (a[outside] != plain[outside]).any(-1).mean() > 0.1, "the reference changed nothing"
 
 
 def test_training_workflow_end_to_end(comfy_server, default_model_files):

@@ -352,10 +352,15 @@ def checked_dataset(data, layout: str = "folder", split: str = "train") -> tuple
 
 def check_outputs(out_path, checkpoint_path=None, *, resume: bool | str = False, overwrite: bool = False,
                   out: str = "out", shown_out: str | None = None, shown_state: str | None = None,
-                  hint: str = "pass overwrite, choose another name, or resume its training") -> None:
-    """Before any work: the library and the training state can be written, and neither replaces a
-    file the user did not ask to replace (a resumed run continues its own state and library)."""
+                  hint: str = "pass overwrite, choose another name, or resume its training",
+                  also: Sequence[tuple] = ()) -> None:
+    """Before any work: the library and the training state (and ``also``: ``(path, shown)`` of the
+    other files the run writes next to it) can be written, and none replaces a file the user did not
+    ask to replace (a resumed run continues its own state and files)."""
+    others = [(p, shown) for p, shown in also if p is not None]
     check_writable(out_path, out, shown_out)
+    for p, shown in others:
+        check_writable(p, out, shown)
     if checkpoint_path is not None:
         check_writable(checkpoint_path, "training state", shown_state)
     if overwrite:
@@ -365,6 +370,8 @@ def check_outputs(out_path, checkpoint_path=None, *, resume: bool | str = False,
     if continuing:
         return
     refuse_overwrite(out_path, out, hint, shown_out)
+    for p, shown in others:
+        refuse_overwrite(p, out, hint, shown)
     if checkpoint_path is not None and os.path.isfile(checkpoint_path):
         try:
             info = read_checkpoint_info(checkpoint_path)
@@ -374,6 +381,35 @@ def check_outputs(out_path, checkpoint_path=None, *, resume: bool | str = False,
         raise ProductSceneError(
             f"{out}: {shown_state or os.fspath(checkpoint_path)!r} holds {what} and would be replaced by a new run; "
             f"{hint}")
+
+
+def checked_inputs(data, out_path, checkpoint_path, *, layout: str, split: str, checked: DatasetReport | None,
+                   resume: bool | str, overwrite: bool) -> tuple[Dataset, DatasetReport, str | None]:
+    """What a data-set run checks before any model work, in this order: its outputs (see
+    :func:`check_outputs`), then every file of the data set (once; ``checked`` with an opened ``data``
+    set reuses a report). Returns the data set, its report and the checkpoint to resume from."""
+    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite)
+    if checked is None:
+        ds, report = checked_dataset(data, layout, split)
+    else:
+        ds, report = data, checked
+        report.raise_if_problems()
+    return ds, report, resume_source(resume, checkpoint_path)
+
+
+def warm_latents(cache: LatentCache, progress: Callable[[int, int], None] | None,
+                 should_stop: Callable[[], bool] | None) -> bool:
+    """Encode every latent once, before the model is loaded to train; False when stopped."""
+    def done(n, total):
+        if progress is not None:
+            progress(n, total)
+        if should_stop is not None and should_stop():
+            raise _Stopped
+    try:
+        cache.warm(progress=done)
+    except _Stopped:
+        return False
+    return True
 
 
 def train_category_library(host: DiffusionHost, data, out_path, config: CategoryConfig, *,
@@ -394,25 +430,11 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
     ``checkpoint_path`` if it exists, or a checkpoint path. When ``should_stop`` ends the run early
     the checkpoint is saved and ``library`` is None (the host then reports the cancel its way).
     """
-    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite)
-    if checked is None:
-        ds, report = checked_dataset(data, layout, split)
-    else:
-        ds, report = data, checked
-        report.raise_if_problems()
-    resume_from = resume_source(resume, checkpoint_path)
-
-    def latents_done(n, total):
-        if latent_progress is not None:
-            latent_progress(n, total)
-        if should_stop is not None and should_stop():
-            raise _Stopped
-
+    ds, report, resume_from = checked_inputs(data, out_path, checkpoint_path, layout=layout, split=split,
+                                             checked=checked, resume=resume, overwrite=overwrite)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        try:
-            cache.warm(progress=latents_done)  # every latent once, before the model is loaded to train
-        except _Stopped:
+        if not warm_latents(cache, latent_progress, should_stop):
             return CategoryRun(None, None, report, None, loss_graph([]))
         recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=seed)
         trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,

@@ -42,6 +42,7 @@ from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import attention_loss, masked_diffusion_loss
 from ..sampling import draw_concepts, union_mask, union_prompt
 from . import DiffusionHost
+from .categories import check_outputs
 
 MAX_CONCEPTS = 8
 BACKGROUND = "<background>"
@@ -423,19 +424,44 @@ def check_init_words(host: DiffusionHost, words: Sequence[str], names: Sequence[
                 f"init_words: {word!r} (for {name}) tokenizes to nothing; give a word, e.g. 'bottle'") from None
 
 
+def check_concept_outputs(out_path, names: Sequence[str], *, lora_path=None, embeddings_dir=None,
+                          checkpoint_path=None, resume: bool | str = False, overwrite: bool = False, out: str = "out",
+                          shown: Callable[[str], str] = os.path.basename,
+                          hint: str = "pass overwrite, choose another name, or resume its training") -> dict[str, str]:
+    """Before any work: every file a run for the concepts ``names`` writes (the token library, the
+    LoRA, one textual-inversion file per token, the training state) can be written and replaces
+    nothing unless ``overwrite`` (or a resume of that run). Returns ``{name: textual-inversion path}``."""
+    stem = os.path.splitext(os.path.basename(os.fspath(out_path)))[0]
+    ti_paths = {name: os.path.join(embeddings_dir, ti_file_stem(stem, name) + ".safetensors")
+                for name in names} if embeddings_dir is not None else {}
+    others = [p for p in (lora_path, *ti_paths.values()) if p is not None]
+    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite, out=out, hint=hint,
+                  shown_out=shown(os.fspath(out_path)),
+                  shown_state=shown(os.fspath(checkpoint_path)) if checkpoint_path is not None else None,
+                  also=[(p, shown(os.fspath(p))) for p in others])
+    return ti_paths
+
+
 def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor, out_path, config: ConceptConfig, *,
                    lora_path=None, embeddings_dir=None, history_path=None, class_images: torch.Tensor | None = None,
                    seed: int = 0, checkpoint_path=None, checkpoint_every: int = 0, resume: bool | str = False,
                    autocast="auto", progress: Callable[[int, int, float], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None, gradient_checkpoint: bool = False) -> ConceptRun:
+                   should_stop: Callable[[], bool] | None = None, gradient_checkpoint: bool = False,
+                   overwrite: bool = False, out: str = "out", shown: Callable[[str], str] = os.path.basename,
+                   hint: str = "pass overwrite, choose another name, or resume its training") -> ConceptRun:
     """The whole Break-A-Scene run: check everything (before any model work), encode the image
     (and its mirror, and the class images) once, train both phases, write the token library
     (``out_path``), the LoRA (``lora_path``), one textual-inversion file per token (in
     ``embeddings_dir``) and the loss history (``history_path``, JSON). A stop request saves the
-    checkpoint and returns a run with ``tokens=None``."""
-    count = int(masks.shape[0]) if isinstance(masks, torch.Tensor) and masks.dim() == 3 else 1
+    checkpoint and returns a run with ``tokens=None``. The token library, the LoRA, the
+    textual-inversion files and the training state are never replaced unless ``overwrite`` (or a
+    resume of that run): ``out`` names the input in the refusal, ``shown(path)`` shows a file."""
     img, full_masks = prepare_scene(image, masks, int(config.resolution), config.background)
+    count = len(full_masks) - int(bool(config.background))
     names = concept_names(count, config.names, config.background)
+    ti_paths = check_concept_outputs(out_path, names, lora_path=lora_path, embeddings_dir=embeddings_dir,
+                                     checkpoint_path=checkpoint_path, resume=resume, overwrite=overwrite, out=out,
+                                     shown=shown, hint=hint)
     words = _default_words(config.init_words, count) + ([config.background_init_word] if config.background else [])
     check_init_words(host, words, names)
     if class_images is not None and config.prior_weight > 0 and (class_images.dim() != 4 or class_images.shape[0] < 1):
@@ -481,10 +507,9 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
     embeddings = {}
     if embeddings_dir is not None:
         os.makedirs(embeddings_dir, exist_ok=True)
-        stem = os.path.splitext(os.path.basename(os.fspath(out_path)))[0]
         for i, name in enumerate(names):
-            p = os.path.join(embeddings_dir, ti_file_stem(stem, name) + ".safetensors")
-            embeddings[name] = write_textual_inversion(p, {e: v[i] for e, v in vectors.items()}, host.family, name)
+            embeddings[name] = write_textual_inversion(ti_paths[name], {e: v[i] for e, v in vectors.items()},
+                                                       host.family, name)
     history_file = None
     if history_path is not None:
         write_bytes_atomic(history_path, json.dumps({"loss": h, "logs": result.logs}).encode())
@@ -493,4 +518,5 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
 
 
 __all__ = ["ConceptConfig", "ConceptRecipe", "ConceptRun", "MAX_CONCEPTS", "prepare_scene", "train_concepts",
+           "check_concept_outputs",
            "write_textual_inversion", "concept_names", "TOKENIZER_KEYS"]

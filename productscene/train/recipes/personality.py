@@ -23,11 +23,11 @@ from ...attention import SceneAttention
 from ...errors import ProductSceneError
 from ...personality import DEFAULT_TOKENS, PersonalityAdapter, neutral_fill, patch_keep
 from ...prompt import Prompt
-from ..datasets import LatentCache
-from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
+from ..datasets import DatasetReport, LatentCache
+from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from . import DiffusionHost, Encoded
-from .categories import BG60K_LICENSE, checked_dataset, check_outputs, draw_batch
+from .categories import BG60K_LICENSE, checked_inputs, draw_batch, warm_latents
 
 VisionEncoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, H, W, 3] -> penultimate states [B, N, W]
 
@@ -225,20 +225,23 @@ class PersonalityRun:
 def train_personality_adapter(host: DiffusionHost, data, out_path, config: PersonalityConfig, *,
                               encode_vision: VisionEncoder, vision_width: int,
                               layers: Mapping[tuple, torch.nn.Module], layout: str = "folder", split: str = "train",
-                              seed: int = 0, cache_dir, checkpoint_path=None, checkpoint_every: int = 0,
-                              resume: bool | str = False, autocast="auto",
+                              checked: DatasetReport | None = None, seed: int = 0, cache_dir, checkpoint_path=None,
+                              checkpoint_every: int = 0, resume: bool | str = False, autocast="auto",
                               progress: Callable[[int, int, float], None] | None = None,
+                              latent_progress: Callable[[int, int], None] | None = None,
                               should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
-                              gradient_checkpoint: bool = False) -> PersonalityRun:
-    """The whole personality-adapter run: check outputs and data before any model work, cache the
-    VAE latents once, train the adapter (``layers``: the model's cross-attention modules, keyed as
-    ComfyUI keys attn2 replaces) and write it to ``out_path`` with its training summary."""
-    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite)
-    ds, report = checked_dataset(data, layout, split)
-    resume_from = resume_source(resume, checkpoint_path)
+                              license: str | None = None, gradient_checkpoint: bool = False) -> PersonalityRun:
+    """The whole personality-adapter run: check outputs and data before any model work (the data
+    once; ``checked`` with an opened ``data`` set reuses a report), cache the VAE latents once,
+    train the adapter (``layers``: the model's cross-attention modules, keyed as ComfyUI keys attn2
+    replaces) and write it to ``out_path`` with its training summary (and ``license``; BG60k's
+    own by default on that layout)."""
+    ds, report, resume_from = checked_inputs(data, out_path, checkpoint_path, layout=layout, split=split,
+                                             checked=checked, resume=resume, overwrite=overwrite)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        cache.warm()
+        if not warm_latents(cache, latent_progress, should_stop):
+            return PersonalityRun(None, None, None, loss_graph([]))
         adapter = PersonalityAdapter.for_layers(host.family, int(vision_width), layers, tokens=int(config.tokens), seed=seed)
         recipe = PersonalityRecipe(host, DatasetSource(cache, config.resolution), encode_vision, adapter, config)
         trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
@@ -255,7 +258,9 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
                "layout": layout, "resolution": int(config.resolution),
                "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
                "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None, "config": asdict(config)}
-    if layout == "bg60k":
-        summary["license"] = BG60K_LICENSE
+    if license is None and layout == "bg60k":
+        license = BG60K_LICENSE
+    if license is not None:
+        summary["license"] = license
     path = adapter.save(out_path, training=summary)
     return PersonalityRun(path, result, recipe, graph)
