@@ -6,7 +6,9 @@
 * the node's progress bar and, as the node's preview image, the loss curve drawn by
   ``productscene.train.engine.loss_graph`` (``ProgressBar.update_absolute(step, total,
   ("PNG", image, size))``; the frontend puts it on the running node), at most every
-  ``preview_every`` seconds and always on the first and the last step;
+  ``preview_every`` seconds and always on the first and the last step; once the trainer has drawn
+  a sample (:meth:`LiveProgress.sample`, the engine's ``on_preview``: what the model draws now,
+  every N steps), the preview shows that sample left of the curve;
 * a websocket message ``productscene.training`` to the client that queued the run, at most every
   ``message_every`` seconds and on the last step: ``{"node", "prompt_id", "step", "total", "loss",
   "elapsed", "per_step", "eta", "losses"}`` (times in seconds; ``losses`` is the history averaged
@@ -42,9 +44,34 @@ def downsample(values: list[float], points: int = MAX_POINTS) -> list[float]:
     return [round(float(arr[a:b].mean()), 6) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def to_pil(image) -> Image.Image:
+    """One ``[H, W, 3]`` image (0..1) as a PIL image."""
+    return Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+
+
 def graph_image(history: list[float]) -> Image.Image:
-    picture = loss_graph(history, width=PREVIEW_SIZE[0], height=PREVIEW_SIZE[1])[0]
-    return Image.fromarray((picture.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+    return to_pil(loss_graph(history, width=PREVIEW_SIZE[0], height=PREVIEW_SIZE[1])[0])
+
+
+def beside(sample: Image.Image | None, graph: Image.Image) -> Image.Image:
+    if sample is None:
+        return graph
+    out = Image.new("RGB", (sample.width + graph.width, max(sample.height, graph.height)), (255, 255, 255))
+    out.paste(sample, (0, 0))
+    out.paste(graph, (sample.width, 0))
+    return out
+
+
+def sample_strip(images, height: int = PREVIEW_SIZE[1]) -> Image.Image:
+    """A batch of images ``[B, H, W, 3]`` side by side, each scaled to ``height``."""
+    tiles = [to_pil(im) for im in images]
+    tiles = [t.resize((max(1, round(t.width * height / t.height)), height), Image.LANCZOS) for t in tiles]
+    strip = Image.new("RGB", (sum(t.width for t in tiles), height))
+    x = 0
+    for t in tiles:
+        strip.paste(t, (x, 0))
+        x += t.width
+    return strip
 
 
 class LiveProgress:
@@ -56,6 +83,7 @@ class LiveProgress:
         self.preview_every = preview_every
         self.message_every = message_every
         self.history: list[float] = []
+        self.latest_sample: Image.Image | None = None
         self.started = time.monotonic()
         self._first_step = None
         self._last_preview = -math.inf
@@ -71,7 +99,7 @@ class LiveProgress:
         final = step >= total
         preview = None
         if self.history and (final or now - self._last_preview >= self.preview_every):
-            preview = ("PNG", graph_image(self.history), PREVIEW_SIZE[0])
+            preview = self._picture()
             self._last_preview = now
         self.bar.update_absolute(step, total, preview)
         if final or now - self._last_message >= self.message_every:
@@ -79,6 +107,16 @@ class LiveProgress:
             self._send(step, total, loss, now)
         if self.extra is not None:
             self.extra(step, total, loss)
+
+    def sample(self, step: int, images) -> None:
+        """A sample the trainer drew at ``step`` (``[B, H, W, 3]``): shown at once, beside the curve."""
+        self.latest_sample = sample_strip(images)
+        self._last_preview = time.monotonic()
+        self.bar.update_absolute(step, self.bar.total, self._picture())
+
+    def _picture(self):
+        picture = beside(self.latest_sample, graph_image(self.history))
+        return ("PNG", picture, picture.width)
 
     def _per_step(self, step: int, now: float) -> float | None:
         """Seconds per step since the first reported step (setup and caching left out)."""

@@ -68,7 +68,8 @@ def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor
     if reference_mask is not None and reference_mask.ndim == 2:
         reference_mask = reference_mask[None]
     filled = neutral_fill(image[..., :3], reference_mask)
-    out = clip_vision.encode_image(filled, crop=False)
+    with torch.no_grad():  # a frozen encoder: nothing flows back into it (its weights may be inference tensors)
+        out = clip_vision.encode_image(filled, crop=False)
     states = out["penultimate_hidden_states"]
     return states, patch_keep(states.shape[1], reference_mask, states.shape[0])
 

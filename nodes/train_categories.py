@@ -53,7 +53,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
                                 tooltip="Training prompt; {category} (once) marks the identifier. Use the same wording "
                                         "in the Category Tokens node."),
                 *run_inputs("my_categories", "Library file name written to models/category_libraries (.safetensors added).",
-                            "data order"),
+                            "data order", "the prompt under the first categories' identifiers"),
             ],
             outputs=[
                 io.String.Output(display_name="library", tooltip="File name of the written library in models/category_libraries."),
@@ -63,7 +63,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, data_folder, layout, steps, lr_tokens, lr_lora, lora_rank, resolution,
-                batch_size, template, output_name, checkpoint_every, resume, seed) -> io.NodeOutput:
+                batch_size, template, output_name, checkpoint_every, resume, seed, preview_every=0) -> io.NodeOutput:
         name, library, state = node_outputs(LIBRARY_FOLDER, output_name, ".checkpoint.safetensors", resume)
         data = resolve_data(data_folder)
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
@@ -71,8 +71,9 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         run = train_category_library(
             ComfyTrainingHost(model, clip, vae), data, library, config, layout=layout,
             seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
-            checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
-            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
+            checkpoint_every=checkpoint_every, resume=resume, progress=(live := LiveProgress(steps)),
+            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted, preview_every=preview_every,
+            on_preview=live.sample)
         return io.NodeOutput(name, finished(run).graph)
 
 

@@ -66,7 +66,8 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
                 io.Float.Input("attention_weight", default=0.01, min=0.0, max=10.0, step=0.001,
                                tooltip="Weight of the cross-attention loss (each token's attention map against its mask)."),
                 *run_inputs("my_concepts", "File name of the concept tokens (models/category_libraries) and of the "
-                            "LoRA (models/loras); embeddings are <name>_<concept>.", "concept draws, flips"),
+                            "LoRA (models/loras); embeddings are <name>_<concept>.", "concept draws, flips",
+                            "every concept in one prompt"),
                 io.Image.Input("class_images", optional=True,
                                tooltip="Optional prior preservation: images of the class made by the same model."),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.1, optional=True,
@@ -85,7 +86,7 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, masks, names, init_words, background, phase1_steps, phase2_steps,
                 lr_phase1, lr_phase2, unet, lora_rank, resolution, batch_size, attention_weight, output_name,
-                checkpoint_every, resume, seed, class_images=None, prior_weight=1.0,
+                checkpoint_every, resume, seed, preview_every=0, class_images=None, prior_weight=1.0,
                 class_prompt="a photo of an object") -> io.NodeOutput:
         name = output_file_name(output_name)
         stem = os.path.splitext(name)[0]
@@ -101,8 +102,10 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
             ComfyTrainingHost(model, clip, vae), image, masks, os.path.join(model_folder(LIBRARY_FOLDER), name), config,
             lora_path=os.path.join(model_folder("loras"), lora_name), embeddings_dir=model_folder("embeddings"),
             history_path=history, class_images=class_images, seed=seed, checkpoint_path=state,
-            checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(config.phase1_steps + config.phase2_steps),
-            should_stop=mm.processing_interrupted, out="output_name", shown=shown, hint=RESUME_HINT)
+            checkpoint_every=checkpoint_every, resume=resume,
+            progress=(live := LiveProgress(config.phase1_steps + config.phase2_steps)),
+            should_stop=mm.processing_interrupted, out="output_name", shown=shown, hint=RESUME_HINT,
+            preview_every=preview_every, on_preview=live.sample)
         return io.NodeOutput(name, lora_name if finished(run).lora else "", run.graph, history)
 
 

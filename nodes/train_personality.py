@@ -65,7 +65,7 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
                 io.String.Input("prompt", default="a product photo",
                                 tooltip="The one training prompt. Name no style: the reference is what should carry it."),
                 *run_inputs("my_personality", "Adapter file name written to models/personality_adapters (.safetensors added).",
-                            "data order, augmentation"),
+                            "data order, augmentation", "the training prompt with the first image's background as reference"),
             ],
             outputs=[
                 io.String.Output(display_name="adapter", tooltip="File name of the written adapter in models/personality_adapters."),
@@ -75,7 +75,7 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, data_folder, layout, steps, lr, tokens, resolution, batch_size,
-                prompt, output_name, checkpoint_every, resume, seed) -> io.NodeOutput:
+                prompt, output_name, checkpoint_every, resume, seed, preview_every=0) -> io.NodeOutput:
         name, out, state = node_outputs(PERSONALITY_FOLDER, output_name, ".personality-checkpoint.safetensors", resume)
         data = resolve_data(data_folder)
         config = PersonalityConfig(tokens=tokens, prompt=prompt, batch_size=batch_size, resolution=resolution,
@@ -84,8 +84,9 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
         run = train_personality_adapter(
             host, data, out, config, encode_vision=vision_encoder(clip_vision), vision_width=vision_width(clip_vision),
             layers=cross_attention_layers(host.model), layout=layout, seed=seed, cache_dir=work_folder("latent_cache"),
-            checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume, progress=LiveProgress(steps),
-            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted)
+            checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
+            progress=(live := LiveProgress(steps)), latent_progress=ComfyProgress(1),
+            should_stop=mm.processing_interrupted, preview_every=preview_every, on_preview=live.sample)
         return io.NodeOutput(name, finished(run).graph)
 
 

@@ -17,9 +17,10 @@ from .paths import _check_name
 RESUME_HINT = "choose another output_name, turn resume on to continue its training, or delete the file"
 
 
-def run_inputs(output_default: str, output_tooltip: str, seeded: str) -> list:
-    """The inputs every trainer node ends with: output_name, checkpoint_every, resume and seed
-    (``seeded``: what the seed draws besides noise and timesteps)."""
+def run_inputs(output_default: str, output_tooltip: str, seeded: str, previewed: str) -> list:
+    """The inputs every trainer node ends with: output_name, checkpoint_every, resume, seed
+    (``seeded``: what the seed draws besides noise and timesteps) and preview_every (``previewed``:
+    what its preview draws)."""
     return [
         io.String.Input("output_name", default=output_default, tooltip=output_tooltip),
         io.Int.Input("checkpoint_every", default=100, min=0, max=1000000,
@@ -28,6 +29,10 @@ def run_inputs(output_default: str, output_tooltip: str, seeded: str) -> list:
                          tooltip="Continue from this output name's saved training state, if there is one."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
                      tooltip=f"Seed of {seeded}, noise and timesteps (same seed, same result)."),
+        io.Int.Input("preview_every", default=100, min=0, max=1000000,
+                     tooltip=f"Every N steps (and at the end) draw {previewed} with the model as it is now, "
+                             f"shown on the node beside the loss curve (a quick 8-step sample; 0: no previews). "
+                             f"Previews never change what is trained."),
     ]
 
 

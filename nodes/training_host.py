@@ -263,6 +263,13 @@ class ComfyTrainingHost:
             latent = self.vae.encode(images[..., :3])
             return self.base.process_latent_in(latent.float()).cpu()
 
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ProductSceneError("vae: previews need the VAE of the checkpoint to decode the latents")
+        with torch.inference_mode(False), torch.no_grad():
+            images = self.vae.decode(self.base.process_latent_out(latents.float()))
+            return images.reshape(-1, *images.shape[-3:]).float().clamp(0, 1).cpu()
+
     @functools.cached_property
     def latent_namespace(self) -> str:
         """Identifies the VAE (and latent scaling) so a cache never mixes two VAEs."""

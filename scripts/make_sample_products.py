@@ -172,20 +172,25 @@ PRODUCTS = [
 ]
 
 
-def main(argv=None):
+def write_samples(argv, folder: str, key: str, items, **after) -> None:
+    """Draw ``items`` (``(file name, draw, manifest fields)``) into ``samples/<folder>`` (or --out)
+    with a manifest.json ``{key: [{file, ..., width, height, **after}]}``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "samples" / "products"))
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "samples" / folder))
+    out = Path(parser.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for filename, draw, category, description in PRODUCTS:
+    for filename, draw, fields in items:
         img = draw()
         img.save(out / filename, format="PNG", optimize=True)
-        manifest.append({"file": filename, "category": category, "description": description,
-                         "width": img.width, "height": img.height, "mask": "alpha"})
-    (out / "manifest.json").write_text(json.dumps({"products": manifest}, indent=2) + "\n")
-    print(f"wrote {len(manifest)} products to {out}")
+        manifest.append({"file": filename, **fields, "width": img.width, "height": img.height, **after})
+    (out / "manifest.json").write_text(json.dumps({key: manifest}, indent=2) + "\n")
+    print(f"wrote {len(manifest)} {key} to {out}")
+
+
+def main(argv=None):
+    write_samples(argv, "products", "products",
+                  [(f, draw, {"category": c, "description": d}) for f, draw, c, d in PRODUCTS], mask="alpha")
 
 
 if __name__ == "__main__":

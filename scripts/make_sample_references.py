@@ -8,15 +8,13 @@ Usage: python scripts/make_sample_references.py [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sample_products import Canvas, ellipse, rounded_rect, vertical_gradient  # noqa: E402
+from make_sample_products import Canvas, ellipse, rounded_rect, vertical_gradient, write_samples  # noqa: E402
 
 SIZE = 256
 
@@ -60,18 +58,7 @@ REFERENCES = [
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "samples" / "references"))
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = []
-    for filename, draw, description in REFERENCES:
-        img = draw()
-        img.save(out / filename, format="PNG", optimize=True)
-        manifest.append({"file": filename, "description": description, "width": img.width, "height": img.height})
-    (out / "manifest.json").write_text(json.dumps({"references": manifest}, indent=2) + "\n")
-    print(f"wrote {len(manifest)} brand references to {out}")
+    write_samples(argv, "references", "references", [(f, draw, {"description": d}) for f, draw, d in REFERENCES])
 
 
 if __name__ == "__main__":

@@ -79,6 +79,30 @@ def test_node_never_replaces_its_files_without_being_asked(sd15, trained):
     assert not os.path.exists(os.path.join(os.path.dirname(files[0]), "lonely.safetensors"))
 
 
+def test_node_shows_sample_previews_beside_the_loss_curve(sd15):
+    """preview_every: every N steps and at the end the node's preview image is what the model draws
+    now for every concept in one prompt (a real sample through the model and its VAE), left of the
+    loss curve; without previews the image is the curve alone, and the trained files are the same."""
+    from tests.support.progress_hook import progress_previews
+
+    live = pack.nodes.live_progress
+    with progress_previews() as shown:
+        _train(sd15, "preview_concepts", phase1_steps=2, phase2_steps=2, preview_every=2)
+    with progress_previews() as plain:
+        _train(sd15, "plain_concepts", phase1_steps=2, phase2_steps=2, preview_every=0)
+    graph_w = live.PREVIEW_SIZE[0]
+    with_sample = [(v, im) for v, im in shown if im.width > graph_w]
+    assert [v for v, _ in with_sample][:2] == [2, 4], [v for v, _ in shown]
+    assert plain and all(im.width == graph_w for _, im in plain)
+    sample = with_sample[-1][1].crop((0, 0, with_sample[-1][1].width - graph_w, live.PREVIEW_SIZE[1]))
+    assert len(set(sample.convert("RGB").resize((16, 16)).getdata())) > 20  # a picture, not a blank
+    a = CategoryLibrary.open(pack.nodes.paths.resolve_library("preview_concepts.safetensors"))
+    b = CategoryLibrary.open(pack.nodes.paths.resolve_library("plain_concepts.safetensors"))
+    for name in a.names:
+        for e, v in a.vectors(name).items():
+            assert torch.equal(v, b.vectors(name)[e])  # previews change nothing that is trained
+
+
 def test_concept_tokens_reproduce_the_trained_conditioning_and_embedding_syntax(sd15, trained):
     tokens = trained[0]
     model, cond, ct = CT.execute(sd15.model, sd15.clip, tokens, "a photo of <bottle> and <cap>", 1.0).args

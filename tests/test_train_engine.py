@@ -139,6 +139,32 @@ def test_interrupt_exception_saves_state_then_propagates(tmp_path):
     torch.testing.assert_close(again.a, r.a)
 
 
+class PreviewingToy(ToyRecipe):
+    """A toy that can draw a preview: an image made from its weights and random values it draws."""
+
+    def preview(self, generator):
+        noise = torch.rand(1, 4, 3, 3, generator=generator) * 0.1
+        return (self.a.detach()[None, :, :, None].expand(1, 4, 3, 3) + noise).sigmoid()
+
+
+def test_previews_every_n_steps_and_at_the_end_never_change_training():
+    plain = _trainer(ToyRecipe()).run()
+    shown = []
+    recipe = PreviewingToy()
+    result = _trainer(recipe, preview_every=5, on_preview=lambda step, image: shown.append((step, image))).run()
+    assert [step for step, _ in shown] == [5, 10, 12]
+    assert all(image.shape == (1, 4, 3, 3) and image.min() >= 0 and image.max() <= 1 for _, image in shown)
+    assert not torch.equal(shown[0][1], shown[-1][1])  # the model moved between previews
+    assert result.history == plain.history  # the previews drew from their own generator, not training's
+    # the same seed every time: previews of one state are identical (they compare across steps)
+    trainer = _trainer(PreviewingToy(), preview_every=0, on_preview=lambda *a: None)
+    assert torch.equal(trainer.render_preview(), trainer.render_preview())
+    # a recipe that cannot draw one gets no call; a negative cadence is refused
+    assert _trainer(ToyRecipe(), preview_every=1, on_preview=lambda *a: shown.append(a)).run() and len(shown) == 3
+    with pytest.raises(ProductSceneError, match="preview_every"):
+        _trainer(PreviewingToy(), preview_every=-1)
+
+
 def test_checkpoint_every_n_steps(tmp_path):
     steps_saved = []
     r = ToyRecipe()

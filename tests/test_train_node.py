@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.cancel import cancel_when
+from tests.support.progress_hook import cancel_when
 
 
 CATS = ("perfume", "tea", "tools")

@@ -14,7 +14,7 @@ from productscene.errors import ProductSceneError
 from productscene.personality import PersonalityAdapter
 from tests.support.clip_vision import build_clip_vision
 from tests.support.models import encode, sample
-from tests.support.cancel import cancel_when
+from tests.support.progress_hook import cancel_when
 from tests.test_train_node import write_data
 
 

@@ -9,6 +9,9 @@ Every trainer (category library, Break-A-Scene, personality adapter) is a *recip
 * seeded determinism: ONE ``torch.Generator`` (on the CPU) is handed to the recipe for data order,
   noise and timesteps, and is saved in checkpoints;
 * a progress callback ``(step, total, loss)`` and a ``should_stop()`` callback checked every step;
+* preview images every ``preview_every`` steps (and after the last): a recipe that can draw one
+  (``recipe.preview(generator) -> IMAGE [B,H,W,3]``) renders it with its own fixed generator, so
+  previews never change what training computes, and ``on_preview(step, image)`` receives it;
 * loss history; checkpoints every N steps and on cancel (atomic safetensors with trainables,
   optimizer state, RNG state and step in versioned metadata); resume from a checkpoint reaches the
   same state as an uninterrupted run.
@@ -19,7 +22,8 @@ Recipe protocol (duck-typed, see :class:`Recipe`)::
     recipe.batch(step, generator) -> batch      # draw data/noise/timesteps from `generator` only
     recipe.loss(batch, step) -> (loss_tensor, {name: float})   # scalar loss + logs
     optional: recipe.on_phase(phase), recipe.extra_state() -> {str: tensor},
-              recipe.load_extra_state(dict), recipe.describe() -> JSON-able dict (saved in metadata)
+              recipe.load_extra_state(dict), recipe.describe() -> JSON-able dict (saved in metadata),
+              recipe.preview(generator) -> IMAGE [B,H,W,3] (what the model draws now)
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ class Trainer:
                  checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  progress: Callable[[int, int, float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
+                 preview_every: int = 0, on_preview: Callable[[int, torch.Tensor], None] | None = None,
                  name: str = "training"):
         if not isinstance(recipe, Recipe):
             raise ProductSceneError("recipe: expected an object with parameter_groups(), batch(step, generator) and loss(batch, step)")
@@ -132,6 +137,10 @@ class Trainer:
             raise ProductSceneError(f"checkpoint_every: expected 0 (off) or a number of steps, got {checkpoint_every}")
         self.progress = progress
         self.should_stop = should_stop
+        self.preview_every = int(preview_every or 0)
+        if self.preview_every < 0:
+            raise ProductSceneError(f"preview_every: expected 0 (off) or a number of steps, got {preview_every}")
+        self.on_preview = on_preview if callable(getattr(recipe, "preview", None)) else None
         self.name = name
 
         groups = {str(k): list(v) for k, v in recipe.parameter_groups().items()}
@@ -291,6 +300,9 @@ class Trainer:
                     saved, saved_step = self.checkpoint_path, self.step
                 if self.progress is not None:
                     self.progress(self.step, self.total_steps, value)
+                if self.on_preview is not None and self.preview_every and (
+                        self.step % self.preview_every == 0 or self.step == self.total_steps):
+                    self.render_preview()
         except BaseException:
             if saved_step != self.step:
                 with _deferred_sigint():  # a second Ctrl-C must not cut the save short
@@ -301,6 +313,22 @@ class Trainer:
             saved = self.checkpoint_path
         return TrainResult(self.step, self.total_steps, list(self.history), False, saved,
                            time.perf_counter() - start, list(self.logs))
+
+    def render_preview(self) -> torch.Tensor:
+        """The recipe's preview at this step, handed to ``on_preview``. Drawn from a generator of its
+        own (the same seed every time, so previews compare across steps) with gradients off: the
+        training state and random streams are untouched."""
+        generator = torch.Generator(device="cpu").manual_seed(self.seed + 104729)
+        cpu = torch.get_rng_state()
+        try:
+            with torch.no_grad(), self.autocast():
+                image = self.recipe.preview(generator)
+        finally:
+            torch.set_rng_state(cpu)
+        image = image.detach().float().clamp(0, 1).cpu()
+        if self.on_preview is not None:
+            self.on_preview(self.step, image)
+        return image
 
     def _save_on_stop(self) -> str | None:
         if not self.checkpoint_path:

@@ -65,3 +65,25 @@ class DiffusionHost(Protocol):
     def predict_noise(self, x: torch.Tensor, sigma: torch.Tensor, encoded: Encoded, scene=None) -> torch.Tensor:
         """The model's noise prediction (``[B,C,h,w]``) with ``scene`` (a ``SceneAttention`` or None)
         acting on every cross-attention layer."""
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 3]`` images (0..1, on the CPU) of latents in the model's latent space."""
+
+
+PREVIEW_STEPS = 8
+
+
+def sample_preview(host: DiffusionHost, encoded: Encoded, latent_shape: Sequence[int], generator: torch.Generator,
+                   scene=None, steps: int = PREVIEW_STEPS) -> torch.Tensor:
+    """What the model draws now for ``encoded``: a short Euler sample from pure noise (cond only,
+    no CFG; ``scene`` on every cross-attention layer), decoded to ``[B, H, W, 3]``. For trainers'
+    preview images; a few steps show the trend, not a finished picture."""
+    t = torch.linspace(host.num_timesteps - 1, 0, int(steps)).round().long()
+    sigmas = torch.cat([host.sigmas(t).float().cpu(), torch.zeros(1)])
+    noise = torch.randn(tuple(latent_shape), generator=generator).to(host.device)
+    x = host.add_noise(torch.zeros_like(noise), noise, sigmas[0].expand(noise.shape[0]).to(host.device))
+    for i in range(int(steps)):
+        sigma = sigmas[i].expand(noise.shape[0]).to(host.device)
+        eps = host.predict_noise(x, sigma, encoded, scene).to(x.dtype)
+        x = x + eps * float(sigmas[i + 1] - sigmas[i])
+    return host.decode_images(x)

@@ -27,7 +27,7 @@ from ...files import check_writable, refuse_overwrite
 from ..engine import Phase, Trainer, TrainResult, loss_graph, read_checkpoint_info, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
-from . import DiffusionHost, Encoded
+from . import DiffusionHost, Encoded, sample_preview
 
 BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
                  "inherit that restriction.")
@@ -224,6 +224,13 @@ class CategoryRecipe:
         cfg["targets"] = list(cfg["targets"])
         return {"recipe": "categories", "family": self.family, "categories": len(self.categories), "config": cfg}
 
+    def preview(self, generator: torch.Generator, count: int = 4) -> torch.Tensor:
+        """The template under the first ``count`` categories' identifiers, drawn from noise (no
+        product, so no gate): ``[count, H, W, 3]``, one image per category."""
+        cats = torch.arange(min(int(count), len(self.categories)))
+        latent = self.source.get(0)[0]
+        return sample_preview(self.host, self._encode(cats), (len(cats),) + tuple(latent.shape), generator)
+
     # -- model calls -----------------------------------------------------------------------------
     def vectors_for(self, categories: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         idx = torch.as_tensor(categories, dtype=torch.long).to(self.host.device)
@@ -419,7 +426,8 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
                            progress: Callable[[int, int, float], None] | None = None,
                            latent_progress: Callable[[int, int], None] | None = None,
                            should_stop: Callable[[], bool] | None = None, license: str | None = None,
-                           gradient_checkpoint: bool = False, overwrite: bool = False) -> CategoryRun:
+                           gradient_checkpoint: bool = False, overwrite: bool = False, preview_every: int = 0,
+                           on_preview: Callable[[int, torch.Tensor], None] | None = None) -> CategoryRun:
     """The whole category-library run: check the data (once; pass ``checked`` with an opened
     ``data`` set to reuse a report), encode every image's VAE latent once into the cache, train,
     and write the library to ``out_path`` with its licence and training summary.
@@ -439,7 +447,8 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
         recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=seed)
         trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                          progress=progress, should_stop=should_stop, name="categories")
+                          progress=progress, should_stop=should_stop, preview_every=preview_every,
+                          on_preview=on_preview, name="categories")
         latent_shape = (int(config.batch_size),) + tuple(cache.get(0)[0].shape)
         with host.session(lora=recipe.lora, latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
             result = trainer.run(resume=resume_from)

@@ -41,7 +41,7 @@ from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, tra
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import attention_loss, masked_diffusion_loss
 from ..sampling import draw_concepts, union_mask, union_prompt
-from . import DiffusionHost
+from . import DiffusionHost, sample_preview
 from .categories import check_outputs
 
 MAX_CONCEPTS = 8
@@ -286,6 +286,11 @@ class ConceptRecipe:
         return Prompt(union_prompt(tokens, self.config.template),
                       {name: {e: self.vectors[e][i] for e in self.encoders} for i, name in zip(drawn, tokens)})
 
+    def preview(self, generator: torch.Generator) -> torch.Tensor:
+        """Every concept in one prompt (``a photo of <a> and <b>``), drawn from noise: ``[1,H,W,3]``."""
+        enc = self.host.encode([self.prompt(list(range(len(self.names))))])
+        return sample_preview(self.host, enc, (1,) + tuple(self.data.latents.shape[1:]), generator)
+
     def forward(self, batch):
         """Noise prediction with the drawn tokens' attention captured. Returns
         ``(pred, noise, union [B,h,w], capture, drawn)``."""
@@ -448,7 +453,8 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
                    autocast="auto", progress: Callable[[int, int, float], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, gradient_checkpoint: bool = False,
                    overwrite: bool = False, out: str = "out", shown: Callable[[str], str] = os.path.basename,
-                   hint: str = "pass overwrite, choose another name, or resume its training") -> ConceptRun:
+                   hint: str = "pass overwrite, choose another name, or resume its training", preview_every: int = 0,
+                   on_preview: Callable[[int, torch.Tensor], None] | None = None) -> ConceptRun:
     """The whole Break-A-Scene run: check everything (before any model work), encode the image
     (and its mirror, and the class images) once, train both phases, write the token library
     (``out_path``), the LoRA (``lora_path``), one textual-inversion file per token (in
@@ -483,7 +489,8 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
             recipe.bind_unet()
             trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
                               checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                              progress=progress, should_stop=should_stop, name="concepts")
+                              progress=progress, should_stop=should_stop, preview_every=preview_every,
+                              on_preview=on_preview, name="concepts")
             try:
                 result = trainer.run(resume=resume_from)
                 unet_sd = recipe.unet_state_dict() if not result.cancelled else {}

@@ -26,7 +26,7 @@ from ...prompt import Prompt
 from ..datasets import DatasetReport, LatentCache
 from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
-from . import DiffusionHost, Encoded
+from . import DiffusionHost, Encoded, sample_preview
 from .categories import BG60K_LICENSE, checked_inputs, draw_batch, warm_latents
 
 VisionEncoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, H, W, 3] -> penultimate states [B, N, W]
@@ -178,6 +178,15 @@ class PersonalityRecipe:
     def describe(self) -> dict:
         return {"recipe": "personality", "family": self.host.family, "config": asdict(self.config)}
 
+    def preview(self, generator: torch.Generator) -> torch.Tensor:
+        """The training prompt with the first image's own background (not augmented) as the
+        reference, drawn from noise: ``[1, H, W, 3]``."""
+        latent, mask = self.source.get(0)
+        refs, ref_masks = self.references(torch.tensor([0]), None)
+        scene = SceneAttention().with_injection(
+            self.adapter.injection(self.tokens_of(refs, ref_masks), mask[None].to(self.host.device)))
+        return sample_preview(self.host, self.conditioning(), (1,) + tuple(latent.shape), generator, scene)
+
     # -- model calls -----------------------------------------------------------------------------
     def conditioning(self) -> Encoded:
         if self._cond is None:
@@ -230,7 +239,8 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
                               progress: Callable[[int, int, float], None] | None = None,
                               latent_progress: Callable[[int, int], None] | None = None,
                               should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
-                              license: str | None = None, gradient_checkpoint: bool = False) -> PersonalityRun:
+                              license: str | None = None, gradient_checkpoint: bool = False, preview_every: int = 0,
+                              on_preview: Callable[[int, torch.Tensor], None] | None = None) -> PersonalityRun:
     """The whole personality-adapter run: check outputs and data before any model work (the data
     once; ``checked`` with an opened ``data`` set reuses a report), cache the VAE latents once,
     train the adapter (``layers``: the model's cross-attention modules, keyed as ComfyUI keys attn2
@@ -246,7 +256,8 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
         recipe = PersonalityRecipe(host, DatasetSource(cache, config.resolution), encode_vision, adapter, config)
         trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                          progress=progress, should_stop=should_stop, name="personality")
+                          progress=progress, should_stop=should_stop, preview_every=preview_every,
+                          on_preview=on_preview, name="personality")
         latent_shape = (int(config.batch_size),) + tuple(cache.get(0)[0].shape)
         with host.session(latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
             result = trainer.run(resume=resume_from)
