@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--draws", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--steps", type=int, default=None, help="default: the learning test's")
+    ap.add_argument("--lr-tokens", type=float, default=None, help="default: the learning test's")
+    ap.add_argument("--lr-lora", type=float, default=None, help="default: the learning test's")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
@@ -45,8 +47,9 @@ def main(argv=None) -> int:
     host = import_module(pack.__name__ + ".nodes.training_host").ComfyTrainingHost(
         *world_model.load_world_base(world.checkpoint))
     config = proof.config()
-    if args.steps:
-        config.steps = args.steps
+    for name, value in (("steps", args.steps), ("lr_tokens", args.lr_tokens), ("lr_lora", args.lr_lora)):
+        if value is not None:
+            setattr(config, name, value)
     held = open_dataset(world.data, "bg60k", "test")
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
                 if seed == args.seeds[0] and draws == args.draws[0]:
                     print(f"\nevaluate-library, seed {seed}, {draws} draws:\n{score.format()}\n")
                 margins = {c: 100 * m["relative"] for c, m in score.margins().items()}
-                line = (f"seed {seed}  draws {draws:>3}  steps {config.steps}  train {trained_s:.0f} s  "
+                line = (f"seed {seed}  draws {draws:>3}  steps {config.steps}  lr {config.lr_tokens:g}/{config.lr_lora:g}  "
+                        f"train {trained_s:.0f} s  "
                         f"top-1 {100 * score.top1:.1f}%  margins "
                         + " ".join(f"{c} {v:+.1f}%" for c, v in margins.items())
                         + f"  picks {score.picks.tolist()}")
