@@ -84,7 +84,7 @@ def run_ours(latent: int, steps: int, warmup: int) -> dict:
     cfg = ConceptConfig(resolution=0, phase1_steps=0, phase2_steps=warmup + steps + 1)
     start = time.perf_counter()
     train_concepts(host, image, masks, os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_concepts.safetensors"),
-                   cfg, progress=progress, autocast="auto")
+                   cfg, progress=progress, autocast="auto", overwrite=True)  # every round writes the same file
     times = [b - a for a, b in zip([start] + stamps, stamps)][warmup + 1:]
     return {"step_s": statistics.median(times), "peak_mb": peak_mb(host.device), "device": str(host.device)}
 
