@@ -117,7 +117,7 @@ def _old_gate_check(family, libraries):
     return compare(first, second, masks)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 def test_the_identifier_rows_only_gate_fails_the_same_check(family, libraries):
     """The check above can fail: the gate that only removes the identifier's own rows lets the
     category reach product positions through every later row, in every layer."""

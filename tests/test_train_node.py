@@ -118,7 +118,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
     assert engine.read_checkpoint_info(state)["step"] == 5
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 def test_identifier_gets_no_gradient_through_product_positions_in_any_layer(pack, family, request):
     """The trainer's gate is the inference one: with every cross-attention layer's input held fixed
     (detached), the gradient of the layer's product-position output with respect to the identifier
