@@ -9,7 +9,8 @@ import os
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
-from productscene.train.recipes.concepts import MAX_CONCEPTS, ConceptConfig, train_concepts
+from productscene.train.recipes.concepts import (MAX_CONCEPTS, ConceptConfig, check_concept_outputs, concept_names,
+                                                 train_concepts)
 from .live_progress import LiveProgress
 from .paths import LIBRARY_FOLDER
 from .trainer_files import RESUME_HINT, finished, model_folder, output_file_name, run_inputs, shown, work_folder
@@ -98,14 +99,17 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
         state = os.path.join(work_folder("checkpoints"), stem + ".concepts.checkpoint.safetensors")
         history = os.path.join(work_folder("history"), stem + ".loss.json")
         lora_name = stem + (".diff" if unet == "full" else "") + ".safetensors"
+        out = os.path.join(model_folder(LIBRARY_FOLDER), name)
+        files = dict(lora_path=os.path.join(model_folder("loras"), lora_name), embeddings_dir=model_folder("embeddings"),
+                     checkpoint_path=state, resume=resume)
+        count = masks.shape[0] if masks.dim() == 3 else 1
+        check_concept_outputs(out, concept_names(count, config.names, config.background), out="output_name",
+                              shown=shown, hint=RESUME_HINT, **files)
         run = train_concepts(
-            ComfyTrainingHost(model, clip, vae), image, masks, os.path.join(model_folder(LIBRARY_FOLDER), name), config,
-            lora_path=os.path.join(model_folder("loras"), lora_name), embeddings_dir=model_folder("embeddings"),
-            history_path=history, class_images=class_images, seed=seed, checkpoint_path=state,
-            checkpoint_every=checkpoint_every, resume=resume,
+            ComfyTrainingHost(model, clip, vae), image, masks, out, config, history_path=history,
+            class_images=class_images, seed=seed, checkpoint_every=checkpoint_every,
             progress=(live := LiveProgress(config.phase1_steps + config.phase2_steps)),
-            should_stop=mm.processing_interrupted, out="output_name", shown=shown, hint=RESUME_HINT,
-            preview_every=preview_every, on_preview=live.sample)
+            should_stop=mm.processing_interrupted, preview_every=preview_every, on_preview=live.sample, **files)
         return io.NodeOutput(name, lora_name if finished(run).lora else "", run.graph, history)
 
 

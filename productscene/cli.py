@@ -324,10 +324,11 @@ def cmd_train_concepts(args) -> int:
     resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
     outputs = dict(lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
                    embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
-                   checkpoint_path=ckpt, resume=resume, overwrite=args.overwrite, out="--out", shown=os.fspath,
-                   hint="pass --overwrite, choose another --out, or --resume its training")
+                   checkpoint_path=ckpt, resume=resume, overwrite=args.overwrite)
     # every file the run writes, before a model loads
-    check_concept_outputs(args.out, concept_names(len(masks), config.names, config.background), **outputs)
+    check_concept_outputs(args.out, concept_names(len(masks), config.names, config.background), out="--out",
+                          shown=os.fspath, hint="pass --overwrite, choose another --out, or --resume its training",
+                          **outputs)
     host_mod = load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = _standalone().load_checkpoint(args.checkpoint, error=ProductSceneError)
     run = _train_interruptibly(lambda bars, should_stop: train_concepts(

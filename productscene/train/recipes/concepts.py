@@ -452,8 +452,7 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
                    seed: int = 0, checkpoint_path=None, checkpoint_every: int = 0, resume: bool | str = False,
                    autocast="auto", progress: Callable[[int, int, float], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, gradient_checkpoint: bool = False,
-                   overwrite: bool = False, out: str = "out", shown: Callable[[str], str] = os.path.basename,
-                   hint: str = "pass overwrite, choose another name, or resume its training", preview_every: int = 0,
+                   overwrite: bool = False, preview_every: int = 0,
                    on_preview: Callable[[int, torch.Tensor], None] | None = None) -> ConceptRun:
     """The whole Break-A-Scene run: check everything (before any model work), encode the image
     (and its mirror, and the class images) once, train both phases, write the token library
@@ -461,13 +460,12 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
     ``embeddings_dir``) and the loss history (``history_path``, JSON). A stop request saves the
     checkpoint and returns a run with ``tokens=None``. The token library, the LoRA, the
     textual-inversion files and the training state are never replaced unless ``overwrite`` (or a
-    resume of that run): ``out`` names the input in the refusal, ``shown(path)`` shows a file."""
+    resume of that run); hosts check first with :func:`check_concept_outputs` in their own words."""
     img, full_masks = prepare_scene(image, masks, int(config.resolution), config.background)
     count = len(full_masks) - int(bool(config.background))
     names = concept_names(count, config.names, config.background)
     ti_paths = check_concept_outputs(out_path, names, lora_path=lora_path, embeddings_dir=embeddings_dir,
-                                     checkpoint_path=checkpoint_path, resume=resume, overwrite=overwrite, out=out,
-                                     shown=shown, hint=hint)
+                                     checkpoint_path=checkpoint_path, resume=resume, overwrite=overwrite)
     words = _default_words(config.init_words, count) + ([config.background_init_word] if config.background else [])
     check_init_words(host, words, names)
     if class_images is not None and config.prior_weight > 0 and (class_images.dim() != 4 or class_images.shape[0] < 1):
