@@ -2,8 +2,15 @@
 # The test command: bash scripts/test.sh [pytest args]
 # Builds the development hosts once (scripts/setup_host.sh), then runs pytest with each host's own
 # python: the whole suite on the first host (ComfyUI 0.3.75 in .venv), and the host-level tests
-# (see tests/conftest.py) on the second (ComfyUI 0.33 in .venv-comfyui-<version>) when it is set up. Every run says which host its results came from; the
-# last line adds them up. The exit code is non-zero when a run on either host fails.
+# (see tests/conftest.py) on the second (ComfyUI 0.33 in .venv-comfyui-<version>) when it is set up.
+# Every run says which host its results came from; the last line adds them up. The exit code is
+# non-zero when a run on either host fails.
+#
+# Two lanes: the tests run with one torch thread each (tests/conftest.py), so with no pytest args
+# (the whole suite, as CI runs it) the learning proofs on the first host (pytest -m learning: the
+# world base and three trainings), then its command-line tests, run beside everything else (the other
+# tests on the first host, then the second host's). Their output is shown when both are done.
+# PRODUCTSCENE_TEST_LANES=1 runs everything one after another; pytest args always do.
 # PRODUCTSCENE_SECOND_HOST picks the second ComfyUI (a tree or tarball; "none": the first alone);
 # PRODUCTSCENE_REQUIRE_SECOND_HOST=1 (set by .ci/run) fails when there is none.
 set -euo pipefail
@@ -19,44 +26,68 @@ if [ "${PRODUCTSCENE_REQUIRE_SECOND_HOST:-}" = 1 ] && [ "${#hosts[@]}" -lt 2 ]; 
   exit 1
 fi
 logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
-status=0
-passed=0 failed=0 skipped=0
-lines=()
-for i in "${!hosts[@]}"; do
+lane_pid=""
+trap '[ -z "$lane_pid" ] || kill -- "$lane_pid" 2>/dev/null || true; rm -rf "$logs"' EXIT
+
+# run_tests NAME HOST_INDEX SCOPE [pytest args]: one pytest run; its summary line goes to $logs/NAME.result
+run_tests() {
+  local name=$1 i=$2 scope=$3 version python tree code counts start=$SECONDS
+  shift 3
   IFS=$'\t' read -r version python tree <<< "${hosts[$i]}"
-  if [ "$i" = 0 ]; then
-    scope="all tests"
-    run_env=()
-  else
-    scope="host-level tests"
-    run_env=(PRODUCTSCENE_COMFYUI="$tree" PRODUCTSCENE_HOST_TESTS_ONLY=1)
-  fi
+  local run_env=()
+  [ "$i" = 0 ] || run_env=(PRODUCTSCENE_COMFYUI="$tree" PRODUCTSCENE_HOST_TESTS_ONLY=1)
   echo "========== ComfyUI $version: $scope ($python) =========="
-  start=$SECONDS
   set +e
-  env "${run_env[@]}" "$python" -m pytest -q "$@" < /dev/null 2>&1 | tee "$logs/$i.log"
+  env "${run_env[@]}" "$python" -m pytest -q "$@" < /dev/null 2>&1 | tee "$logs/$name.log"
   code=${PIPESTATUS[0]}
   set -e
   # conftest.py's closing line: "[ComfyUI x.y.z] <scope>: N passed, N failed, N skipped"
-  counts=$(grep -E '^\[ComfyUI [^]]*\] [a-z -]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$logs/$i.log" | tail -n 1 || true)
+  counts=$(grep -E '^\[ComfyUI [^]]*\] [a-z -]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$logs/$name.log" \
+           | tail -n 1 | sed -E "s/\] [a-z -]+:/] $scope:/" || true)
   if [ "$i" != 0 ] && [ "$code" = 5 ]; then
     code=0   # the pytest arguments selected no host-level test: nothing to run on this host
     counts="[ComfyUI $version] $scope: 0 passed, 0 failed, 0 skipped"
   fi
-  if [ -z "$counts" ]; then
-    counts="[ComfyUI $version] $scope: pytest ended with exit code $code before its summary"
-    failed=$((failed + 1))
-  else
-    read -r p f s <<< "$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/' <<< "$counts")"
-    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-  fi
-  lines+=("$counts ($((SECONDS - start)) s, exit code $code)")
-  [ "$code" = 0 ] || status=1
-done
+  [ -n "$counts" ] || counts="[ComfyUI $version] $scope: pytest ended with exit code $code before its summary"
+  echo "$counts ($((SECONDS - start)) s, exit code $code)" > "$logs/$name.result"
+}
 
+others=()
+for i in "${!hosts[@]}"; do
+  [ "$i" = 0 ] || others+=("$i")
+done
+if [ $# -eq 0 ] && [ "${PRODUCTSCENE_TEST_LANES:-2}" != 1 ]; then
+  # tests/test_cli.py goes with the learning proofs: it evens the two lanes (measured on a fresh clone
+  # on 2 cores: 26 min of learning proofs, world base included, against 16 + 15 min for the rest)
+  ( run_tests 0-learning 0 "learning proofs" -m learning
+    run_tests 0-cli 0 "command-line tests" -m "not learning" tests/test_cli.py ) > "$logs/lane.out" 2>&1 &
+  lane_pid=$!
+  echo "(the learning proofs and tests/test_cli.py run beside these tests on ComfyUI ${hosts[0]%%$'\t'*};" \
+       "their output follows at the end)"
+  run_tests 0-rest 0 "all other tests" -m "not learning" --ignore=tests/test_cli.py
+  for i in "${others[@]}"; do run_tests "$i" "$i" "host-level tests"; done
+  wait "$lane_pid" || true
+  lane_pid=""
+  cat "$logs/lane.out"
+  names=(0-learning 0-cli 0-rest "${others[@]}")
+else
+  run_tests 0 0 "all tests" "$@"
+  for i in "${others[@]}"; do run_tests "$i" "$i" "host-level tests" "$@"; done
+  names=(0 "${others[@]}")
+fi
+
+status=0 passed=0 failed=0 skipped=0
 echo "========== results per host =========="
-printf '%s\n' "${lines[@]}"
+for name in "${names[@]}"; do
+  line=$(cat "$logs/$name.result" 2>/dev/null || echo "[$name] no result: the run did not finish")
+  echo "$line"
+  if [[ $line =~ :\ ([0-9]+)\ passed,\ ([0-9]+)\ failed,\ ([0-9]+)\ skipped\ \(.*exit\ code\ ([0-9]+)\)$ ]]; then
+    passed=$((passed + BASH_REMATCH[1])) failed=$((failed + BASH_REMATCH[2])) skipped=$((skipped + BASH_REMATCH[3]))
+    [ "${BASH_REMATCH[4]}" = 0 ] || status=1
+  else
+    failed=$((failed + 1)) status=1
+  fi
+done
 [ "${#hosts[@]}" -gt 1 ] || echo "(one host only: scripts/setup_host.sh found no second ComfyUI)"
 echo "total: $passed passed, $failed failed, $skipped skipped"
 exit $status
