@@ -6,9 +6,9 @@ The world's four categories differ in background colour, texture and layout. The
 run of the node and the command line (``train_category_library``: data check, latent cache,
 engine, library file) trains every identifier plus the shared LoRA with the gate on, on the train
 split. Then ``evaluate-library`` scores the written library on the held-out split with the same
-noise and timesteps under every identifier: every category's own identifier must beat every other
-by at least 5% of the loss (the issue's bar), and pick the right category for at least 85% of the
-held-out images (the issue asks 100%; measured 87.5%).
+noise and timesteps under every identifier, through the command line a user runs: every
+category's own identifier must beat every other by at least 5% of the loss, and pick the right
+category for every held-out image (top-1 100%), the issue's two bars.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ STEPS = 480
 T_MIN, T_MAX = 200, 900
 TEMPLATE = "a product photo on a {category} background"
 MARGIN = 0.05
-EVAL_DRAWS, EVAL_SEED = 8, 1234
+# 32 noise draws per image: at 8 the per-image noise still flips meadow images (93.8%, BENCHMARKS.md)
+EVAL_DRAWS, EVAL_SEED = 32, 1234
 
 
 def config() -> CategoryConfig:
@@ -51,15 +52,26 @@ def host(world_models, pack):
     return th.ComfyTrainingHost(*world_models)
 
 
+def evaluate_cli(world, library, tmp, draws, *extra):
+    """``python -m productscene evaluate-library`` on the held-out split (the checkpoint as
+    CheckpointLoaderSimple loads it, the full 12-layer text encoder): the finished process."""
+    from tests.test_cli import run_cli
+
+    return run_cli("evaluate-library", "--data", world.data, "--layout", "bg60k", "--split", "test",
+                   "--checkpoint", world.checkpoint, "--library", library, "--draws", draws,
+                   "--seed", EVAL_SEED, "--batch-size", 32, "--cpu", "--cache-dir", tmp / "cli-cache", *extra)
+
+
 @pytest.fixture(scope="module")
 def trained(world, host, tmp_path_factory):
-    """(the category run on the train split, its folder, evaluate-library's score on the held-out split)."""
+    """(the category run on the train split, its folder, evaluate-library's JSON on the held-out split)."""
     tmp = tmp_path_factory.mktemp("categories")
     run = train_category_library(host, world.data, tmp / "world-categories.safetensors", config(),
                                  layout="bg60k", split="train", seed=SEED, cache_dir=tmp / "cache")
-    held = open_dataset(world.data, "bg60k", "test")
-    score = evaluate_library(host, held, run.library, cache_dir=tmp / "cache", draws=EVAL_DRAWS, seed=EVAL_SEED)
-    print("\n" + score.format())
+    done = evaluate_cli(world, run.library, tmp, EVAL_DRAWS, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    score = json.loads(done.stdout)
+    print("\n" + json.dumps({k: score[k] for k in ("loss", "picks", "top1_accuracy", "margins")}))
     return run, tmp, score
 
 
@@ -82,39 +94,35 @@ def test_category_tokens_learn_their_own_background(world, host, trained):
     first, last = sum(h[:20]) / 20, sum(h[-20:]) / 20
     print(f"\nloss history: first 20 steps {first:.4f} -> last 20 steps {last:.4f}")
 
-    assert score.identifiers == list(world.categories) and score.categories == list(world.categories)
-    for cat, m in score.margins().items():
+    n = len(world.categories)
+    assert score["identifiers"] == score["categories"] == list(world.categories) and score["images"] == 8 * n
+    assert score["timesteps"] == [T_MIN, T_MAX] and score["draws"] == EVAL_DRAWS
+    for cat, m in score["margins"].items():
         assert m["relative"] >= MARGIN, f"{cat}: own-identifier margin {100 * m['relative']:+.2f}% < 5%"
-    # the issue's bar is top-1 100%; measured 87.5% (seed 0: the held-out meadow images whose product
-    # is green or teal pick brick; BENCHMARKS.md), so this asserts what holds (chance is 25%) and the
-    # report says the bar is not met
-    assert score.top1 >= 0.85, score.top1
-    assert all(int(score.picks[r].argmax()) == r for r in range(len(score.categories))), score.picks
+    loss = torch.tensor(score["loss"])
+    assert all(int(loss[r].argmin()) == r for r in range(n)), loss        # diagonal
+    assert score["top1_accuracy"] == 1.0, score["picks"]
+    assert torch.equal(torch.tensor(score["picks"]), 8 * torch.eye(n, dtype=torch.long)), score["picks"]
 
 
-def test_evaluate_library_command_scores_the_trained_library(world, trained):
-    """The command line (the checkpoint as CheckpointLoaderSimple loads it, the full 12-layer text
-    encoder) prints the numbers the in-process evaluation measured, and a diagonal matrix."""
-    from tests.test_cli import run_cli
-
-    run, tmp, score = trained
-    done = run_cli("evaluate-library", "--data", world.data, "--layout", "bg60k", "--split", "test",
-                   "--checkpoint", world.checkpoint, "--library", run.library, "--draws", EVAL_DRAWS,
-                   "--seed", EVAL_SEED, "--batch-size", 32, "--cpu", "--json", "--cache-dir", tmp / "cli-cache")
+def test_evaluate_library_command_prints_what_the_library_api_measures(world, host, trained):
+    """The command line prints the numbers ``evaluate_library`` measures in-process (2 draws: the
+    same noise and timesteps), as JSON and as text."""
+    run, tmp, _ = trained
+    done = evaluate_cli(world, run.library, tmp, 2, "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
+    held = open_dataset(world.data, "bg60k", "test")
+    score = evaluate_library(host, held, run.library, cache_dir=tmp / "cache", draws=2, seed=EVAL_SEED)
+    print("\n" + score.format())
     n = len(world.categories)
-    assert out["identifiers"] == out["categories"] == list(world.categories) and out["images"] == 8 * n
-    assert out["timesteps"] == [T_MIN, T_MAX] and out["draws"] == EVAL_DRAWS
-    loss = torch.tensor(out["loss"])
-    assert all(int(loss[r].argmin()) == r for r in range(n)), loss        # diagonal
-    assert torch.allclose(loss, score.loss, rtol=0.02), (loss, score.loss)
+    assert out["identifiers"] == score.identifiers and out["categories"] == score.categories
+    assert out["timesteps"] == list(score.timesteps) and out["draws"] == 2 and out["images"] == 8 * n
+    assert torch.allclose(torch.tensor(out["loss"]), score.loss, rtol=0.02), (out["loss"], score.loss)
     assert out["top1_accuracy"] == pytest.approx(score.top1, abs=1 / (8 * n) + 1e-9)
     for cat, m in out["margins"].items():
         assert m["relative"] == pytest.approx(score.margins()[cat]["relative"], abs=0.01)
-    text = run_cli("evaluate-library", "--data", world.data, "--layout", "bg60k", "--split", "test",
-                   "--checkpoint", world.checkpoint, "--library", run.library, "--draws", 1, "--cpu",
-                   "--cache-dir", tmp / "cli-cache")
+    text = evaluate_cli(world, run.library, tmp, 1)
     assert text.returncode == 0 and "top-1 accuracy" in text.stdout and "margin per category" in text.stdout
 
 
