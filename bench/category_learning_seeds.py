@@ -6,7 +6,7 @@ of each, top-1 accuracy), on the pretrained world base, with the learning test's
 
 For every seed: the whole category run on the train split (``train_category_library``), then
 ``evaluate_library`` on the held-out split with each number of noise draws per image. Prints the
-margins, top-1 accuracy and picks per seed, and one full ``evaluate-library`` report.
+margins, top-1 accuracy, the lowest per-image margin and the picks per seed, and one full ``evaluate-library`` report.
 """
 from __future__ import annotations
 
@@ -64,10 +64,17 @@ def main(argv=None) -> int:
                 if seed == args.seeds[0] and draws == args.draws[0]:
                     print(f"\nevaluate-library, seed {seed}, {draws} draws:\n{score.format()}\n")
                 margins = {c: 100 * m["relative"] for c, m in score.margins().items()}
+                truth = torch.tensor(score.truth)
+                own = score.per_image[torch.arange(len(truth)), truth]
+                others = score.per_image.clone()
+                others[torch.arange(len(truth)), truth] = float("inf")
+                per_image = (others.min(1).values - own) / own      # each image's own margin
+                low = int(per_image.argmin())
                 line = (f"seed {seed}  draws {draws:>3}  steps {config.steps}  lr {config.lr_tokens:g}/{config.lr_lora:g}  "
                         f"train {trained_s:.0f} s  "
                         f"top-1 {100 * score.top1:.1f}%  margins "
                         + " ".join(f"{c} {v:+.1f}%" for c, v in margins.items())
+                        + f"  lowest per-image margin {100 * float(per_image[low]):+.1f}% ({Path(held[low].image).stem})"
                         + f"  picks {score.picks.tolist()}")
                 print(line, flush=True)
                 summary.append(line)
