@@ -22,8 +22,7 @@ Only one category has a coarse pattern: a coarse pattern of random phase is some
 cannot place, so two of them (world v2 had vertical 8 px bands on meadow) are told apart only where
 the noisy image already shows the phase, and the held-out meadow images picked brick (top-1 87.5%).
 Each category now has a feature no other has that needs no placing (a texture orientation, a
-layout at an edge, a tint): on world v3 the category proof scores top-1 100% on the held-out split
-(seeds 0 and 2; seed 1 misses one meadow image by 0.8%: BENCHMARKS.md).
+layout at an edge, a tint); the category proof's scores on both worlds are in BENCHMARKS.md.
 
 Layout on disk (the BG60k reader's, ``productscene.train.datasets``)::
 
@@ -75,7 +74,7 @@ def background(category: str, g: np.random.Generator, size: int = SIZE) -> np.nd
     elif category == "meadow":
         shade = 1.0 - 0.18 * ((xx // 2 + phase) % 2)
     elif category == "ocean":
-        shade = np.where(yy < 24, 1.3, 1.0) + 0.0 * xx
+        shade = np.where(yy < 24, 1.3, 1.0)
     else:
         shade = 1.0 - 0.3 * ((xx // 8 + yy // 8 + phase) % 2)
     rgb = base[None, None] * shade[..., None]
