@@ -5,9 +5,7 @@
 - the launcher passes ``--cpu`` only when the machine has no usable GPU, unless told otherwise;
 - the default model follows ``PRODUCTSCENE_COMFYUI`` and never quietly uses another ComfyUI tree;
 - pyproject.toml's ``requires-comfyui`` range holds this host, and its ``comfy-api`` version is the
-  one the pack imports and this host offers;
-- each host's venv imports the versions it pins, and a second host's venv reads torch from the
-  first's instead of holding a copy."""
+  one the pack imports and this host offers."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -140,37 +137,3 @@ def test_the_pack_imports_the_comfy_api_version_pyproject_states_and_the_host_of
     from comfy_api.version_list import supported_versions
     assert version in {getattr(v, "VERSION", None) for v in supported_versions}
     assert importlib.import_module(f"comfy_api.{module}").io.ComfyNode
-
-
-# ----------------------------------------------------------------------------- the hosts' venvs
-
-def _pins(path: Path) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s#]+)", line)
-        if m:
-            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
-    return pins
-
-
-def test_each_host_venv_imports_its_pins_and_a_second_one_shares_the_first_ones_torch():
-    """scripts/setup_host.sh: the second venv installs only the pins that differ (av, frontend, ...)
-    and reads torch, numpy and the rest from .venv, so torch's CUDA build is on the disk once."""
-    from importlib import metadata
-    first = (ROOT / ".venv").resolve()
-    here = Path(sys.prefix).resolve()
-    if here.parent != ROOT.resolve() or not here.name.startswith(".venv"):
-        pytest.skip(f"not a venv of scripts/setup_host.sh: {here}")
-    pins = _pins(ROOT / "requirements-dev.txt")
-    own = Path(sysconfig.get_paths()["purelib"]).resolve()
-    if here != first:
-        host = _pins(ROOT / f"requirements-comfyui-{'.'.join(comfy_env.COMFYUI_VERSION.split('.')[:2])}.txt")
-        pins.update(host)
-        assert Path(torch.__file__).resolve().is_relative_to(first), \
-            f"the second host imports torch from {torch.__file__}, not from {first}"
-        assert not (own / "torch").exists(), f"{own} holds a torch of its own"
-        for name in host:  # the second host's own pins come from its own site-packages
-            files = metadata.distribution(name).locate_file("")
-            assert Path(files).resolve() == own, f"{name} comes from {files}, not {own}"
-    for name in ("torch", "numpy", "av", "comfyui-frontend-package", "pillow", "safetensors"):
-        assert metadata.version(name).split("+")[0] == pins[name], f"{name} {metadata.version(name)}, pinned {pins[name]}"
