@@ -1,11 +1,15 @@
 """Sampling time with Masked Category Attention against the vanilla model, in one process.
 
-    .venv/bin/python bench/bench_gate.py [--model full|tiny] [--latent 32] [--steps 6] [--repeats 3]
+    .venv/bin/python bench/bench_gate.py [--family sd15|sd2|sdxl] [--model full|layout|tiny] [--latent 32]
+                                         [--steps 6] [--repeats 3]
 
 Euler with CFG (so every step runs a cond+uncond batch), the same seed and conditioning for every
 arm, interleaved repeats (vanilla, category-free-context gate, identifier-rows-only gate (the
 previous gate, tests/support/identifier_gate.py), vanilla, ...), median ratios printed. The
-conditioning comes from the real Category Tokens node (tiny CLIP, 768 wide). Also prints the extra
+conditioning comes from the real Category Tokens node (tiny CLIP of the family's real widths; on SDXL
+with its pooled output, so the model's ``y`` is what a user's run gives it). ``--model full`` is the
+real UNet of the family (SD1.5 860M, SDXL 2.6B parameters), ``layout`` the real block layout (all 70
+cross-attention layers of SDXL) at ``--channels`` instead of 320. Also prints the extra
 text-encoder pass Category Tokens makes once per prompt (the category-free context), timed on a
 full-size CLIP-L (12 layers, random weights). With a GPU (PRODUCTSCENE_COMFY_GPU=1) the same at
 512 px: --latent 64.
@@ -34,13 +38,13 @@ import folder_paths  # noqa: E402
 TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
 
-def category_prompt(clip, pack):
-    from productscene.library import CategoryLibrary
+def category_prompt(clip, pack, family: str = "sd15"):
+    from productscene.library import FAMILIES, CategoryLibrary
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     CategoryLibrary.write(os.path.join(folder, "bench.safetensors"), ["perfume", "tools"],
-                          {"clip_l": torch.randn(2, 1, 768, generator=g) * 0.02}, "sd15")
+                          {e: torch.randn(2, 1, w, generator=g) * 0.02 for e, w in FAMILIES[family].items()}, family)
     folder_paths.filename_list_cache.pop("category_libraries", None)
     return pack.nodes.category_tokens.ProductSceneCategoryTokens.execute(clip, "bench.safetensors", "perfume",
                                                                           TEMPLATE).result
@@ -64,7 +68,9 @@ def sampling_setup(doc: str):
     """The arguments both sampling benchmarks take, and what they share: (args, pack, tiny models,
     the UNet to time, positive, negative, Category Tokens' output, a product mask)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["full", "tiny"], default="full")
+    parser.add_argument("--family", choices=list(models.FAMILIES), default="sd15")
+    parser.add_argument("--model", choices=["full", "layout", "tiny"], default="full")
+    parser.add_argument("--channels", type=int, default=128, help="model_channels of --model layout")
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
@@ -73,9 +79,11 @@ def sampling_setup(doc: str):
     if args.threads:
         torch.set_num_threads(args.threads)
     pack = comfy_env.import_pack()
-    tiny = models.tiny_sd15()
-    model = models.full_sd15_unet() if args.model == "full" else tiny.model
-    positive, tokens = category_prompt(tiny.clip, pack)
+    tiny = models.tiny(args.family)
+    model = {"full": lambda: models.full_layout_unet(args.family, 320) if args.family != "sd15" else models.full_sd15_unet(),
+             "layout": lambda: models.full_layout_unet(args.family, args.channels),
+             "tiny": lambda: tiny.model}[args.model]()
+    positive, tokens = category_prompt(tiny.clip, pack, args.family)
     negative = models.encode(tiny, "blurry, low quality")
     side = args.latent * 8
     mask = torch.zeros(1, side, side)
@@ -105,7 +113,7 @@ def time_arms(arms: dict, baseline: str, args, positive, negative):
         for name, m in arms.items():
             times[name].append(run(m)[0])
     device = comfy.model_management.get_torch_device()
-    print(f"model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
+    print(f"family={args.family} model={args.model} latent={args.latent}x{args.latent} steps={args.steps} cfg=5 euler device={device} "
           f"threads={torch.get_num_threads()}")
     width = max(len(name) for name in arms)
     for name, ts in times.items():

@@ -61,7 +61,10 @@ class ProductSceneCategoryTokens(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING",
-                                       tooltip="The encoded prompt, with the identifier spliced in."),
+                                       tooltip="The encoded prompt, with the identifier spliced in. Its global "
+                                               "vector (SDXL's pooled text, which reaches every pixel through the "
+                                               "time embedding) is the prompt's without the identifier, so only "
+                                               "the gated cross-attention carries the category."),
                 CategoryTokensType.Output(display_name="CATEGORY_TOKENS",
                                           tooltip="What Masked Category Attention needs: the same prompt encoded "
                                                   "without the identifier (the category-free context product "
@@ -81,8 +84,7 @@ class ProductSceneCategoryTokens(io.ComfyNode):
     @classmethod
     def execute(cls, clip, library, category, template) -> io.NodeOutput:
         tokens, ct = encode_category_prompt(clip, library, category, template)
-        cond = clip.encode_from_tokens_scheduled(tokens)
-        ct = with_free_context(clip, ct, cond, clip.tokenize(category_free_template(template)))
+        cond, ct = category_conditioning(clip, tokens, clip.tokenize(category_free_template(template)), ct)
         return io.NodeOutput(cond, ct)
 
 
@@ -123,16 +125,26 @@ def encode_category_prompt(clip, library: str, category: str, template: str):
     return tokens, ct
 
 
-def with_free_context(clip, ct: CategoryTokens, cond, free_tokens) -> CategoryTokens:
-    """``ct`` completed for Masked Category Attention: the encoded conditioning it belongs to and
-    the category-free context (``free_tokens`` encoded: one more text-encoder pass per prompt,
-    never one per step)."""
-    rows = cond[0][0].shape[1]
+def category_conditioning(clip, tokens, free_tokens, ct: CategoryTokens):
+    """The sampler's conditioning for ``tokens`` (the prompt with the identifier) and ``ct``
+    completed for Masked Category Attention.
+
+    Two encodes per prompt, never one per step: ``tokens`` gives the cross-attention context;
+    ``free_tokens`` (the prompt without the identifier) gives the category-free context product
+    pixels attend AND every global vector of the conditioning (SDXL's pooled output, which joins the
+    time embedding and so reaches every position, product included): only the context carries the
+    category, and the gate keeps it off the product."""
+    spliced = clip.encode_from_tokens_scheduled(tokens)
+    free = clip.encode_from_tokens_scheduled(free_tokens)
+    rows = spliced[0][0].shape[1]
     if rows != ct.context_rows or (ct.rows and max(ct.rows) >= rows):
         raise ProductSceneError(
             f"clip: the encoded prompt has {rows} rows but the identifier was placed for {ct.context_rows}")
-    free = clip.encode_from_tokens(free_tokens)
-    return dataclasses.replace(ct, free_context=free, contexts=tuple(c[0] for c in cond))
+    if len(free) != len(spliced):
+        raise ProductSceneError("clip: the prompt with and without the category encode to different schedules")
+    cond = [[context, {**extra, **free_extra}] for (context, extra), (_, free_extra) in zip(spliced, free)]
+    ct = dataclasses.replace(ct, free_context=free[0][0], contexts=tuple(c[0] for c in cond))
+    return cond, ct
 
 
 NODES = [ProductSceneCategoryTokens]

@@ -14,7 +14,7 @@ from productscene.library import suggest
 from productscene.prompt import (PLACEHOLDER, CategoryTokens, PromptTemplate, category_free_template,
                                  check_template, library_vectors_by_key)
 from .category_attention import apply_lora_of
-from .category_tokens import CategoryTokensType, all_categories, open_library, with_free_context
+from .category_tokens import CategoryTokensType, all_categories, category_conditioning, open_library
 from .paths import list_libraries, resolve_library
 
 NONE = "none"
@@ -95,7 +95,11 @@ class ProductSceneConceptTokens(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the concepts' LoRA applied."),
-                io.Conditioning.Output(display_name="CONDITIONING", tooltip="The encoded prompt with the concept tokens."),
+                io.Conditioning.Output(display_name="CONDITIONING",
+                                       tooltip="The encoded prompt with the concept tokens. With a category, its "
+                                               "global vector (SDXL's pooled text) is the prompt's without the "
+                                               "category identifier, so the category reaches only what Masked "
+                                               "Category Attention lets through."),
                 CategoryTokensType.Output(display_name="CATEGORY_TOKENS",
                                           tooltip="For Masked Category Attention when a category is chosen (else empty)."),
             ],
@@ -115,9 +119,10 @@ class ProductSceneConceptTokens(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, tokens, text, lora_strength, category_library=NONE, category=NONE) -> io.NodeOutput:
         spliced, free_tokens, ct, path = encode_concept_prompt(clip, tokens, text, category_library, category)
-        cond = clip.encode_from_tokens_scheduled(spliced)
-        if ct is not None:
-            ct = with_free_context(clip, ct, cond, free_tokens)
+        if ct is None:
+            cond = clip.encode_from_tokens_scheduled(spliced)
+        else:
+            cond, ct = category_conditioning(clip, spliced, free_tokens, ct)
         return io.NodeOutput(apply_lora_of(model, path, lora_strength), cond, ct)
 
 

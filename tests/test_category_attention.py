@@ -350,3 +350,40 @@ def test_two_gates_for_two_products_of_one_prompt_stack_like_one_gate_on_both(li
     second = Replay(first.inputs).run(tm, single, cond, negative, latent_hw, batch=1)
     assert len(host.scene_of(stacked).gates) == 2
     assert all(torch.equal(a[-1], b[-1]) for a, b in zip(first.outputs, second.outputs))
+
+
+def received_global_vectors(tm, model, positive, negative, latent_hw=(8, 8)):
+    """The ``y`` SDXL's UNet receives (what joins its time embedding) in one sampling step through
+    ComfyUI's own ``comfy.sample.sample``: the input of every ``label_emb`` call."""
+    seen = []
+    hook = tm.model.model.diffusion_model.label_emb.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        sample(tm, positive, negative, latent_hw, steps=1, model=model, batch=2)
+    finally:
+        hook.remove()
+    assert seen
+    return torch.cat(seen)
+
+
+def test_sdxl_global_vector_the_unet_receives_is_the_same_for_every_category(libraries):
+    """SDXL's pooled text vector goes into ``y``, which shifts every ResBlock at every position:
+    the Category Tokens conditioning must give the same ``y`` for every category (the category-free
+    prompt's). With the identifier prompt's own pooled output (the conditioning before this rule)
+    the two categories' ``y`` differ, so the check can fail."""
+    tm = tiny("sdxl")
+    latent_hw = (8, 8)
+    masks = two_masks(latent_hw)
+    negative = encode(tm, "blurry")
+    received, spliced_pooled = {}, {}
+    for category in ("marble", "workbench"):
+        cond, tokens = category_prompt(tm, libraries["sdxl"], category)
+        model = gate_node.execute(tm.model, masks, tokens, 1.0, 0, 0.0).result[0]
+        received[category] = received_global_vectors(tm, model, cond, negative, latent_hw)
+        spliced, _ = pack.nodes.category_tokens.encode_category_prompt(tm.clip, libraries["sdxl"], category, TEMPLATE)
+        (old_cond,) = tm.clip.encode_from_tokens_scheduled(spliced)
+        assert torch.equal(old_cond[0], cond[0][0])  # the cross-attention context still carries the category
+        spliced_pooled[category] = received_global_vectors(tm, model, [old_cond], negative, latent_hw)
+    assert torch.equal(received["marble"], received["workbench"])
+    assert (spliced_pooled["marble"] - spliced_pooled["workbench"]).abs().max() > 1e-3
+    assert (received["marble"] - spliced_pooled["marble"]).abs().max() > 1e-3

@@ -13,6 +13,7 @@ from tests.support import comfy_env
 
 import folder_paths
 
+from productscene.prompt import category_free_template
 from productscene.library import FAMILIES, CategoryLibrary
 
 TEMPLATE = "a product photo on a {category} background, professional studio lighting"
@@ -113,7 +114,8 @@ def test_schema_tooltips_and_combos(pack, folders, sd15):
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 def test_execute_matches_clip_text_encode_of_the_init_word(pack, folders, comfy_nodes, family, request):
     """A library whose 'tea' vector is the token embedding of 'bamboo' gives exactly the
-    conditioning CLIPTextEncode gives for the prompt with the word 'bamboo'."""
+    context CLIPTextEncode gives for the prompt with the word 'bamboo', and the global (pooled)
+    vector it gives for the prompt without the category."""
     tm = request.getfixturevalue(family)
     libs, _ = folders
     make_library(libs / "shop.safetensors", tm.clip, family)
@@ -122,7 +124,9 @@ def test_execute_matches_clip_text_encode_of_the_init_word(pack, folders, comfy_
     assert len(cond) == 1 and len(ref) == 1
     assert torch.allclose(cond[0][0], ref[0][0], atol=1e-5)
     assert "pooled_output" in cond[0][1]
-    assert torch.allclose(cond[0][1]["pooled_output"], ref[0][1]["pooled_output"], atol=1e-5)
+    (free,) = comfy_nodes.CLIPTextEncode().encode(tm.clip, category_free_template(TEMPLATE))
+    assert torch.equal(cond[0][1]["pooled_output"], free[0][1]["pooled_output"])
+    assert not torch.allclose(cond[0][1]["pooled_output"], ref[0][1]["pooled_output"], atol=1e-3)
     assert ct.category == "tea" and ct.family == family
     assert ct.library_path == str(libs / "shop.safetensors")
     assert ct.context_rows == cond[0][0].shape[1] == 77

@@ -131,10 +131,14 @@ def test_concept_and_category_share_one_prompt(sd15, trained):
     lib_name = "concept_cat.safetensors"
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
-    CategoryLibrary.write(os.path.join(folder, lib_name), ["marble"], {"clip_l": torch.randn(1, 1, 768)}, "sd15")
+    CategoryLibrary.write(os.path.join(folder, lib_name), ["marble", "wood"], {"clip_l": torch.randn(2, 1, 768)}, "sd15")
     text = "a photo of <bottle> on a {category} background"
     _, cond, ct = CT.execute(sd15.model, sd15.clip, trained[0], text, 1.0, lib_name, "marble").args
     assert ct.category == "marble" and ct.free_context is not None and ct.free_context.shape == cond[0][0].shape
+    # only the context carries the category: the global (pooled) vector is the category-free prompt's
+    _, cond_wood, _ = CT.execute(sd15.model, sd15.clip, trained[0], text, 1.0, lib_name, "wood").args
+    assert not torch.equal(cond[0][0], cond_wood[0][0])
+    assert torch.equal(cond[0][1]["pooled_output"], cond_wood[0][1]["pooled_output"])
     # the gate works on it: Masked Category Attention accepts the pair
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1

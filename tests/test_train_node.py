@@ -152,3 +152,59 @@ def test_identifier_gets_no_gradient_through_product_positions_in_any_layer(pack
                 assert all(gr is None or float(gr.abs().max()) == 0.0 for gr in on_product)
                 assert max(float(gr.abs().max()) for gr in on_background if gr is not None) > 0.0
     assert len(outputs) == len(pack.nodes.host.cross_attention_keys(tm.model))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_time_embedding_gets_no_gradient_from_the_identifier(pack, family, request):
+    """The whole UNet forward of a training step, nothing held fixed: what modulates every ResBlock
+    at every position (the time embedding, plus SDXL's ``y`` from the pooled text) has exactly zero
+    gradient with respect to the identifier vectors. On SDXL the identifier prompt's own pooled
+    output (what the trainer used before) gives it a gradient, so the check can fail; on SD1.5 and
+    SD2.x there is no text in the time embedding at all."""
+    from productscene.prompt import PLACEHOLDER, Prompt
+    from productscene.train import engine
+    from productscene.train.recipes import categories as cats
+    tm = request.getfixturevalue(family)
+    host = pack.nodes.training_host.ComfyTrainingHost(tm.model, tm.clip)
+    embeddings = []
+    hooks = [m.emb_layers.register_forward_pre_hook(lambda module, args: embeddings.append(args[0]))
+             for m in host.unet.modules() if hasattr(m, "emb_layers")]
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 2:5, 3:7] = 1
+    masks[1, 4:7, 1:4] = 1
+    source = cats.MemorySource(torch.randn(2, 4, 8, 8, generator=g), masks, ["perfume", "tea"])
+    config = cats.CategoryConfig(template="a product photo on a {category} background", batch_size=2,
+                                 resolution=64, steps=1)
+
+    def time_embedding_gradient(identifier) -> float:
+        assert embeddings
+        total = sum(e.float().sum() for e in embeddings)
+        embeddings.clear()
+        if not total.requires_grad:  # no path from any trainable parameter at all
+            return 0.0
+        grads = torch.autograd.grad(total, identifier, allow_unused=True)
+        return max((float(gr.abs().max()) for gr in grads if gr is not None), default=0.0)
+
+    try:
+        with engine.training_mode():
+            recipe = cats.CategoryRecipe(host, source, ["perfume", "tea"], config, seed=0)
+            identifier = recipe.parameter_groups()["tokens"]
+            with host.session(lora=recipe.lora):
+                batch = recipe.batch(0, torch.Generator().manual_seed(3))
+                pred, *_ = recipe._forward(batch, capture_attention=False)
+                assert time_embedding_gradient(identifier) == 0.0
+                # the image still learns the category through the gated context
+                assert max(float(gr.abs().max()) for gr in torch.autograd.grad(pred.sum(), identifier)) > 0.0
+                # counter-check: the identifier prompt's own pooled output, as before
+                spliced = host.encode([Prompt(config.template, {PLACEHOLDER: v})
+                                       for v in recipe.vectors_for(batch["categories"])])
+                sigma = host.sigmas(batch["timesteps"].to(host.device))
+                host.predict_noise(host.add_noise(batch["latents"], batch["noise"], sigma), sigma, spliced)
+                if family == "sdxl":
+                    assert time_embedding_gradient(identifier) > 0.0
+                else:
+                    assert time_embedding_gradient(identifier) == 0.0
+    finally:
+        for hook in hooks:
+            hook.remove()

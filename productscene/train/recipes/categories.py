@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -188,7 +188,7 @@ class CategoryRecipe:
             raise ProductSceneError(f"timesteps: expected 0 <= min < max <= {host.num_timesteps}, got {self.config.min_timestep}, {hi}")
         self.t_range = (int(self.config.min_timestep), int(hi))
         self.identifier_product_attention: list[float] = []
-        self._free: torch.Tensor | None = None
+        self._free: Encoded | None = None
 
     # -- engine protocol -------------------------------------------------------------------------
     def parameter_groups(self):
@@ -242,10 +242,24 @@ class CategoryRecipe:
         """The template encoded without the identifier (``[1, R, C]``), what product positions
         attend: the same for every category, encoded once per run (the identifier never reaches it,
         so it gets no gradient through product positions)."""
+        return self._free_prompt().cond
+
+    def _free_prompt(self) -> Encoded:
         if self._free is None:
             with torch.no_grad():
-                self._free = self.host.encode([Prompt(category_free_template(self.config.template))]).cond.detach()
+                enc = self.host.encode([Prompt(category_free_template(self.config.template))])
+            self._free = Encoded(enc.cond.detach(), enc.pooled.detach() if enc.pooled is not None else None,
+                                 enc.rows, enc.context_rows)
         return self._free
+
+    def _category_free_globals(self, enc: Encoded) -> Encoded:
+        """``enc`` with its global vector (SDXL's pooled text: it joins the time embedding and so
+        reaches every position, product included) taken from the prompt without the identifier, as
+        Category Tokens hands it to the sampler: only the gated context carries the category."""
+        if enc.pooled is None:
+            return enc
+        free = self._free_prompt().pooled
+        return replace(enc, pooled=free.to(enc.pooled.device).expand(enc.pooled.shape[0], -1))
 
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
@@ -261,7 +275,8 @@ class CategoryRecipe:
         todo = [int(c) for c in uniq if memo is None or int(c) not in memo]
         if todo:
             vecs = self.vectors_for(torch.tensor(todo))
-            enc = self.host.encode([Prompt(self.config.template, {PLACEHOLDER: v}) for v in vecs])
+            enc = self._category_free_globals(
+                self.host.encode([Prompt(self.config.template, {PLACEHOLDER: v}) for v in vecs]))
             if memo is None:
                 return enc.select(inverse)
             for i, c in enumerate(todo):
