@@ -206,7 +206,6 @@ def test_category_tokens_carry_the_prompt_encoded_without_the_identifier(pack, f
     77 tokens, with a prompt weight and an embedding: name) encoded by ComfyUI without the identifier,
     the same for every category; and the conditioning it belongs to."""
     from safetensors.torch import save_file
-    from productscene.prompt import category_free_template
     tm = request.getfixturevalue(family)
     libs, embs = folders
     make_library(libs / "shop.safetensors", tm.clip, family)
