@@ -195,7 +195,7 @@ def _host_adapter():
     """The pack's ComfyUI training adapter, loaded the way the command line loads it."""
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
-    from productscene.cli import load_host_adapter
+    from productscene_cli.comfyui import load_host_adapter
     return load_host_adapter(cpu=True)
 
 

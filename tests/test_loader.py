@@ -101,7 +101,7 @@ def test_core_has_one_identity_across_entry_points(loaded, comfy_nodes):
 
     import torch
 
-    import productscene.cli
+    import productscene_cli.comfyui
     import productscene.errors
     from productscene.prompt import CategoryTokens
 
@@ -117,5 +117,5 @@ def test_core_has_one_identity_across_entry_points(loaded, comfy_nodes):
     assert host.ProductSceneError is productscene.errors.ProductSceneError
     assert sys.modules[node.__module__].CategoryTokens is CategoryTokens
     # the command line's pack import binds the same core
-    adapter = productscene.cli.load_host_adapter(str(comfy_env.COMFYUI_DIR))
+    adapter = productscene_cli.comfyui.load_host_adapter(str(comfy_env.COMFYUI_DIR))
     assert adapter.ProductSceneError is productscene.errors.ProductSceneError

@@ -136,5 +136,5 @@ def import_pack(name: str = "productscene_pack_under_test") -> types.ModuleType:
     can be unit-tested: ``pack = import_pack(); pack.nodes.product_mask.SomeNode``.
     Does not register anything in ``nodes.NODE_CLASS_MAPPINGS`` (tests/test_loader.py does that
     through ComfyUI's own loader)."""
-    from productscene.cli import import_repo_as_pack
+    from productscene_cli.comfyui import import_repo_as_pack
     return import_repo_as_pack(name)

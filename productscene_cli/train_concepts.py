@@ -1,0 +1,105 @@
+"""``train-concepts``: Break-A-Scene, concept tokens (+ LoRA) from one image and its masks."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from productscene.errors import ProductSceneError
+from productscene.train.recipes.concepts import (ConceptConfig, check_concept_outputs, concept_names, prepare_scene,
+                                                 train_concepts)
+
+from . import comfyui
+from .model_files import check_model_checkpoint
+from .options import model_args, run_args
+from .progress import train_interruptibly, trained
+
+
+def register(sub) -> None:
+    k = sub.add_parser("train-concepts", help="Break-A-Scene: concept tokens (+ LoRA) from one image and its masks")
+    model_args(k, "concept-token file")
+    k.add_argument("--image", required=True, help="the image holding the concepts")
+    k.add_argument("--mask", action="append", required=True,
+                   help="mask image of one concept (white, or alpha = the concept); repeat, up to 8")
+    k.add_argument("--names", default="", help="comma-separated concept names, one per mask (default concept1, ...)")
+    k.add_argument("--init-words", default="", help="comma-separated init words (one per mask, or one for all)")
+    k.add_argument("--background", action="store_true", help="learn the background as one more concept")
+    k.add_argument("--phase1-steps", type=int, default=400)
+    k.add_argument("--phase2-steps", type=int, default=400)
+    k.add_argument("--lr-phase1", type=float, default=5e-4)
+    k.add_argument("--lr-phase2", type=float, default=2e-6)
+    k.add_argument("--unet", choices=["lora", "full"], default="lora", help="what phase 2 trains beside the tokens")
+    k.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    k.add_argument("--resolution", type=int, default=512, help="longer side (0 = keep); sides must be multiples of 64")
+    k.add_argument("--batch-size", type=int, default=1)
+    k.add_argument("--attention-weight", type=float, default=0.01)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--lora", default=None, help="LoRA file (default OUT.lora.safetensors)")
+    k.add_argument("--embeddings-dir", default=None, help="folder of the per-token textual-inversion files (default: OUT's)")
+    k.add_argument("--history", default=None, help="loss history JSON (default OUT.loss.json)")
+    run_args(k, "concept-token file (with its LoRA and textual-inversion files)", data=False)
+    k.set_defaults(func=run)
+
+
+def _read_image(path, what: str):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise ProductSceneError(f"{what}: could not read {str(path)!r} as an image ({e})") from None
+
+
+def read_scene(image_path, mask_paths):
+    """``(IMAGE [1,H,W,3], MASK [N,h,w])`` from an image file and mask files (white = the concept;
+    a mask with alpha uses its alpha)."""
+    if not mask_paths:
+        raise ProductSceneError("mask: give at least one --mask file (white = the concept)")
+    img = _read_image(image_path, "image").convert("RGB")
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    masks = []
+    size = None
+    for p in mask_paths:
+        m = _read_image(p, "mask")
+        m = m.getchannel("A") if m.mode in ("RGBA", "LA") else m.convert("L")
+        if size is not None and m.size != size:
+            raise ProductSceneError(f"mask: {str(p)!r} is {m.size[0]}x{m.size[1]}, the other masks {size[0]}x{size[1]}; "
+                                    "give every mask at one size")
+        size = m.size
+        masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
+    return image, torch.stack(masks)
+
+
+def run(args) -> int:
+    check_model_checkpoint(args.checkpoint)
+    image, masks = read_scene(args.image, args.mask)
+    split = lambda text: tuple(w.strip() for w in text.split(",")) if text else ()  # noqa: E731
+    config = ConceptConfig(names=split(args.names), init_words=split(args.init_words), background=args.background,
+                           phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps, lr_phase1=args.lr_phase1,
+                           lr_phase2=args.lr_phase2, unet=args.unet, rank=args.rank, resolution=args.resolution,
+                           batch_size=args.batch_size, attention_weight=args.attention_weight)
+    prepare_scene(image, masks, config.resolution, config.background)  # every mask problem before loading a model
+    stem = os.path.splitext(args.out)[0]
+    ckpt = args.state or stem + ".checkpoint.safetensors"
+    resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
+    outputs = dict(lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
+                   embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
+                   checkpoint_path=ckpt, resume=resume, overwrite=args.overwrite)
+    # every file the run writes, before a model loads
+    check_concept_outputs(args.out, concept_names(len(masks), config.names, config.background), out="--out",
+                          shown=os.fspath, hint="pass --overwrite, choose another --out, or --resume its training",
+                          **outputs)
+    host_mod = comfyui.load_host_adapter(args.comfyui, cpu=args.cpu)
+    model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
+    done = train_interruptibly(lambda bars, should_stop: train_concepts(
+        host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
+        history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_every=args.checkpoint_every,
+        autocast=args.autocast, progress=bars.progress, should_stop=should_stop,
+        gradient_checkpoint=args.gradient_checkpointing, **outputs), ckpt, config.phase1_steps + config.phase2_steps)
+    if done is None:
+        return 130
+    print(f"wrote {done.tokens}: {', '.join(done.recipe.names)}; LoRA {done.lora}; embeddings "
+          f"{', '.join(os.path.basename(p) for p in done.embeddings.values())}; {trained(done.result, ckpt)}")
+    return 0

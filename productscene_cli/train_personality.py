@@ -1,0 +1,61 @@
+"""``train-personality``: learn a personality adapter self-supervised from a data set."""
+from __future__ import annotations
+
+from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
+
+from . import comfyui
+from .model_files import check_clip_vision
+from .options import checked_training_inputs, data_args, default_cache, model_args, run_args
+from .progress import train_interruptibly, trained
+
+
+def register(sub) -> None:
+    r = sub.add_parser("train-personality", help="train a personality adapter (a brand's style from reference images)",
+                       description=run.__doc__)
+    data_args(r)
+    model_args(r, "personality adapter")
+    r.add_argument("--clip-vision", required=True,
+                   help="CLIP vision model (.safetensors) the references are encoded with; use the same one in "
+                        "Personality Reference")
+    r.add_argument("--tokens", type=int, default=16, help="reference tokens per image")
+    r.add_argument("--prompt", default="a product photo",
+                   help="the one training prompt; name no style, the reference is what should carry it")
+    r.add_argument("--steps", type=int, default=1000)
+    r.add_argument("--lr", type=float, default=1e-4, help="learning rate of the adapter")
+    r.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
+    r.add_argument("--batch-size", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation, noise and timesteps")
+    r.add_argument("--license", default=None, help="licence text stored in the adapter (BG60k's own by default "
+                                                   "with --layout bg60k)")
+    run_args(r, "adapter")
+    r.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Learn a personality adapter self-supervised from a data set (each image's own augmented
+    background is its reference): the command-line twin of the Train Personality Adapter node, on
+    the same core run. Only the adapter trains; the model and both encoders stay frozen."""
+    check_clip_vision(args.clip_vision)
+    config = PersonalityConfig(tokens=args.tokens, prompt=args.prompt, batch_size=args.batch_size,
+                               resolution=args.resolution, steps=args.steps, lr=args.lr)
+    checked = checked_training_inputs(args)  # every data problem before any model work
+    if checked is None:
+        return 1
+    ckpt, dataset, report = checked
+    pack = comfyui.load_pack(args.comfyui, cpu=args.cpu)
+    node = pack.nodes.train_personality
+    model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
+    clip_vision = comfyui.load_clip_vision(args.clip_vision)
+    host = pack.nodes.training_host.ComfyTrainingHost(model, clip, vae)
+    done = train_interruptibly(lambda bars, should_stop: train_personality_adapter(
+        host, dataset, args.out, config, encode_vision=node.vision_encoder(clip_vision),
+        vision_width=node.vision_width(clip_vision), layers=pack.nodes.host.cross_attention_layers(host.model),
+        layout=args.layout, split=args.split, checked=report, seed=args.seed,
+        cache_dir=args.cache_dir or default_cache(), checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, autocast=args.autocast, progress=bars.progress, latent_progress=bars.latent_progress,
+        should_stop=should_stop, overwrite=args.overwrite, license=args.license,
+        gradient_checkpoint=args.gradient_checkpointing), ckpt, args.steps, images=len(dataset))
+    if done is None:
+        return 130
+    print(f"wrote {done.adapter}: {config.tokens} reference tokens for {host.family}, {trained(done.result, ckpt)}")
+    return 0
