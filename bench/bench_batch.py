@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_batch.py [--rows 40] [--size 64] [--steps 2] [--concurrency 2]
 
 Two ComfyUI servers with the embedded default model (random-weight SD1.5 architecture,
-scripts/default_model.py), one torch thread each. After one warm-up row per server (model load):
+devkit/default_model.py), one torch thread each. After one warm-up row per server (model load):
 
 1. overhead: one server, ``--concurrency`` prompts in flight. Batch wall time (the whole
    ``run_batch`` call: checks, uploads, queueing, downloads, writes) divided by the sum of the
@@ -25,15 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import default_model  # noqa: E402
+from devkit import default_model  # noqa: E402
 from productscene.batch import Options, read_provenance, run_batch  # noqa: E402
 from productscene.batch.records import PROVENANCE_NAME  # noqa: E402
-from productscene.launcher import ComfyServer  # noqa: E402
+from devkit.launcher import ComfyServer  # noqa: E402
 
 CATEGORIES = ("perfume", "tea", "tools", "cosmetics")
 WORKFLOW = ROOT / "workflows" / "api" / "category_background.json"
@@ -106,7 +105,7 @@ def main() -> None:
 
     ckpt, lib = default_model.ensure_defaults()
     threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    servers = [ComfyServer(default_model.comfy_path(), models={"checkpoints": [ckpt], "category_libraries": [lib]},
+    servers = [ComfyServer(default_model.COMFYUI_DIR, models={"checkpoints": [ckpt], "category_libraries": [lib]},
                            env=threads) for _ in range(2)]
     work = Path(tempfile.mkdtemp(prefix="productscene-bench-batch-"))
     try:

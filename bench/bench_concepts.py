@@ -11,7 +11,7 @@ implementation's behaviour on the same model and steps:
   ("auto": bf16 on CUDA, off on the CPU).
 
 Model: ComfyUI's full SD1.5 UNet (860M parameters) and a text encoder of CLIP-L's shape (12 layers),
-seeded random weights (tests/support/models.py); both arms the same. Each arm runs in its own
+seeded random weights (devkit/models.py); both arms the same. Each arm runs in its own
 process (peak memory is per process: CPU peak resident set, ru_maxrss; CUDA max_memory_allocated),
 the arms alternate, and the script prints medians and ratios.
 
@@ -52,7 +52,7 @@ def sync(device):
 
 
 def models():
-    from tests.support.models import build_clip, build_vae, full_sd15_unet
+    from devkit.models import build_clip, build_vae, full_sd15_unet
     return full_sd15_unet(), build_clip("sd15", layers=12), build_vae()
 
 
@@ -69,7 +69,7 @@ def scene(latent: int):
 
 def run_ours(latent: int, steps: int, warmup: int) -> dict:
     import torch
-    from tests.support import comfy_env
+    from devkit import comfy_env
     pack = comfy_env.import_pack()
     from productscene.train.recipes.concepts import ConceptConfig, train_concepts
     model, clip, vae = models()
@@ -92,7 +92,7 @@ def run_ours(latent: int, steps: int, warmup: int) -> dict:
 def run_baseline(latent: int, steps: int, warmup: int, optimizer: bool) -> dict:
     import torch
     import torch.nn.functional as F
-    from tests.support import comfy_env
+    from devkit import comfy_env
     pack = comfy_env.import_pack()
     import comfy.ldm.modules.attention as attention
     import comfy.model_management as mm
@@ -180,7 +180,7 @@ def main():
     ap.add_argument("--arm", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.arm:
-        from tests.support import comfy_env  # noqa: F401  (ComfyUI importable; CPU unless PRODUCTSCENE_COMFY_GPU=1)
+        from devkit import comfy_env  # noqa: F401  (ComfyUI importable; CPU unless PRODUCTSCENE_COMFY_GPU=1)
         import torch
         # one thread by default, as in the tests: on a shared 2-core machine two threads per process make
         # every op wait for scheduler slices (measured here: 55 s/step for both arms with 2, 5-11 s with 1)

@@ -5,7 +5,7 @@
 
 Euler with CFG (so every step runs a cond+uncond batch), the same seed and conditioning for every
 arm, interleaved repeats (vanilla, category-free-context gate, identifier-rows-only gate (the
-previous gate, tests/support/identifier_gate.py), vanilla, ...), median ratios printed. The
+previous gate, devkit/identifier_gate.py), vanilla, ...), median ratios printed. The
 conditioning comes from the real Category Tokens node (tiny CLIP of the family's real widths; on SDXL
 with its pooled output, so the model's ``y`` is what a user's run gives it). ``--model full`` is the
 real UNet of the family (SD1.5 860M, SDXL 2.6B parameters), ``layout`` the real block layout (all 70
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tests.support import comfy_env  # noqa: E402  (puts the real ComfyUI on sys.path)
-from tests.support import models  # noqa: E402
-from tests.support.identifier_gate import install_identifier_rows_gate  # noqa: E402
+from devkit import comfy_env  # noqa: E402  (puts the real ComfyUI on sys.path)
+from devkit import models  # noqa: E402
+from devkit.identifier_gate import install_identifier_rows_gate  # noqa: E402
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402

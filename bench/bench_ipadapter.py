@@ -4,7 +4,7 @@
 
 The real ComfyUI_IPAdapter_plus (shared/peers/, loaded by ComfyUI's own loader, its own
 IPAdapterModelLoader + IPAdapterEmbeds nodes, random weights of the real SD1.5 "Plus" shapes:
-tests/support/ipadapter.py) on the full SD1.5 UNet (860M parameters) or the tiny one. First prints
+devkit/ipadapter.py) on the full SD1.5 UNet (860M parameters) or the tiny one. First prints
 IPAdapter's per-layer effect alone and with the gate (both orders), then times the arms. Euler with
 CFG, the same seed and conditioning (the real Category Tokens node) for every arm, interleaved
 repeats: IPAdapter alone, IPAdapter then the gate (the documented order), the gate then IPAdapter;
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tests.support import comfy_env  # noqa: E402  (puts the real ComfyUI on sys.path)
-from tests.support import ipadapter  # noqa: E402
+from devkit import comfy_env  # noqa: E402  (puts the real ComfyUI on sys.path)
+from devkit import ipadapter  # noqa: E402
 
 comfy_env.import_comfy_nodes()  # ComfyUI's nodes.py, before bench_gate puts the repo (and its nodes/) first
 from bench.bench_gate import sampling_setup, time_arms  # noqa: E402
@@ -30,9 +30,9 @@ from bench.bench_gate import sampling_setup, time_arms  # noqa: E402
 
 def per_layer_effects(tiny, model, arms, gate, positive, negative, latent_side) -> None:
     """IPAdapter's effect on each cross-attention layer's output (one CFG step, every layer fed the
-    same inputs: tests/support/replay.py), alone (IPAdapter - plain) and with the gate in each order
+    same inputs: devkit/replay.py), alone (IPAdapter - plain) and with the gate in each order
     (gate + IPAdapter - gate): the layers where it fires and the largest relative difference."""
-    from tests.support.replay import Replay
+    from devkit.replay import Replay
 
     hw = (latent_side, latent_side)
     plain = Replay().run(tiny, model, positive, negative, hw, batch=1)

@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import comfy_env  # noqa: E402  (the ComfyUI tree; private base dir)
+from devkit import comfy_env  # noqa: E402  (the ComfyUI tree; private base dir)
 
 import torch  # noqa: E402
 
-from productscene.launcher import ComfyServer  # noqa: E402
+from devkit.launcher import ComfyServer  # noqa: E402
 from productscene.library import CategoryLibrary  # noqa: E402
 
 

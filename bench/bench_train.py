@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support import comfy_env  # noqa: E402,F401  (ComfyUI importable, CPU unless PRODUCTSCENE_COMFY_GPU=1)
+from devkit import comfy_env  # noqa: E402,F401  (ComfyUI importable, CPU unless PRODUCTSCENE_COMFY_GPU=1)
 
 import torch  # noqa: E402
 
@@ -108,7 +108,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tests.support.models import full_sd15_unet, tiny_sd15
+    from devkit.models import full_sd15_unet, tiny_sd15
     tm = tiny_sd15()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
     if args.model in ("tiny", "both"):

@@ -12,7 +12,7 @@ medians and the median ratio of interleaved pairs are printed.
     .venv/bin/python bench/bench_train_personality.py --model full --threads 1 --steps 10
     PRODUCTSCENE_COMFY_GPU=1 .venv/bin/python bench/bench_train_personality.py --model full --latent 64
 
-CLIP vision: ComfyUI's own ``ClipVisionModel`` from tests/support/clip_vision.py
+CLIP vision: ComfyUI's own ``ClipVisionModel`` from devkit/clip_vision.py
 (``build_clip_vision(width)``: ``--vision-width`` wide, as ViT-H at 1280, but 2 layers on 56 px
 images, 17 states, random weights), so its share of a step is smaller than a real ViT-H's.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import comfy_env  # noqa: E402  (ComfyUI importable, CPU unless PRODUCTSCENE_COMFY_GPU=1)
+from devkit import comfy_env  # noqa: E402  (ComfyUI importable, CPU unless PRODUCTSCENE_COMFY_GPU=1)
 
 import torch  # noqa: E402
 
@@ -96,8 +96,8 @@ def interleave(arms: dict, warmup: int, steps: int, device) -> tuple[dict, dict]
 
 
 def bench(args) -> dict:
-    from tests.support.clip_vision import build_clip_vision, config as vision_config
-    from tests.support.models import full_sd15_unet, tiny_sd15
+    from devkit.clip_vision import build_clip_vision, config as vision_config
+    from devkit.models import full_sd15_unet, tiny_sd15
     pack = comfy_env.import_pack()
     from productscene.personality import PersonalityAdapter, patch_keep
     from productscene.attention import SceneAttention
@@ -155,7 +155,7 @@ def bench(args) -> dict:
     print(f"{name}: {unet / 1e6:.1f}M UNet parameters (frozen), {len(adapter.layer_widths)} cross-attention layers; "
           f"latent {lat}x{lat}, batch {b}, {args.tokens} tokens, on {device}, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print(f"CLIP vision: ComfyUI ClipVisionModel, tests/support/clip_vision.build_clip_vision({args.vision_width}): "
+    print(f"CLIP vision: ComfyUI ClipVisionModel, devkit/clip_vision.build_clip_vision({args.vision_width}): "
           f"width {vcfg['hidden_size']}, {vcfg['num_hidden_layers']} layers, {vcfg['image_size']} px, "
           f"{states.shape[1]} states, random weights (frozen)")
     print(f"adapter trainable parameters: {total:,} ({proj:,} projection + {total - proj:,} per-layer to_k/to_v); "

@@ -1,4 +1,4 @@
-"""Time to build the world base (scripts/world_model.py) from nothing, into a temporary folder.
+"""Time to build the world base (devkit/world_model.py) from nothing, into a temporary folder.
 
 Prints the wall and CPU seconds of the whole build (catalogue, initial weights, latents,
 pretraining, checkpoint) and, as the in-process baseline, the same build's pretraining alone, with
@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    import world_model
+    from devkit import world_model
     import torch
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:

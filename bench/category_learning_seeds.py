@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import comfy_env  # noqa: E402  (ComfyUI importable, CPU, private base dir)
-from tests.support.scripts import load_script  # noqa: E402
+from devkit import comfy_env  # noqa: E402  (ComfyUI importable, CPU, private base dir)
+from devkit import world_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from tests import test_category_learning as proof
 
     pack = comfy_env.import_pack()
-    world_model = load_script("world_model")
+
     world = world_model.ensure_world(host_adapter=import_module(pack.__name__ + ".nodes.training_host"), log=print)
     host = import_module(pack.__name__ + ".nodes.training_host").ComfyTrainingHost(
         *world_model.load_world_base(world.checkpoint))

@@ -5,7 +5,7 @@ productscene/prompt.py:category_free_template and BENCHMARKS.md).
     .venv/bin/python bench/free_context_choice.py [--threads 1]
 
 Models: the demo's default model (reduced SD1.5 UNet, full-size CLIP-L, random weights; built by
-scripts/default_model.py) and the tiny SDXL of the tests (two text encoders). Two categories whose
+devkit/default_model.py) and the tiny SDXL of the tests (two text encoders). Two categories whose
 init words differ ("perfume", "tools": each name's first word, the trainer's default); each
 identifier is its init word's embedding plus a drift (0 = untrained, 0.5 = half the init vector's
 norm, standing in for training). Figures, each against an UNGATED run of the same prompt:
@@ -29,22 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tests.support import comfy_env  # noqa: E402
-from tests.support import models  # noqa: E402
-from tests.support.replay import Replay, per_layer  # noqa: E402
+from devkit import comfy_env  # noqa: E402
+from devkit import models  # noqa: E402
+from devkit.replay import Replay, per_layer  # noqa: E402
 
 TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 WORDS = {"perfume": "perfume", "tools": "tools"}
 
 
 def default_model():
-    import importlib.util
     import comfy.sd
-    path = comfy_env.REPO_ROOT / "scripts" / "default_model.py"
-    spec = importlib.util.spec_from_file_location("productscene_default_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    ckpt = module.ensure_default_model(log=lambda *_: None)
+    from devkit.default_model import ensure_default_model
+    ckpt = ensure_default_model(log=lambda *_: None)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)
     return models.TinyModels(model=model, clip=clip, vae=vae, family="sd15", context_dim=768, pooled_dim=768,
                              unet_config={})

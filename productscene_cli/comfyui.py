@@ -30,15 +30,19 @@ def find_comfyui(path: str | None = None) -> Path:
         "comfyui: no ComfyUI found; pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI checkout")
 
 
-def configure(comfyui_root: str, cpu: bool = False) -> None:
-    """Put ComfyUI on ``sys.path`` (before this repository: ComfyUI's ``nodes.py`` must win over the
-    pack's ``nodes/``) and set its options before ``comfy.model_management`` reads them."""
-    if comfyui_root not in sys.path:
-        sys.path.insert(0, comfyui_root)
+def configure(comfyui_root: str, cpu: bool = False, **options) -> None:
+    """Put ComfyUI first on ``sys.path`` (before this repository: ComfyUI's ``nodes.py`` must win
+    over the pack's ``nodes/``) and set its options (``cpu`` and any other of its command-line
+    arguments, e.g. ``base_directory``) before ``comfy.model_management`` reads them."""
+    if comfyui_root in sys.path:
+        sys.path.remove(comfyui_root)
+    sys.path.insert(0, comfyui_root)
     import comfy.options  # noqa: F401  (ComfyUI parses no argv unless asked)
     import comfy.cli_args as cli_args
     if cpu:
         cli_args.args.cpu = True
+    for name, value in options.items():
+        setattr(cli_args.args, name, value)
     import comfy.model_management  # noqa: F401
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False  # the command line draws its own bar

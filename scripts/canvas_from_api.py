@@ -6,13 +6,13 @@ API twin (workflows/api/<id>.json), laid out left to right by depth, using a rea
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -21,10 +21,8 @@ def _is_widget(spec) -> bool:
 
 
 def _object_info() -> dict:
-    spec = importlib.util.spec_from_file_location("update_locales", ROOT / "scripts" / "update_locales.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.server_object_info()
+    from devkit.locales import server_object_info
+    return server_object_info()
 
 
 # hand-placed nodes (id -> (pos, size); "note" for the read-me), so nothing overlaps once the

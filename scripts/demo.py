@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-import default_model  # noqa: E402
+from devkit import default_model  # noqa: E402
 from productscene.batch import PROVENANCE_NAME, BatchRun, Options, Row, plan, read_provenance  # noqa: E402
 from productscene.client import ComfyClient  # noqa: E402
 from productscene.errors import ProductSceneError  # noqa: E402
@@ -281,14 +280,14 @@ def run(args) -> int:
 
     if args.server:
         return _run_with(args.server, args, products, references, names, out_dir, t_start)
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
     log("starting ComfyUI headless on loopback (" + ("a GPU where torch finds one" if args.gpu else "CPU; --gpu lets it use a GPU") + ") ...")
     t0 = time.time()
     models = {"checkpoints": [ckpt_file], "category_libraries": [lib_file]}
     if adapter_file is not None:
         models.update(clip_vision=[cv_file], personality_adapters=[adapter_file])
     try:
-        server = ComfyServer(default_model.comfy_path(), models=models, cpu=None if args.gpu else True)
+        server = ComfyServer(default_model.COMFYUI_DIR, models=models, cpu=None if args.gpu else True)
         server.start()
     except ProductSceneError as e:
         raise DemoError(f"ComfyUI could not be started: {e}") from None

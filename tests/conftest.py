@@ -2,7 +2,7 @@
 quiet), and the shared fixtures.
 
 Fixtures (all built lazily, on first use):
-  sd15, sd2, sdxl      (session) tests.support.models.TinyModels: real ComfyUI ModelPatcher / CLIP / VAE
+  sd15, sd2, sdxl      (session) devkit.models.TinyModels: real ComfyUI ModelPatcher / CLIP / VAE
   mock_patcher         (function) tests.support.mock_patcher.MockModelPatcher, SD1.5 layout
   pack                 (session) the repo imported as a ComfyUI pack package (comfy_env.import_pack())
   comfy_nodes          (session) ComfyUI's ``nodes`` module (core nodes)
@@ -12,7 +12,7 @@ Fixtures (all built lazily, on first use):
   default_model_files  (session) the demo's default checkpoint and library, cached in .cache/
   reference_model_files (session) the demo's default CLIP vision model (random-weight ViT-L/14 shape,
                        which ComfyUI's CLIPVisionLoader detects) and untrained personality adapter
-  world                (session) scripts/world_model.World: the small synthetic world and its
+  world                (session) devkit.world_model.World: the small synthetic world and its
                        PRETRAINED base model (.checkpoint, .data, .categories, .meta), built once
                        and cached in .cache/productscene/world-<version>/ (minutes, first run only)
   world_models         (session) (model, clip, vae) of the world base through ComfyUI's loader
@@ -26,8 +26,8 @@ host and the host-level tests on the second (PRODUCTSCENE_HOST_TESTS_ONLY=1 sele
 the learning proofs (``pytest.mark.learning``: they measure an algorithm on the world base, which
 the second host's trainer tests already run; once is enough and keeps CI under 30 minutes).
 """
-from tests.support import comfy_env  # noqa: F401  (first: sys.path, CPU, private base dir)
-from tests.support.scripts import load_script
+from devkit import comfy_env  # noqa: F401  (first: sys.path, CPU, private base dir)
+from devkit import default_model, world_model
 
 import os
 import sys
@@ -103,19 +103,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @pytest.fixture(scope="session")
 def sd15():
-    from tests.support.models import tiny_sd15
+    from devkit.models import tiny_sd15
     return tiny_sd15()
 
 
 @pytest.fixture(scope="session")
 def sd2():
-    from tests.support.models import tiny_sd2
+    from devkit.models import tiny_sd2
     return tiny_sd2()
 
 
 @pytest.fixture(scope="session")
 def sdxl():
-    from tests.support.models import tiny_sdxl
+    from devkit.models import tiny_sdxl
     return tiny_sdxl()
 
 
@@ -137,7 +137,7 @@ def comfy_nodes():
 
 @pytest.fixture(scope="session")
 def comfy_server():
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
 
     threads = str(TORCH_THREADS)
     inputs = sorted((comfy_env.REPO_ROOT / "samples" / "products").glob("*.png"))
@@ -149,28 +149,28 @@ def comfy_server():
 @pytest.fixture(scope="session")
 def default_model_files():
     """(checkpoint, library) of the demo's embedded default model, built once and cached in
-    .cache/productscene (scripts/default_model.py): a detectable SD1.5 checkpoint, random weights."""
-    return load_script("default_model").ensure_defaults(log=lambda *_: None)
+    .cache/productscene (devkit/default_model.py): a detectable SD1.5 checkpoint, random weights."""
+    return default_model.ensure_defaults(log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
 def reference_model_files(default_model_files):
     """(CLIP vision model, personality adapter) of the demo's brand-reference workflow, built once and
-    cached in .cache/productscene (scripts/default_model.py): random weights, an untrained adapter."""
-    return load_script("default_model").ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
+    cached in .cache/productscene (devkit/default_model.py): random weights, an untrained adapter."""
+    return default_model.ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
 def world(pack):
-    """The world base (scripts/world_model.py): ``.checkpoint`` (an SD1.5-family checkpoint that
+    """The world base (devkit/world_model.py): ``.checkpoint`` (an SD1.5-family checkpoint that
     CheckpointLoaderSimple loads), ``.data`` (BG60k layout: split "train" = bg60k_*, held-out split
     "test" = bg1k_*, RGBA mask cut-outs in <split>_masks/), ``.categories``."""
     import importlib
 
     host_adapter = importlib.import_module(pack.__name__ + ".nodes.training_host")
-    return load_script("world_model").ensure_world(host_adapter=host_adapter, log=print)
+    return world_model.ensure_world(host_adapter=host_adapter, log=print)
 
 
 @pytest.fixture(scope="session")
 def world_models(world):
-    return load_script("world_model").load_world_base(world.checkpoint)
+    return world_model.load_world_base(world.checkpoint)

@@ -29,7 +29,7 @@ from productscene import graph
 from productscene.batch import (JOURNAL_NAME, PROVENANCE_NAME, BatchError, Options, read_manifest,
                                 read_provenance, run_batch)
 from productscene.client import ComfyClient
-from tests.support.comfy_env import COMFYUI_DIR, REPO_ROOT
+from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "category_background.json"
 CATEGORIES = ("perfume", "tea", "tools", "cosmetics")
@@ -41,7 +41,7 @@ THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def servers(default_model_files):
     """Two ComfyUI servers with the default model, started side by side."""
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
 
     ckpt, lib = default_model_files
     pair = [ComfyServer(COMFYUI_DIR, models={"checkpoints": [Path(ckpt)], "category_libraries": [Path(lib)]},

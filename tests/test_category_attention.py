@@ -6,7 +6,7 @@ different masks. An attn2 patch records every cross-attention layer's input hidd
 first run and replays them in the second, so each layer sees identical queries and only the
 conditioning differs; an attn2 output patch records each layer's output. Product positions must be
 bit-identical in every layer (max |delta| = 0.0), background positions must differ. The same
-check run on the identifier-rows-only gate (tests/support/identifier_gate.py) fails: it is what the
+check run on the identifier-rows-only gate (devkit/identifier_gate.py) fails: it is what the
 category-free context fixes.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ import comfy.ldm.modules.attention as comfy_attention
 from productscene.attention import ProductRegion
 from productscene.errors import ProductSceneError
 from productscene.library import FAMILIES, CategoryLibrary
-from tests.support import comfy_env
-from tests.support.identifier_gate import direct_product_queries, install_identifier_rows_gate
-from tests.support.models import encode, sample, tiny, tiny_sd15
-from tests.support.replay import Replay, per_layer
+from devkit import comfy_env
+from devkit.identifier_gate import direct_product_queries, install_identifier_rows_gate
+from devkit.models import encode, sample, tiny, tiny_sd15
+from devkit.replay import Replay, per_layer
 
 pack = comfy_env.import_pack()
 nodes = comfy_env.import_comfy_nodes()

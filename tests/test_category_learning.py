@@ -1,5 +1,5 @@
 """THE evidence that category tokens learn (SPEC section 5), on the CPU with ComfyUI's real SD1.5
-classes, starting from the PRETRAINED world base (the ``world`` fixture, scripts/world_model.py),
+classes, starting from the PRETRAINED world base (the ``world`` fixture, devkit/world_model.py),
 as a real user starts from a pretrained checkpoint.
 
 The world's four categories differ in background colour, texture and layout. The whole category
@@ -128,10 +128,10 @@ def test_evaluate_library_command_prints_what_the_library_api_measures(world, ho
 
 
 def test_an_untrained_library_scores_near_uniform(world, host, tmp_path):
-    from tests.support.scripts import load_script
+    from devkit import default_model
 
     lib = tmp_path / "untrained.safetensors"
-    load_script("default_model").write_untrained_library(lib, world.checkpoint, {c: c for c in world.categories})
+    default_model.write_untrained_library(lib, world.checkpoint, {c: c for c in world.categories})
     held = open_dataset(world.data, "bg60k", "test")
     score = evaluate_library(host, held, lib, cache_dir=tmp_path / "cache", draws=2, seed=EVAL_SEED,
                              resolution=64, min_timestep=T_MIN, max_timestep=T_MAX)

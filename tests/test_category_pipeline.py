@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.support import comfy_env
-from tests.support.models import tiny_sd15
+from devkit import comfy_env
+from devkit.models import tiny_sd15
 
 import folder_paths
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.support import comfy_env
+from devkit import comfy_env
 
 import folder_paths
 

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from productscene.library import CategoryLibrary
 from productscene.personality import PersonalityAdapter
 from productscene.train.engine import read_checkpoint_info
-from tests.support.comfy_env import COMFYUI_DIR, REPO_ROOT
-from tests.support.scripts import load_script
+from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
+from devkit import default_model, world_model
 from tests.test_robustness import _start_training
 
 
@@ -139,7 +139,7 @@ def test_train_concepts_refuses_bad_masks_before_loading_a_model(tmp_path, defau
 def clip_vision_file(default_model_files):
     """The demo's default CLIP vision model (random-weight ViT-L/14, ~610 MB), built once and cached
     in .cache/productscene beside the default checkpoint."""
-    cv, _adapter = load_script("default_model").ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
+    cv, _adapter = default_model.ensure_reference_defaults(default_model_files[0], log=lambda *_: None)
     return cv
 
 

@@ -13,7 +13,7 @@ import folder_paths
 from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
 from productscene.train.recipes.concepts import ConceptConfig, train_concepts
-from tests.support.comfy_env import import_comfy_nodes, import_pack
+from devkit.comfy_env import import_comfy_nodes, import_pack
 from tests.test_concepts import scene
 
 pack = import_pack()
@@ -199,7 +199,7 @@ def test_textual_inversion_file_loads_into_a_diffusers_pipeline(trained):
     adds the token to a (small, SD1.5-shaped) pipeline's tokenizer with exactly the learned vector."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from tests.support.comfy_env import COMFYUI_DIR
+    from devkit.comfy_env import COMFYUI_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(str(COMFYUI_DIR / "comfy" / "sd1_tokenizer"))
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=64, num_hidden_layers=1,

@@ -12,7 +12,7 @@ from productscene.files import load_tensors, read_header
 from productscene.library import CategoryLibrary
 from productscene.train.recipes.concepts import (ConceptConfig, ConceptData, ConceptRecipe, MAX_CONCEPTS,
                                                  concept_names, prepare_scene, train_concepts)
-from tests.support.comfy_env import import_pack
+from devkit.comfy_env import import_pack
 
 pack = import_pack()
 th = pack.nodes.training_host
@@ -55,7 +55,7 @@ def test_lowest_cross_attention_level_of_the_real_configs():
     """SD1.5/SD2.x: 16x16 at 512 px (latent / 4); SDXL: no 16x16 layer at 1024 px, its lowest are latent / 4
     = 32x32 (the middle block does not count)."""
     from types import SimpleNamespace
-    from tests.support.models import SD15_FULL_UNET
+    from devkit.models import SD15_FULL_UNET
     sdxl = dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10])
     for cfg, factor in ((SD15_FULL_UNET, 4), (sdxl, 4), (dict(channel_mult=[1, 2], num_res_blocks=1, transformer_depth=[0, 0]), None)):
         stub = SimpleNamespace(base=SimpleNamespace(model_config=SimpleNamespace(unet_config=cfg)))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support import comfy_env
-from tests.support import models as M
+from devkit import comfy_env
+from devkit import models as M
 from tests.support.mock_patcher import MockModelPatcher, iter_attn2
 
 import comfy.model_base
@@ -215,7 +215,7 @@ def test_rejected_and_failing_prompts_raise_with_the_server_message(comfy_server
 # ----------------------------------------------------------------------------- launcher (no server)
 
 def test_launcher_refuses_bad_setups(tmp_path):
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
 
     with pytest.raises(ProductSceneError, match="main.py"):
         ComfyServer(tmp_path)
@@ -224,7 +224,7 @@ def test_launcher_refuses_bad_setups(tmp_path):
 
 
 def test_launcher_layout_is_private_and_hides_extra_model_paths(tmp_path):
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
 
     tree = tmp_path / "ComfyUI"
     (tree / "comfy").mkdir(parents=True)
@@ -252,7 +252,7 @@ def test_launcher_layout_is_private_and_hides_extra_model_paths(tmp_path):
 
 
 def test_launcher_reports_a_dead_server_with_its_log_and_cleans_up():
-    from productscene.launcher import ComfyServer
+    from devkit.launcher import ComfyServer
 
     server = ComfyServer(comfy_env.COMFYUI_DIR, extra_args=["--no-such-flag"], timeout=60)
     with pytest.raises(ProductSceneError, match=r"(?s)exited with code 2.*no-such-flag"):

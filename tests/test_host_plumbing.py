@@ -12,7 +12,7 @@ import torch
 import comfy.model_management as mm
 
 from productscene.personality import PersonalityAdapter
-from tests.support.models import encode, sample
+from devkit.models import encode, sample
 from tests.test_category_attention import category_prompt, gate_node, host, libraries, two_masks  # noqa: F401
 
 LATENT = (8, 8)
@@ -66,7 +66,7 @@ def test_comfyuis_device_hand_off_moves_every_part_of_the_attention_object(sd15,
 
 
 def test_a_training_session_asks_for_training_memory_and_leaves_the_model_as_it_found_it(pack, monkeypatch):
-    from tests.support.models import build
+    from devkit.models import build
 
     th = import_module(pack.__name__ + ".nodes.training_host")
     fresh = build("sd15")  # its own model: its weights become inference tensors here

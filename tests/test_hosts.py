@@ -8,7 +8,7 @@
   one the pack imports and this host offers."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import os
 import re
@@ -24,9 +24,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from PIL import Image
 
-from productscene import launcher
-from productscene.launcher import ComfyServer
-from tests.support import comfy_env
+from devkit import launcher
+from devkit.launcher import ComfyServer
+from devkit import comfy_env
 
 pytestmark = pytest.mark.host
 
@@ -84,36 +84,38 @@ def test_gpu_detection_asks_the_servers_python(tmp_path):
 
 # ----------------------------------------------------------------------------- the default model
 
-def _default_model_module():
-    spec = importlib.util.spec_from_file_location("productscene_default_model_under_test",
-                                                  ROOT / "scripts" / "default_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _dev_kit(code: str, env: dict, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh interpreter of this host, with the repository root importable."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT), **env), cwd=cwd,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
-def test_default_model_follows_productscene_comfyui(monkeypatch, tmp_path):
-    dm = _default_model_module()
-    monkeypatch.setenv("PRODUCTSCENE_COMFYUI", str(comfy_env.COMFYUI_DIR))
-    assert dm.comfy_path() == comfy_env.COMFYUI_DIR
+def test_dev_kit_follows_productscene_comfyui(tmp_path):
+    show = "from devkit import paths; print(paths.COMFYUI_DIR)"
+    r = _dev_kit(show, {"PRODUCTSCENE_COMFYUI": str(comfy_env.COMFYUI_DIR), "COMFYUI_PATH": str(tmp_path)})
+    assert r.stdout.strip() == str(comfy_env.COMFYUI_DIR), r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PRODUCTSCENE_COMFYUI"}
+    r = subprocess.run([sys.executable, "-c", show], env=dict(env, PYTHONPATH=str(ROOT), COMFYUI_PATH=str(tmp_path)),
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.stdout.strip() == str(tmp_path.resolve()), r.stderr  # the command line's variable, second
 
     # another ComfyUI tree while this one is imported: refused, nothing built
     other = tmp_path / "OtherComfyUI"
     (other / "comfy").mkdir(parents=True)
     (other / "main.py").write_text("")
-    monkeypatch.setenv("PRODUCTSCENE_COMFYUI", str(other))
-    assert dm.comfy_path() == other.resolve()
-    with pytest.raises(RuntimeError, match=re.escape(str(other.resolve()))):
-        dm.ensure_default_model(cache_dir=tmp_path / "cache")
+    code = (f"import sys; sys.path.insert(0, {str(comfy_env.COMFYUI_DIR)!r}); import comfy\n"
+            f"from devkit.default_model import ensure_default_model\n"
+            f"ensure_default_model(cache_dir={str(tmp_path / 'cache')!r})")
+    r = _dev_kit(code, {"PRODUCTSCENE_COMFYUI": str(other)})
+    assert r.returncode != 0 and str(other.resolve()) in r.stderr and str(comfy_env.COMFYUI_DIR) in r.stderr, r.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
-def test_default_model_script_names_a_missing_tree(tmp_path):
+def test_default_model_command_names_a_missing_tree(tmp_path):
     missing = tmp_path / "no-comfyui"
-    env = dict(os.environ, PRODUCTSCENE_COMFYUI=str(missing))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "default_model.py"), "--cache-dir",
-                        str(tmp_path / "cache"), "--no-verify"], env=env, capture_output=True, text=True,
-                       timeout=120, stdin=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "-m", "devkit.default_model", "--cache-dir", str(tmp_path / "cache"),
+                        "--no-verify"], env=dict(os.environ, PRODUCTSCENE_COMFYUI=str(missing)), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert str(missing) in r.stderr and "PRODUCTSCENE_COMFYUI" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -5,7 +5,7 @@ and applied with its own nodes (IPAdapterModelLoader, IPAdapterEmbeds) and rando
 real "Plus" shapes, on UNets of the real SD1.5 / SD2.x / SDXL layouts (every block, so its per-layer
 keys land on the layers they land on in a real model; SD1.5's go on 2-tuple block keys, SDXL's on
 3-tuple layer keys) at 64 channels, and on the tiny models (where few of its keys match a layer).
-Every run replays the same cross-attention inputs (tests/support/replay.py), so each layer's output
+Every run replays the same cross-attention inputs (devkit/replay.py), so each layer's output
 differs only by what acts on that layer:
 - IPAdapter's per-layer effect with the gate (gate + IPAdapter minus gate) equals its effect alone
   (IPAdapter minus plain) on every layer where it fires, in both orders, and two IPAdapter nodes
@@ -20,9 +20,9 @@ import types
 import pytest
 import torch
 
-from tests.support import ipadapter
-from tests.support.models import encode, full_layout_unet, tiny
-from tests.support.replay import Replay
+from devkit import ipadapter
+from devkit.models import encode, full_layout_unet, tiny
+from devkit.replay import Replay
 from tests.test_category_attention import (category_prompt, compare, gate_node, host, libraries,  # noqa: F401
                                            two_masks)
 
@@ -158,7 +158,7 @@ def test_ipadapter_the_gate_and_a_personality_reference_compose_in_any_order(fam
     swapping both the category and the reference changes no product position of any layer (0.0)
     while the background changes."""
     from productscene.personality import PersonalityAdapter
-    from tests.support.comfy_env import import_pack
+    from devkit.comfy_env import import_pack
 
     apply_node = import_pack().nodes.personality.ProductSceneApplyPersonality
     reference_type = import_pack().nodes.personality.PersonalityReference

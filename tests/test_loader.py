@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.support import comfy_env
+from devkit import comfy_env
 
 NODE_ID = re.compile(r"""node_id\s*=\s*["']([^"']+)["']""")
 

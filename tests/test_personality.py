@@ -1,10 +1,10 @@
 """Personality Reference and Apply Personality inside the real ComfyUI UNet, with CLIP vision built
-by ComfyUI's own class (tests/support/clip_vision.py, random weights).
+by ComfyUI's own class (devkit/clip_vision.py, random weights).
 
 The reference never reaches the product: two references (or two references and two categories)
 patch clones of one model, ComfyUI's sampler runs one CFG step on a batch of two images with
 different masks at an odd, non-square latent, and every cross-attention layer is fed the same
-hidden states in both runs (tests/support/replay.py). Product positions must be bit-identical in
+hidden states in both runs (devkit/replay.py). Product positions must be bit-identical in
 every layer, cond and uncond rows, while background positions differ. Weight 0 leaves the model's
 output bit-identical; an adapter file reloads to identical outputs; bad input is refused before
 sampling, naming the input.
@@ -23,10 +23,10 @@ from productscene.attention import ProductRegion
 from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
 from productscene.personality import PersonalityAdapter
-from tests.support import comfy_env
-from tests.support.clip_vision import build_clip_vision
-from tests.support.models import encode, sample, tiny
-from tests.support.replay import Replay
+from devkit import comfy_env
+from devkit.clip_vision import build_clip_vision
+from devkit.models import encode, sample, tiny
+from devkit.replay import Replay
 
 pack = comfy_env.import_pack()
 host = pack.nodes.host

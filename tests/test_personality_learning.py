@@ -20,7 +20,7 @@ import torch
 from productscene.personality import PersonalityAdapter, neutral_fill
 from productscene.train.datasets import open_dataset
 from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
-from tests.support.clip_vision import build_clip_vision
+from devkit.clip_vision import build_clip_vision
 
 pytestmark = pytest.mark.learning
 

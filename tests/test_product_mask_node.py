@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from tests.support import comfy_env
+from devkit import comfy_env
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "products"

@@ -21,7 +21,7 @@ from PIL import Image
 from productscene.errors import ProductSceneError
 from productscene.library import CategoryLibrary
 from productscene.train.engine import read_checkpoint_info
-from tests.support.comfy_env import COMFYUI_DIR, REPO_ROOT
+from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
 from tests.test_workflows import _link_into
 
 TRAIN_API = REPO_ROOT / "workflows" / "api" / "category_library_training.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.support.comfy_env import REPO_ROOT as ROOT
+from devkit.comfy_env import REPO_ROOT as ROOT
 
 SHARED = ("torch", "numpy", "pillow", "safetensors")   # pinned once, in requirements-dev.txt
 

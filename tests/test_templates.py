@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from devkit import locales
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 CANVAS_FILES = sorted(WORKFLOWS.glob("*.json"))
 LOCALES = ROOT / "locales"
 LANGUAGES = ("en", "ja", "zh")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-
-
-def _load_update_locales():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("productscene_update_locales", ROOT / "scripts" / "update_locales.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("path", CANVAS_FILES, ids=[p.stem for p in CANVAS_FILES])
@@ -85,7 +78,7 @@ def test_template_browser_serves_templates_and_thumbnails(comfy_server):
 
 def test_english_node_translations_match_the_nodes(comfy_server):
     _server, client = comfy_server
-    english = _load_update_locales().english_node_defs(client.object_info())
+    english = locales.english_node_defs(client.object_info())
     saved = json.loads((LOCALES / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
     assert saved == english, "locales/en/nodeDefs.json is stale: run scripts/update_locales.py"
     for node, entry in english.items():  # every input and output explains itself on the canvas
@@ -95,7 +88,7 @@ def test_english_node_translations_match_the_nodes(comfy_server):
 
 @pytest.mark.parametrize("lang", [l for l in LANGUAGES if l != "en"])
 def test_every_language_translates_every_name_and_tooltip(lang):
-    gaps = _load_update_locales().gaps
+    gaps = locales.gaps
     english = json.loads((LOCALES / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
     other = json.loads((LOCALES / lang / "nodeDefs.json").read_text(encoding="utf-8"))
     missing, extra = gaps(english, other)

@@ -12,8 +12,8 @@ import torch
 import productscene
 from productscene.errors import ProductSceneError
 from productscene.personality import PersonalityAdapter
-from tests.support.clip_vision import build_clip_vision
-from tests.support.models import encode, sample
+from devkit.clip_vision import build_clip_vision
+from devkit.models import encode, sample
 from tests.support.progress_hook import cancel_when
 from tests.test_train_node import write_data
 

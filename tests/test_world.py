@@ -1,4 +1,4 @@
-"""The small world and its pretrained base model (scripts/world_model.py, productscene/world.py):
+"""The small world and its pretrained base model (devkit/world_model.py, devkit/world.py):
 deterministic data, a checkpoint that ComfyUI's CheckpointLoaderSimple loads as SD1.5, a fast
 text encoder that encodes exactly as the full one, a VAE whose latents carry the image's colour,
 and a UNet that has really learned to denoise the world (held-out loss far below its start and
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from productscene import world as world_mod
+from devkit import world as world_mod
 from productscene.train.datasets import check, open_dataset
 
 
@@ -89,7 +89,7 @@ def test_world_vae_keeps_the_colour_of_every_8x8_block(world, world_models):
 
 def test_world_base_has_learned_to_denoise_the_world(world, world_models, pack):
     from importlib import import_module
-    from productscene.train.recipes.denoising import DenoisingRecipe
+    from devkit.denoising import DenoisingRecipe
 
     meta = json.loads(world.meta["productscene.pretrain"])
     curve = [v for _, v in meta["heldout_curve"]]

@@ -13,7 +13,7 @@ installer can enumerate the cross-attention layers:
 
 The classes are named like ComfyUI's (``SpatialTransformer``, ``BasicTransformerBlock``,
 ``CrossAttention``) for duck typing, but ``isinstance(x, comfy...SpatialTransformer)`` is False:
-code that needs real modules belongs in a test with ``tests.support.models.tiny_sd15()``.
+code that needs real modules belongs in a test with ``devkit.models.tiny_sd15()``.
 
 Recording: ``m.calls`` (shared by a patcher and all its clones, in order) holds
 ``(patcher_id, method, args)`` tuples; ``m.clones`` the clones made from it (recursively shared);

@@ -28,7 +28,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from .errors import ProductSceneError
+from productscene.errors import ProductSceneError
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PACK_NAME = "productscene_pack_under_test"
@@ -293,7 +293,7 @@ class ComfyServer:
         return self.proc is not None and self.proc.poll() is None
 
     def client(self):
-        from .client import ComfyClient
+        from productscene.client import ComfyClient
         return ComfyClient(self.url)
 
     def __enter__(self) -> "ComfyServer":

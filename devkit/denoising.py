@@ -1,4 +1,4 @@
-"""Plain denoising pretraining of a whole UNet (the world base model, ``scripts/world_model.py``).
+"""Plain denoising pretraining of a whole UNet (the world base model, ``devkit/world_model.py``).
 
 Group ``unet``: every parameter of ``host.unet``. Each step draws latents, one of a few
 category-agnostic prompts (encoded once, no gradient), noise and timesteps over the whole
@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ...errors import ProductSceneError
-from ...prompt import Prompt
-from . import DiffusionHost
+from productscene.errors import ProductSceneError
+from productscene.prompt import Prompt
+from productscene.train.recipes import DiffusionHost
 
 
 class DenoisingRecipe:
@@ -48,7 +48,7 @@ class DenoisingRecipe:
         return {"latents": latents, "noise": noise, "timesteps": t, "prompt": prompt}
 
     def predict(self, batch) -> torch.Tensor:
-        from . import Encoded
+        from productscene.train.recipes import Encoded
         dev = self.host.device
         cond = self.conditioning()[batch["prompt"].to(dev)]
         sigma = self.host.sigmas(batch["timesteps"].to(dev))

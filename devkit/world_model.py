@@ -1,4 +1,4 @@
-"""Build and cache the small world (``productscene.world``) and its PRETRAINED base model.
+"""Build and cache the small world (``devkit.world``) and its PRETRAINED base model.
 
 The world base is the model every learning test starts from, as a real user starts from a
 pretrained checkpoint. It is an SD1.5-family checkpoint that ComfyUI's ``CheckpointLoaderSimple``
@@ -7,7 +7,7 @@ detects as SD15 and loads as MODEL, CLIP and VAE:
 - UNet: ComfyUI's own SD1.5 UNet class, ``model_channels`` 320 (what SD1.5 detection requires),
   ONE level (``channel_mult`` [1]), one res block, transformer depth 1 (about 26M parameters),
   PRETRAINED here on the world's train split with category-agnostic prompts (:data:`PROMPTS`) by the
-  project's training engine (``productscene.train.recipes.denoising``) until its generic denoising
+  project's training engine (``devkit.denoising``) until its generic denoising
   loss has levelled off (the held-out loss curve is in the file's metadata);
 - text encoder: CLIP-L's shape (12 layers, so the standard loader takes it), seeded random weights,
   of which only the first :data:`CLIP_LAYERS` layers compute anything: the others have zero output
@@ -27,39 +27,25 @@ model that already denoises its data, in a few minutes on two CPU cores.
 
 Files (atomic writes; rebuilt when missing or when :data:`BUILDER_VERSION` or the world changes)::
 
-    <repo>/.cache/productscene/world-<BUILDER_VERSION>/data/          productscene.world catalogue
+    <repo>/.cache/productscene/world-<BUILDER_VERSION>/data/          devkit.world catalogue
     <repo>/.cache/productscene/world-<BUILDER_VERSION>/world-base.safetensors
 
-Usage (the venv python): ``python scripts/world_model.py [--force] [--cache-dir DIR]``.
+Usage (the venv python, from the repository root): ``python -m devkit.world_model [--force] [--cache-dir DIR]``.
 Importable: :func:`ensure_world` -> :class:`World` (``.checkpoint``, ``.data``, ...),
 :func:`load_world_base` (fast model, clip, vae through ComfyUI's loader).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
+from . import default_model as dm
+from . import world as world_mod
 
-
-def _default_model():
-    """``scripts/default_model.py`` (shared helpers: paths, shapes, seeded tensors)."""
-    name = "productscene_default_model"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, _HERE / "default_model.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-dm = _default_model()
 ROOT = dm.ROOT
 
 BUILDER_VERSION = "3"
@@ -193,8 +179,6 @@ def load_world_base(path, fast_clip: bool = True):
 
 def _host_adapter():
     """The pack's ComfyUI training adapter, loaded the way the command line loads it."""
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))
     from productscene_cli.comfyui import load_host_adapter
     return load_host_adapter(cpu=True)
 
@@ -210,11 +194,10 @@ def _images(dataset):
 def build(folder: Path, *, seed: int = SEED, steps: int = PRETRAIN_STEPS, host_adapter=None, log=say) -> World:
     dm._import_paths()
     import torch
-    from productscene import world as world_mod
     from productscene.files import save_safetensors_atomic
     from productscene.train.datasets import open_dataset
     from productscene.train.engine import Phase, Trainer
-    from productscene.train.recipes.denoising import DenoisingRecipe
+    from .denoising import DenoisingRecipe
 
     th = host_adapter or _host_adapter()
     folder = Path(folder)
@@ -267,7 +250,7 @@ def build(folder: Path, *, seed: int = SEED, steps: int = PRETRAIN_STEPS, host_a
     h = result.history
     meta = {
         "productscene.world_base": "ProductScene world base: a small SD1.5-family model pretrained on the "
-                                   "synthetic world of productscene.world (see scripts/world_model.py)",
+                                   "synthetic world of devkit.world (see devkit/world_model.py)",
         "productscene.builder_version": BUILDER_VERSION,
         "productscene.seed": str(seed),
         "productscene.world": json.dumps(world_mod.describe()),
@@ -303,7 +286,6 @@ def ensure_world(cache_dir: Path | None = None, force: bool = False, host_adapte
 
 
 def _ensure_world(folder: Path, force: bool, host_adapter, log) -> World:
-    from productscene import world as world_mod
     path = folder / CHECKPOINT_NAME
     meta = dm._header_meta(path)
     if (not force and meta and meta.get("productscene.builder_version") == BUILDER_VERSION

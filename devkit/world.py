@@ -1,5 +1,5 @@
 """The small synthetic world (host-free): a product catalogue whose categories differ in a known
-way, written in the BG60k layout, for the world base model (``scripts/world_model.py``) and every
+way, written in the BG60k layout, for the world base model (``devkit/world_model.py``) and every
 learning test.
 
 Each image is 64x64: one product (a box or an ellipse of a random colour, size and place) on a
@@ -45,8 +45,8 @@ import tempfile
 
 import numpy as np
 
-from .errors import ProductSceneError
-from .files import temp_prefix
+from productscene.errors import ProductSceneError
+from productscene.files import temp_prefix
 
 WORLD_VERSION = 3
 SIZE = 64

@@ -1,12 +1,12 @@
 """Make the real ComfyUI importable in this process, on the CPU, with a private base directory.
 
 Import this module before anything imports ``comfy``, ``nodes`` or ``folder_paths``
-(``tests/conftest.py`` does it at collection time). Importing it:
+(``tests/conftest.py`` does it at collection time; the dev kit's model builders before they use
+ComfyUI). Importing it:
 
-* puts the ComfyUI tree on ``sys.path[0]`` (default ``<repo>/.venv/comfyui``, made by
-  ``scripts/setup_host.sh``; the environment variable ``PRODUCTSCENE_COMFYUI`` overrides it, as
-  ``scripts/test.sh`` does for the second host, with that host's python). ``COMFYUI_VERSION`` is
-  the tree's version.
+* puts the ComfyUI tree (``devkit.paths.COMFYUI_DIR``) on ``sys.path[0]`` with the command line's
+  own bootstrap (``productscene_cli.comfyui.configure``: one way into ComfyUI outside its server).
+  ``COMFYUI_VERSION`` is the tree's version.
   It must sit *before* the repo root: the repo has a ``nodes/`` package and ComfyUI a ``nodes.py``;
   ``import nodes`` must give ComfyUI's. (The pack's own ``nodes/`` is only ever imported as a
   subpackage of the pack, see :func:`import_pack`.)
@@ -24,7 +24,6 @@ import atexit
 import functools
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,8 +31,9 @@ import types
 import warnings
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_DIR = Path(os.environ.get("PRODUCTSCENE_COMFYUI") or REPO_ROOT / ".venv" / "comfyui").resolve()
+from productscene_cli.comfyui import configure
+
+from .paths import COMFYUI_DIR, REPO_ROOT, comfyui_version  # noqa: F401  (re-exported for the tests)
 
 if not (COMFYUI_DIR / "main.py").is_file() or not (COMFYUI_DIR / "comfy").is_dir():
     raise RuntimeError(
@@ -41,23 +41,7 @@ if not (COMFYUI_DIR / "main.py").is_file() or not (COMFYUI_DIR / "comfy").is_dir
         "or point PRODUCTSCENE_COMFYUI at a ComfyUI tree (0.3.75 or 0.33)."
     )
 
-
-def comfyui_version(tree: Path = COMFYUI_DIR) -> str:
-    """The version a ComfyUI tree declares in its comfyui_version.py ("unknown" without one)."""
-    try:
-        text = (Path(tree) / "comfyui_version.py").read_text()
-    except OSError:
-        return "unknown"
-    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
-    return m.group(1) if m else "unknown"
-
-
 COMFYUI_VERSION = comfyui_version()
-
-_comfy_str = str(COMFYUI_DIR)
-if _comfy_str in sys.path:
-    sys.path.remove(_comfy_str)
-sys.path.insert(0, _comfy_str)
 
 # Private base directory for folder_paths (models/, input/, output/, temp/, user/, custom_nodes/).
 BASE_DIR = Path(tempfile.mkdtemp(prefix="productscene-comfy-base-"))
@@ -81,20 +65,16 @@ class _DropNoise(logging.Filter):
 
 
 def _configure() -> None:
-    already = "comfy.model_management" in sys.modules
-    import comfy.options  # noqa: F401  (args_parsing stays False: ComfyUI parses [] not pytest's argv)
-    import comfy.cli_args as cli_args
-
-    if already and FORCE_CPU and not cli_args.args.cpu:
-        raise RuntimeError("comfy.model_management was imported before tests.support.comfy_env; "
-                           "import comfy_env first so ComfyUI picks the CPU")
-    if FORCE_CPU:
-        cli_args.args.cpu = True
-    cli_args.args.base_directory = str(BASE_DIR)
-    cli_args.args.disable_auto_launch = True
-    cli_args.args.auto_launch = False
-    cli_args.args.database_url = "sqlite:///:memory:"
-
+    loaded = sys.modules.get("comfy")
+    where = [Path(p).resolve().parent for p in getattr(loaded, "__path__", [])]
+    if where and COMFYUI_DIR not in where:
+        raise RuntimeError(f"ComfyUI is already imported from {where[0]}, but the dev kit was asked to use "
+                           f"{COMFYUI_DIR} (PRODUCTSCENE_COMFYUI)")
+    if "comfy.model_management" in sys.modules:
+        import comfy.cli_args as cli_args
+        if FORCE_CPU and not cli_args.args.cpu:
+            raise RuntimeError("comfy.model_management was imported before devkit.comfy_env; "
+                               "import comfy_env first so ComfyUI picks the CPU")
     root = logging.getLogger()
     noise = _DropNoise()
     root.addFilter(noise)
@@ -105,12 +85,11 @@ def _configure() -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # SWIG modules' "no __module__"
-            import comfy.model_management  # noqa: F401
-            import comfy.utils
+            configure(str(COMFYUI_DIR), cpu=FORCE_CPU, base_directory=str(BASE_DIR), disable_auto_launch=True,
+                      auto_launch=False, database_url="sqlite:///:memory:")
             import folder_paths  # noqa: F401
     finally:
         logging.disable(previous)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
 
 
 _configure()
