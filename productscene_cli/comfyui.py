@@ -78,6 +78,11 @@ def load_host_adapter(comfyui: str | None = None, cpu: bool = False) -> types.Mo
     return load_pack(comfyui, cpu).nodes.training_host
 
 
+def one_line(error: Exception) -> str:
+    """ComfyUI's own message of ``error`` on one line (some span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def load_checkpoint(path: str):
     """(model, clip, vae) of a full checkpoint; a file ComfyUI cannot use is named as ``checkpoint``."""
     import comfy.sd
@@ -86,7 +91,7 @@ def load_checkpoint(path: str):
     try:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
     except Exception as e:  # ComfyUI cannot identify the model ("Could not detect model type"), or bad weights
-        raise ProductSceneError(f"checkpoint: ComfyUI could not load {path} as a model checkpoint ({e}); give a "
+        raise ProductSceneError(f"checkpoint: ComfyUI could not load {path} as a model checkpoint ({one_line(e)}); give a "
                                 f"full SD1.5, SD2.x or SDXL checkpoint that CheckpointLoaderSimple takes") from None
     if model is None:
         raise ProductSceneError(f"checkpoint: ComfyUI does not detect a diffusion model in {path}")
@@ -104,7 +109,7 @@ def load_clip_vision(path: str):
     try:
         clip_vision = comfy.clip_vision.load(path)
     except Exception as e:  # an unreadable file, or weights that do not fit the detected shape
-        raise ProductSceneError(f"clip-vision: ComfyUI could not load {path} as a CLIP vision model ({e})") from None
+        raise ProductSceneError(f"clip-vision: ComfyUI could not load {path} as a CLIP vision model ({one_line(e)})") from None
     if clip_vision is None:
         raise ProductSceneError(
             f"clip-vision: ComfyUI does not detect a CLIP vision model in {path}; give a CLIP vision "

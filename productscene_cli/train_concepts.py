@@ -36,6 +36,13 @@ def register(sub) -> None:
     k.add_argument("--batch-size", type=int, default=1)
     k.add_argument("--attention-weight", type=float, default=0.01)
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--class-images", default=None, metavar="DIR",
+                   help="prior preservation: a folder of images of the concepts' class made by the same model")
+    k.add_argument("--class-prompt", default=None,
+                   help="the prompt the class images were made with (default 'a photo of an object'; "
+                        "only with --class-images)")
+    k.add_argument("--prior-weight", type=float, default=None,
+                   help="weight of the prior-preservation loss (default 1.0; only with --class-images)")
     k.add_argument("--lora", default=None, help="LoRA file (default OUT.lora.safetensors)")
     k.add_argument("--embeddings-dir", default=None, help="folder of the per-token textual-inversion files (default: OUT's)")
     k.add_argument("--history", default=None, help="loss history JSON (default OUT.loss.json)")
@@ -72,14 +79,48 @@ def read_scene(image_path, mask_paths):
     return image, torch.stack(masks)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_class_images(folder, size: tuple[int, int]) -> torch.Tensor:
+    """Every image in ``folder`` (not its subfolders), RGB, resized to ``size`` (w, h): ``[P, H, W, 3]``."""
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise ProductSceneError(f"--class-images: {root!r} is not a folder")
+    names = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise ProductSceneError(f"--class-images: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+    images = [_read_image(os.path.join(root, n), "--class-images").convert("RGB").resize(size, Image.BICUBIC)
+              for n in names]
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+
+
+def prior_options(args, size: tuple[int, int]) -> dict:
+    """The prior-preservation settings of the command line, checked: ``{}`` without class images."""
+    if args.class_images is None:
+        for option, value in (("--class-prompt", args.class_prompt), ("--prior-weight", args.prior_weight)):
+            if value is not None:
+                raise ProductSceneError(f"{option}: prior preservation needs --class-images DIR as well")
+        return {}
+    weight = 1.0 if args.prior_weight is None else float(args.prior_weight)
+    if not weight > 0:
+        raise ProductSceneError(f"--prior-weight: expected a number above 0 with --class-images, got {weight:g}")
+    prompt = "a photo of an object" if args.class_prompt is None else args.class_prompt.strip()
+    if not prompt:
+        raise ProductSceneError("--class-prompt: expected the prompt the class images were made with")
+    return {"class_images": read_class_images(args.class_images, size), "prior_weight": weight, "class_prompt": prompt}
+
+
 def run(args) -> int:
     check_model_checkpoint(args.checkpoint)
     image, masks = read_scene(args.image, args.mask)
+    prior = prior_options(args, (image.shape[2], image.shape[1]))
     split = lambda text: tuple(w.strip() for w in text.split(",")) if text else ()  # noqa: E731
     config = ConceptConfig(names=split(args.names), init_words=split(args.init_words), background=args.background,
                            phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps, lr_phase1=args.lr_phase1,
                            lr_phase2=args.lr_phase2, unet=args.unet, rank=args.rank, resolution=args.resolution,
-                           batch_size=args.batch_size, attention_weight=args.attention_weight)
+                           batch_size=args.batch_size, attention_weight=args.attention_weight,
+                           **{k: v for k, v in prior.items() if k != "class_images"})
     prepare_scene(image, masks, config.resolution, config.background)  # every mask problem before loading a model
     stem = os.path.splitext(args.out)[0]
     ckpt = args.state or stem + ".checkpoint.safetensors"
@@ -97,7 +138,8 @@ def run(args) -> int:
         host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
         history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_every=args.checkpoint_every,
         autocast=args.autocast, progress=bars.progress, should_stop=should_stop,
-        gradient_checkpoint=args.gradient_checkpointing, **outputs), ckpt, config.phase1_steps + config.phase2_steps)
+        gradient_checkpoint=args.gradient_checkpointing, class_images=prior.get("class_images"), **outputs),
+        ckpt, config.phase1_steps + config.phase2_steps)
     if done is None:
         return 130
     print(f"wrote {done.tokens}: {', '.join(done.recipe.names)}; LoRA {done.lora}; embeddings "

@@ -1,6 +1,7 @@
 """The command line, as a user runs it: ``python -m productscene ...`` in a fresh process."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,72 @@ def test_train_concepts_refuses_bad_masks_before_loading_a_model(tmp_path, defau
                    tmp_path / "empty.png", "--out", tmp_path / "x.safetensors", "--cpu")
     assert done.returncode == 2 and "mask 2 of 2 is empty" in done.stderr
     assert "ComfyUI" not in done.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_concepts_class_images_add_the_prior_loss(tmp_path, default_model_files):
+    """--class-images (with --class-prompt and --prior-weight) turns on prior preservation: every
+    step's loss then holds a prior term; without it no step does."""
+    checkpoint, _ = default_model_files
+    image, masks = _scene_files(tmp_path)
+    classes = tmp_path / "class_images"
+    classes.mkdir()
+    for i, colour in enumerate(((200, 60, 60), (60, 60, 200))):
+        Image.fromarray(np.full((48, 40, 3), colour, np.uint8)).save(classes / f"c{i}.png")  # any size: resized
+    common = ["train-concepts", "--checkpoint", checkpoint, "--image", image, "--mask", masks[0], "--mask", masks[1],
+              "--phase1-steps", 1, "--phase2-steps", 1, "--resolution", 64, "--cpu"]
+    done = run_cli(*common, "--out", tmp_path / "prior.safetensors", "--class-images", classes,
+                   "--class-prompt", "a photo of a bottle", "--prior-weight", 0.5)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = json.loads((tmp_path / "prior.loss.json").read_text())["logs"]
+    assert len(logs) == 2 and all(entry["prior_loss"] > 0 for entry in logs)
+    plain = run_cli(*common, "--out", tmp_path / "plain.safetensors")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert not any("prior_loss" in entry for entry in json.loads((tmp_path / "plain.loss.json").read_text())["logs"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prior-weight", "0.5"], "--prior-weight: prior preservation needs --class-images"),
+    (["--class-prompt", "a bottle"], "--class-prompt: prior preservation needs --class-images"),
+    (["--class-images", "EMPTY"], "--class-images: no images"),
+    (["--class-images", "MISSING"], "is not a folder"),
+    (["--class-images", "CLASSES", "--prior-weight", "0"], "--prior-weight: expected a number above 0"),
+])
+def test_train_concepts_prior_options_are_checked_before_a_model_loads(tmp_path, default_model_files, extra, message):
+    checkpoint, _ = default_model_files
+    image, masks = _scene_files(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "classes" / "c.png")
+    folders = {"EMPTY": tmp_path / "empty", "MISSING": tmp_path / "missing", "CLASSES": tmp_path / "classes"}
+    extra = [folders.get(e, e) for e in extra]
+    done = run_cli("train-concepts", "--checkpoint", checkpoint, "--image", image, "--mask", masks[0],
+                   "--out", tmp_path / "x.safetensors", "--cpu", *extra, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "ComfyUI" not in done.stderr
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_a_checkpoint_comfyui_cannot_identify_is_an_error_line(dataset, tmp_path):
+    """A safetensors file that looks like a model by its keys but that ComfyUI cannot identify: every
+    command that loads --checkpoint says so on one ``error: checkpoint:`` line, exit 2, nothing written."""
+    odd = tmp_path / "odd.safetensors"
+    save_file({"model.diffusion_model.some.weight": torch.zeros(3, 5)}, str(odd))
+    image, masks = _scene_files(tmp_path)
+    library = tmp_path / "lib.safetensors"
+    CategoryLibrary.write(library, ["perfume", "tools"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
+    commands = {
+        "train-categories": ["--data", dataset, "--out", tmp_path / "cats.safetensors"],
+        "train-concepts": ["--image", image, "--mask", masks[0], "--out", tmp_path / "concepts.safetensors"],
+        "evaluate-library": ["--data", dataset, "--library", library],
+    }
+    before = set(tmp_path.iterdir())
+    for command, args in commands.items():
+        done = run_cli(command, "--checkpoint", odd, *args, "--cpu", timeout=300)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith(f"error: checkpoint: ComfyUI could not load {odd}"), (command, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, command
+    assert set(tmp_path.iterdir()) == before
 
 
 # -- train-personality ----------------------------------------------------------------------------------
