@@ -21,21 +21,29 @@ import sys
 
 from productscene.errors import ProductSceneError
 
-from . import batch, build_library, check_dataset, evaluate_library, train_categories, train_concepts, train_personality
 
-COMMANDS = (check_dataset, train_categories, train_personality, train_concepts, evaluate_library, build_library, batch)
+def commands(name: str | None = None) -> list:
+    """The command modules (``name``: only that one, when it is ``batch``: a catalogue run needs none
+    of the training commands' imports, torch among them)."""
+    if name == "batch":
+        from . import batch
+        return [batch]
+    from . import (batch, build_library, check_dataset, evaluate_library, train_categories, train_concepts,
+                   train_personality)
+    return [check_dataset, train_categories, train_personality, train_concepts, evaluate_library, build_library, batch]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m productscene", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
+    for command in commands(name):
         command.register(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     check = getattr(args, "check_args", None)
     if check is not None:

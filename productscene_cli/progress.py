@@ -8,7 +8,6 @@ import signal
 import sys
 
 from productscene.errors import ProductSceneError
-from productscene.train.engine import read_checkpoint_info
 
 
 def bar(total, desc, **options):
@@ -92,6 +91,7 @@ def trained(result, ckpt: str) -> str:
 
 
 def saved_state(ckpt: str) -> str:
+    from productscene.train.engine import read_checkpoint_info  # torch: not for the batch command's bar
     try:
         info = read_checkpoint_info(ckpt)
     except (ProductSceneError, OSError):
