@@ -126,7 +126,8 @@ class PersonalityAdapter(torch.nn.Module):
             logits = logits.masked_fill(~keep[:, None, :].to(logits.device), float("-inf"))
         return self.norm_out(torch.softmax(logits, dim=-1) @ kv)
 
-    def projections(self, device=None, dtype=None) -> dict[tuple, tuple[torch.nn.Module, torch.nn.Module]]:
+    def projections(self) -> dict[tuple, tuple[torch.nn.Module, torch.nn.Module]]:
+        """``{layer key: (to_k, to_v)}``: the adapter's own modules, wherever they are."""
         return {layer_key(n): (self.to_k[_module_name(n)], self.to_v[_module_name(n)]) for n in self.layer_widths}
 
     def check_layers(self, layers: Mapping[tuple, int], what: str = "model") -> None:

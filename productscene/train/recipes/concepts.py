@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ...attention import AttentionCapture, SceneAttention
 from ...errors import ProductSceneError
 from ...files import save_safetensors_atomic, write_bytes_atomic
-from ...library import CategoryLibrary, TOKENIZER_KEYS
+from ...library import CategoryLibrary
 from ...prompt import Prompt, init_vectors
 from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
@@ -524,4 +524,4 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
 
 __all__ = ["ConceptConfig", "ConceptRecipe", "ConceptRun", "MAX_CONCEPTS", "prepare_scene", "train_concepts",
            "check_concept_outputs",
-           "write_textual_inversion", "concept_names", "TOKENIZER_KEYS"]
+           "write_textual_inversion", "concept_names"]
