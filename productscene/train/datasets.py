@@ -32,6 +32,8 @@ from ..files import load_tensors, save_safetensors_atomic
 from ..images import alpha, as_tensor, header, luminance, open_image, rgb
 from ..masks import resize_to_layer
 
+BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
+                 "inherit that restriction.")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIX = "_mask"
 LAYOUTS = ("folder", "bg60k")
