@@ -14,7 +14,7 @@ from productscene.errors import ProductSceneError
 from productscene.train.engine import Phase, read_checkpoint_info
 from productscene.train.recipes.categories import CategoryConfig, train_category_library
 from productscene.train.recipes.concepts import ConceptConfig, train_concepts
-from productscene.train.run import RunOptions, run_recipe
+from productscene.train.run import RunOptions, loss_span, run_recipe
 from tests.test_train_engine import ToyRecipe
 
 PHASES = [Phase("a", 4, {"a": 0.05}), Phase("both", 4, {"a": 0.01, "b": 0.02})]
@@ -106,6 +106,7 @@ def test_the_summary_every_written_file_carries():
     summary = trained.summary("toy", 7, {"steps": 8}, images=3)
     assert summary == {"recipe": "toy", "steps": 8, "seed": 7, "images": 3, "first_loss": sum(h) / 8,
                        "final_loss": sum(h) / 8, "config": {"steps": 8}}
+    assert loss_span([4.0] * 20 + [1.0] * 30) == (4.0, 1.0) and loss_span([]) == (None, None)
 
 
 @pytest.mark.parametrize("fields, match", [

@@ -11,7 +11,8 @@ files to what lives here:
   every latent encoded once (:func:`warm_latents`);
 * :func:`run_recipe`: the engine inside the host's training session, resumed when asked; a cancel
   comes back as ``Trained.cancelled`` (the state of the last completed step is saved by then);
-* :meth:`Trained.summary`: the training summary the written file carries.
+* :meth:`Trained.summary`: the training summary the written file carries (its losses:
+  :func:`loss_span`).
 """
 from __future__ import annotations
 
@@ -153,6 +154,18 @@ def license_of(license: str | None, layout: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ the engine
+SPAN = 20  # steps a run's first and final loss are averaged over
+
+
+def loss_span(history: Sequence[float]) -> tuple[float | None, float | None]:
+    """``(first loss, final loss)`` of a run: the mean of its first and of its last :data:`SPAN`
+    steps (None, None without steps)."""
+    if not history:
+        return None, None
+    first, last = history[:SPAN], history[-SPAN:]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
 @dataclass
 class Trained:
     result: TrainResult
@@ -165,11 +178,10 @@ class Trained:
 
     def summary(self, recipe: str, seed: int, config: Mapping, **facts) -> dict:
         """The training summary a written file carries: the recipe, steps, seed, the run's own
-        ``facts``, the mean loss of the first and of the last 20 steps, and the config."""
-        h = self.result.history
+        ``facts``, its :func:`loss_span` and the config."""
+        first, final = loss_span(self.result.history)
         return {"recipe": recipe, "steps": self.result.steps_done, "seed": int(seed), **facts,
-                "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
-                "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None, "config": dict(config)}
+                "first_loss": first, "final_loss": final, "config": dict(config)}
 
 
 def run_recipe(host, recipe, phases: Sequence[Phase], options: RunOptions, *, name: str,
