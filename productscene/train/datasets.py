@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ProductSceneError
 from ..files import load_tensors, save_safetensors_atomic
-from ..images import alpha, as_tensor, header, luminance, open_image, rgb
+from .. import images as image_files
 from ..masks import resize_to_layer
 
 BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
@@ -129,30 +129,30 @@ class Dataset:
 
 
 def _alpha_mask(img) -> np.ndarray | None:
-    a = alpha(img)
+    a = image_files.alpha(img)
     return None if a is None else a > 128
 
 
 def _mask_file(path) -> np.ndarray:
-    img = open_image(path, "mask")
+    img = image_files.open_image(path, "mask")
     m = _alpha_mask(img)
-    return m if m is not None else luminance(img) >= 128
+    return m if m is not None else image_files.luminance(img) >= 128
 
 
 def read_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
-    img = open_image(item.image)
+    img = image_files.open_image(item.image)
     if item.mask is None:
         mask = _alpha_mask(img)
         if mask is None:
             raise ProductSceneError(f"{item.image}: has no alpha channel and no sibling _mask.png")
     else:
         mask = _mask_file(item.mask)
-    colour = rgb(img)
-    if mask.shape != colour.shape[:2]:
+    rgb = image_files.rgb(img)
+    if mask.shape != rgb.shape[:2]:
         raise ProductSceneError(
             f"{item.mask or item.image}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-            f"{colour.shape[1]}x{colour.shape[0]}")
-    return colour, mask
+            f"{rgb.shape[1]}x{rgb.shape[0]}")
+    return rgb, mask
 
 
 def prepare(rgb: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +167,7 @@ def prepare(rgb: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[torch.T
     img = Image.fromarray(rgb)
     if (nh, nw) != (h, w):
         img = img.resize((nw, nh), Image.BICUBIC)
-    image = as_tensor(img)[top:top + s, left:left + s]
+    image = image_files.as_tensor(img)[top:top + s, left:left + s]
     m = torch.from_numpy(mask.astype(np.float32))[None]
     m = resize_to_layer(m, nh, nw) if (nh, nw) != (h, w) else m
     m = (m[0, top:top + s, left:left + s] > 0.5).float()
@@ -328,12 +328,12 @@ def check(dataset: Dataset, categories: Iterable[str] | None = None, deep: bool 
             problems.append(Problem("unknown category", item.image, f"{item.category!r} is not one of the run's categories"))
         try:
             if deep:
-                img = open_image(item.image)
+                img = image_files.open_image(item.image)
                 size = img.size
                 alpha_mask = _alpha_mask(img) if item.mask is None else None
                 transparent = alpha_mask is not None
             else:
-                size, transparent = header(item.image)
+                size, transparent = image_files.header(item.image)
         except ProductSceneError as e:
             problems.append(Problem("unreadable", item.image, e.reason))
             continue
@@ -351,7 +351,7 @@ def check(dataset: Dataset, categories: Iterable[str] | None = None, deep: bool 
                     mask = _mask_file(item.mask)
                     msize = (mask.shape[1], mask.shape[0])
                 else:
-                    msize = header(item.mask, "mask")[0]
+                    msize = image_files.header(item.mask, "mask")[0]
             except ProductSceneError as e:
                 problems.append(Problem("unreadable", item.mask, e.reason))
                 continue

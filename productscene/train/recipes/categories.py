@@ -29,6 +29,7 @@ from ..run import RunOptions, checked_inputs, license_of, run_recipe, warm_laten
 from ..run import check_outputs  # noqa: F401  (productscene/cli.py imports it from here until it imports ..run)
 from . import DiffusionHost, Encoded, sample_preview
 
+
 @dataclass
 class CategoryConfig:
     template: str = DEFAULT_TEMPLATE
