@@ -24,7 +24,7 @@ from .paths import PERSONALITY_FOLDER, resolve
 PersonalityReferenceType = io.Custom("PERSONALITY_REFERENCE")
 COMBINE = ("average", "concatenate")
 _ADAPTERS: dict[str, tuple[int, int, PersonalityAdapter]] = {}
-_PATCHERS: "weakref.WeakKeyDictionary[PersonalityAdapter, comfy.model_patcher.ModelPatcher]" = weakref.WeakKeyDictionary()
+_PATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> its ModelPatcher
 
 
 @dataclass(frozen=True)
