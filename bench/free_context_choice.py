@@ -48,7 +48,7 @@ def default_model():
 
 def tokens_for(pack, tm, category, drift, seed):
     """(positive conditioning, CATEGORY_TOKENS left out, CATEGORY_TOKENS init word) for one category."""
-    from productscene.library import TOKENIZER_KEYS
+    from productscene.prompt import TOKENIZER_KEYS
     from productscene.prompt import CategoryTokens, category_free_template, init_vectors, tokenize_with_identifier
     embed = pack.nodes.clip_text.word_token_embeddings(tm.clip)
     widths = pack.nodes.clip_text.clip_widths(tm.clip)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import folder_paths
 import torch
+import comfy.model_management
+import comfy.model_patcher
 from comfy_api.v0_0_2 import io
 
 from productscene.attention import SceneAttention
@@ -21,6 +24,7 @@ from .paths import PERSONALITY_FOLDER, resolve
 PersonalityReferenceType = io.Custom("PERSONALITY_REFERENCE")
 COMBINE = ("average", "concatenate")
 _ADAPTERS: dict[str, tuple[int, int, PersonalityAdapter]] = {}
+_PATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> its ModelPatcher
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,30 @@ class PersonalityReference:
     adapter: PersonalityAdapter
     tokens: torch.Tensor  # [1, K or R*K, C]
     adapter_name: str
+
+
+class AdapterWeights(torch.nn.Module):
+    """The part of an adapter that acts while sampling, its per-layer to_k/to_v (the same modules),
+    as the model ComfyUI loads beside the UNet. The projection that makes the reference tokens runs
+    once per reference, before sampling, and stays where it is."""
+
+    def __init__(self, adapter: PersonalityAdapter):
+        super().__init__()
+        self.to_k, self.to_v = adapter.to_k, adapter.to_v
+
+
+def adapter_patcher(adapter: PersonalityAdapter) -> comfy.model_patcher.ModelPatcher:
+    """The adapter's weights under ComfyUI's model management (one patcher per adapter, as
+    comfy_extras/nodes_model_patch.py hands a patch's weights to ComfyUI): the sampler loads them
+    with the UNet through the patch's ``models()``, counts them in its memory estimate and offloads
+    them as it offloads models."""
+    patcher = _PATCHERS.get(adapter)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(AdapterWeights(adapter),
+                                                   load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        _PATCHERS[adapter] = patcher
+    return patcher
 
 
 def list_adapters() -> list[str]:
@@ -168,7 +196,8 @@ class ProductSceneApplyPersonality(io.ComfyNode):
                 f"({adapter.context_dim}-wide context), but this model's context is {dim} wide")
         adapter.check_layers(model_layers(model), "reference")
         injection = adapter.injection(reference.tokens, product_mask, weight=weight, start=start, end=end,
-                                      negative=None if negative_reference is None else negative_reference.tokens)
+                                      negative=None if negative_reference is None else negative_reference.tokens,
+                                      models=[adapter_patcher(adapter)])
         check_background_left(injection.mask, 0, name="product_mask")
         return io.NodeOutput(install(model, SceneAttention().with_injection(injection)))
 

@@ -2,14 +2,12 @@
 data set folder, with the mask-guided gate on, and writes a category library."""
 from __future__ import annotations
 
-import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.prompt import DEFAULT_TEMPLATE
 from productscene.train.recipes.categories import CategoryConfig, train_category_library
 from .paths import LIBRARY_FOLDER
-from .live_progress import LiveProgress
-from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, work_folder
+from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, run_options, work_folder
 from .training_host import ComfyProgress, ComfyTrainingHost
 
 
@@ -69,11 +67,9 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
                                 steps=steps, lr_tokens=lr_tokens, lr_lora=lr_lora)
         run = train_category_library(
-            ComfyTrainingHost(model, clip, vae), data, library, config, layout=layout,
-            seed=seed, cache_dir=work_folder("latent_cache"), checkpoint_path=state,
-            checkpoint_every=checkpoint_every, resume=resume, progress=(live := LiveProgress(steps)),
-            latent_progress=ComfyProgress(1), should_stop=mm.processing_interrupted, preview_every=preview_every,
-            on_preview=live.sample)
+            ComfyTrainingHost(model, clip, vae), data, library, config,
+            run_options(steps, state, checkpoint_every, resume, seed, preview_every), layout=layout,
+            cache_dir=work_folder("latent_cache"), latent_progress=ComfyProgress(1))
         return io.NodeOutput(name, finished(run).graph)
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 
-import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.train.recipes.concepts import (MAX_CONCEPTS, ConceptConfig, check_concept_outputs, concept_names,
                                                  train_concepts)
-from .live_progress import LiveProgress
 from .paths import LIBRARY_FOLDER
-from .trainer_files import RESUME_HINT, finished, model_folder, output_file_name, run_inputs, shown, work_folder
+from .trainer_files import (RESUME_HINT, finished, model_folder, output_file_name, run_inputs, run_options, shown,
+                            work_folder)
 from .training_host import ComfyTrainingHost
 
 
@@ -100,16 +99,16 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
         history = os.path.join(work_folder("history"), stem + ".loss.json")
         lora_name = stem + (".diff" if unet == "full" else "") + ".safetensors"
         out = os.path.join(model_folder(LIBRARY_FOLDER), name)
-        files = dict(lora_path=os.path.join(model_folder("loras"), lora_name), embeddings_dir=model_folder("embeddings"),
-                     checkpoint_path=state, resume=resume)
+        lora_path, embeddings_dir = os.path.join(model_folder("loras"), lora_name), model_folder("embeddings")
         count = masks.shape[0] if masks.dim() == 3 else 1
-        check_concept_outputs(out, concept_names(count, config.names, config.background), out="output_name",
-                              shown=shown, hint=RESUME_HINT, **files)
-        run = train_concepts(
-            ComfyTrainingHost(model, clip, vae), image, masks, out, config, history_path=history,
-            class_images=class_images, seed=seed, checkpoint_every=checkpoint_every,
-            progress=(live := LiveProgress(config.phase1_steps + config.phase2_steps)),
-            should_stop=mm.processing_interrupted, preview_every=preview_every, on_preview=live.sample, **files)
+        check_concept_outputs(out, concept_names(count, config.names, config.background), lora_path=lora_path,
+                              embeddings_dir=embeddings_dir, checkpoint_path=state, resume=resume, out="output_name",
+                              shown=shown, hint=RESUME_HINT)
+        options = run_options(config.phase1_steps + config.phase2_steps, state, checkpoint_every, resume, seed,
+                              preview_every)
+        run = train_concepts(ComfyTrainingHost(model, clip, vae), image, masks, out, config, options,
+                             lora_path=lora_path, embeddings_dir=embeddings_dir, history_path=history,
+                             class_images=class_images)
         return io.NodeOutput(name, lora_name if finished(run).lora else "", run.graph, history)
 
 

@@ -4,14 +4,12 @@ models/personality_adapters. The run is the core's (``train_personality_adapter`
 from __future__ import annotations
 
 import torch
-import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
 from .host import cross_attention_layers
-from .live_progress import LiveProgress
 from .paths import PERSONALITY_FOLDER
-from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, work_folder
+from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, run_options, work_folder
 from .training_host import ComfyProgress, ComfyTrainingHost
 
 
@@ -82,11 +80,10 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
                                    steps=steps, lr=lr)
         host = ComfyTrainingHost(model, clip, vae)
         run = train_personality_adapter(
-            host, data, out, config, encode_vision=vision_encoder(clip_vision), vision_width=vision_width(clip_vision),
-            layers=cross_attention_layers(host.model), layout=layout, seed=seed, cache_dir=work_folder("latent_cache"),
-            checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
-            progress=(live := LiveProgress(steps)), latent_progress=ComfyProgress(1),
-            should_stop=mm.processing_interrupted, preview_every=preview_every, on_preview=live.sample)
+            host, data, out, config, run_options(steps, state, checkpoint_every, resume, seed, preview_every),
+            encode_vision=vision_encoder(clip_vision), vision_width=vision_width(clip_vision),
+            layers=cross_attention_layers(host.model), layout=layout, cache_dir=work_folder("latent_cache"),
+            latent_progress=ComfyProgress(1))
         return io.NodeOutput(name, finished(run).graph)
 
 

@@ -1,7 +1,8 @@
 """What every trainer node shares: where its files go (models/<folder>, the user folder's
 productscene/ for training state), its output_name checked before any work (never replacing a file
-unless resumed), its data_folder kept inside the input folder, and a cancelled run turned into
-ComfyUI's interrupt (the state of the last completed step is saved by then)."""
+unless resumed), its data_folder kept inside the input folder, its run options (the trailing run
+inputs, ComfyUI's progress and cancel) and a cancelled run turned into ComfyUI's interrupt (the
+state of the last completed step is saved by then)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,8 @@ import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
-from productscene.train.recipes.categories import check_outputs
+from productscene.train.run import RunOptions, check_outputs
+from .live_progress import LiveProgress
 from .paths import _check_name
 
 RESUME_HINT = "choose another output_name, turn resume on to continue its training, or delete the file"
@@ -107,6 +109,16 @@ def node_outputs(folder: str, output_name: str, state_suffix: str, resume: bool)
     check_outputs(out, state, resume=resume, out="output_name", shown_out=shown(out), shown_state=shown(state),
                   hint=RESUME_HINT)
     return name, out, state
+
+
+def run_options(steps: int, state: str, checkpoint_every: int, resume: bool, seed: int,
+                preview_every: int) -> RunOptions:
+    """A trainer node's run of ``steps`` steps: its training state, the trailing run inputs, the
+    live loss curve (and previews) on the node, and ComfyUI's cancel."""
+    live = LiveProgress(steps)
+    return RunOptions(seed=seed, checkpoint_path=state, checkpoint_every=checkpoint_every, resume=resume,
+                      progress=live, should_stop=mm.processing_interrupted, preview_every=preview_every,
+                      on_preview=live.sample)
 
 
 def finished(run):

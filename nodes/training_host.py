@@ -32,8 +32,8 @@ import comfy.utils
 
 from productscene.attention import SceneAttention
 from productscene.errors import ProductSceneError
-from productscene.library import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, check_family, family_of_encoders
-from productscene.prompt import Prompt, PromptTemplate
+from productscene.library import check_family, family_of_encoders
+from productscene.prompt import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, Prompt, PromptTemplate
 from productscene.train.engine import gradient_checkpointing
 from productscene.train.recipes import Encoded
 from .clip_text import clip_widths, word_token_embeddings

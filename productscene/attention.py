@@ -287,14 +287,19 @@ class ReferenceInjection:
 
     ``tokens``: [1 or B, K, C] reference tokens for cond rows; ``negative``: the same for uncond
     rows (None: uncond rows get ``tokens`` too, so CFG does not amplify the reference and ``weight``
-    alone sets its strength); ``projections``: layer key -> (to_k, to_v) modules
+    alone sets its strength); ``projections``: layer key -> (to_k, to_v) linear modules
     mapping C to that layer's inner width; ``product_mask``: the product that must receive nothing.
     Active while ``start <= progress <= end``; ``weight`` 0 adds nothing.
+
+    ``models``: the host's models that hold the projections' weights (ComfyUI: a ModelPatcher of
+    the adapter), listed by :meth:`models` so the host loads, offloads and counts them with the
+    UNet; the injection never moves them itself. Weights the host left on another device (a
+    low-memory partial load) are copied to the queries' device for each call.
     """
 
     def __init__(self, tokens: torch.Tensor, projections: Mapping[tuple, tuple[torch.nn.Module, torch.nn.Module]],
                  product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0, end: float = 1.0,
-                 negative: torch.Tensor | None = None):
+                 negative: torch.Tensor | None = None, models: Sequence = ()):
         for name, t in (("reference tokens", tokens), ("negative reference tokens", negative)):
             if t is not None and t.ndim != 3:
                 raise ProductSceneError(f"{name}: expected [B, K, C], got shape {tuple(t.shape)}")
@@ -308,6 +313,7 @@ class ReferenceInjection:
         self.weight = float(weight)
         self.start, self.end = float(start), float(end)
         self.region = ProductRegion(product_mask, name="product_mask")
+        self.host_models = tuple(models)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -336,8 +342,8 @@ class ReferenceInjection:
         for i, kind in enumerate(chunks):
             tokens = self.tokens if kind == 0 or self.negative is None else self.negative
             rows = slice(i * per_chunk, (i + 1) * per_chunk)
-            t = self._rows_tokens(tokens, per_chunk, q).to(to_k.weight.dtype)
-            out[rows] = kernel(q[rows], to_k(t).to(q.dtype), to_v(t).to(q.dtype), layer.heads)
+            t = self._rows_tokens(tokens, per_chunk, q)
+            out[rows] = kernel(q[rows], _project(to_k, t, q), _project(to_v, t, q), layer.heads)
         product = self.region.queries(layer.hw, layer.latent_hw, q.device)
         background = (~product).to(q.dtype)
         background = background.repeat(per_chunk // background.shape[0], 1) if background.shape[0] != per_chunk \
@@ -346,20 +352,25 @@ class ReferenceInjection:
         return out * (self.weight * background[:, :, None])
 
     def to(self, device) -> "ReferenceInjection":
+        """The per-image tensors follow the model; the projections are the host models' to move."""
         self.tokens = self.tokens.to(device)
         if self.negative is not None:
             self.negative = self.negative.to(device)
         self.region.to(device)
-        for to_k, to_v in self.projections.values():
-            to_k.to(device)
-            to_v.to(device)
         return self
 
     def models(self) -> list:
-        return []
+        return list(self.host_models)
 
     def __deepcopy__(self, memo):
         return self
+
+
+def _project(linear: torch.nn.Module, tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``linear(tokens)`` in the weight's dtype on the queries' device, returned in the queries' dtype."""
+    weight = linear.weight.to(q.device)
+    bias = linear.bias.to(q.device) if linear.bias is not None else None
+    return F.linear(tokens.to(device=q.device, dtype=weight.dtype), weight, bias).to(q.dtype)
 
 
 class SceneAttention:

@@ -22,6 +22,9 @@ from safetensors import safe_open
 from . import __version__
 from .errors import ProductSceneError
 from .files import check_format, load_tensors, read_header, save_safetensors_atomic
+from .prompt import init_vectors
+# Re-exported until nodes/category_tokens.py and nodes/clip_text.py import them from .prompt
+from .prompt import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS  # noqa: F401
 
 FORMAT = "category_library"
 FORMAT_VERSION = 1
@@ -32,9 +35,6 @@ FAMILIES: dict[str, dict[str, int]] = {
     "sd2": {"clip_h": 1024},
     "sdxl": {"clip_l": 768, "clip_g": 1280},
 }
-# library encoder name -> key of ComfyUI's tokenizer output
-TOKENIZER_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
-ENCODER_OF_TOKENIZER_KEY = {v: k for k, v in TOKENIZER_KEYS.items()}
 
 VECTOR_PREFIX = "vectors."
 LORA_PREFIX = "lora."
@@ -350,7 +350,6 @@ class CategoryLibrary:
         """Build by initialising each category from its init word: ``token_embeddings(word)``
         returns ``{encoder: [t, width]}`` (the text encoder's input embeddings of the word's
         tokens); each identifier is :func:`productscene.prompt.init_vectors` of them (``n`` vectors)."""
-        from .prompt import init_vectors
         spec = check_family(family)
         names = _check_names(words.keys())
         per_enc: dict[str, list[torch.Tensor]] = {e: [] for e in spec}

@@ -126,7 +126,8 @@ class PersonalityAdapter(torch.nn.Module):
             logits = logits.masked_fill(~keep[:, None, :].to(logits.device), float("-inf"))
         return self.norm_out(torch.softmax(logits, dim=-1) @ kv)
 
-    def projections(self, device=None, dtype=None) -> dict[tuple, tuple[torch.nn.Module, torch.nn.Module]]:
+    def projections(self) -> dict[tuple, tuple[torch.nn.Module, torch.nn.Module]]:
+        """``{layer key: (to_k, to_v)}``: the adapter's own modules, wherever they are."""
         return {layer_key(n): (self.to_k[_module_name(n)], self.to_v[_module_name(n)]) for n in self.layer_widths}
 
     def check_layers(self, layers: Mapping[tuple, int], what: str = "model") -> None:
@@ -146,9 +147,11 @@ class PersonalityAdapter(torch.nn.Module):
                 f"cross-attention layers); {detail}. Use an adapter trained for this checkpoint's family")
 
     def injection(self, tokens: torch.Tensor, product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0,
-                  end: float = 1.0, negative: torch.Tensor | None = None) -> ReferenceInjection:
+                  end: float = 1.0, negative: torch.Tensor | None = None, models: Sequence = ()) -> ReferenceInjection:
+        """The ``ReferenceInjection`` of ``tokens`` through this adapter's projections; ``models``:
+        the host's models holding those weights (see ``ReferenceInjection``)."""
         return ReferenceInjection(tokens, self.projections(), product_mask, weight=weight, start=start, end=end,
-                                  negative=negative)
+                                  negative=negative, models=models)
 
     # --------------------------------------------------------------------------- files
     def save(self, path, training: dict | None = None) -> str:

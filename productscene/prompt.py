@@ -32,6 +32,9 @@ PLACEHOLDER = "{category}"
 DEFAULT_TEMPLATE = "a product photo on a {category} background"
 # rare single-token words of the CLIP BPE vocabulary; the first one absent from a template is used
 MARKERS = ("olis", "phol", "sks", "ohwx")
+# library encoder name -> key of ComfyUI's tokenizer output
+TOKENIZER_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
+ENCODER_OF_TOKENIZER_KEY = {v: k for k, v in TOKENIZER_KEYS.items()}
 
 Tokens = dict  # {key: [[(id|tensor, weight[, word_id]), ...], ...]}
 Vectors = Mapping[str, torch.Tensor]  # {tokenizer key: [n, width]}
@@ -288,7 +291,6 @@ def tokenize_with_identifier(tokenize: Callable[[str], Tokens], template: str, v
 
 def library_vectors_by_key(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Library encoder names (clip_l, clip_g, clip_h) -> tokenizer keys (l, g, h)."""
-    from .library import TOKENIZER_KEYS
     out = {}
     for enc, v in vectors.items():
         if enc not in TOKENIZER_KEYS:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import graph
 from ..client import ComfyClient
 from ..errors import ProductSceneError
+from ..images import header
 from .manifest import Row
 from .records import JOURNAL_NAME, PROVENANCE_NAME, read_journal, read_provenance
 
@@ -297,11 +298,9 @@ def _check_image(path: Path, what: str) -> str | None:
     if not path.is_file():
         return f"{what}: file not found: {path}"
     try:
-        from PIL import Image
-        with Image.open(path) as im:
-            _ = im.size
-    except Exception as e:  # PIL raises many types for files that are no image
-        return f"{what}: {path} is not an image PIL can read ({type(e).__name__})"
+        header(path, what)
+    except ProductSceneError as e:
+        return str(e)
     return None
 
 

@@ -29,8 +29,11 @@ import torch
 
 from ..errors import ProductSceneError
 from ..files import load_tensors, save_safetensors_atomic
+from .. import images as image_files
 from ..masks import resize_to_layer
 
+BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
+                 "inherit that restriction.")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIX = "_mask"
 LAYOUTS = ("folder", "bg60k")
@@ -125,37 +128,26 @@ class Dataset:
         return prepare(rgb, mask, resolution)
 
 
-def _open(path):
-    from PIL import Image
-    img = Image.open(path)
-    img.load()
-    return img
-
-
 def _alpha_mask(img) -> np.ndarray | None:
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        a = np.asarray(img.convert("RGBA"))[..., 3]
-        return a > 128
-    return None
+    a = image_files.alpha(img)
+    return None if a is None else a > 128
 
 
 def _mask_file(path) -> np.ndarray:
-    img = _open(path)
+    img = image_files.open_image(path, "mask")
     m = _alpha_mask(img)
-    if m is not None:
-        return m
-    return np.asarray(img.convert("L")) >= 128
+    return m if m is not None else image_files.luminance(img) >= 128
 
 
 def read_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
-    img = _open(item.image)
+    img = image_files.open_image(item.image)
     if item.mask is None:
         mask = _alpha_mask(img)
         if mask is None:
             raise ProductSceneError(f"{item.image}: has no alpha channel and no sibling _mask.png")
     else:
         mask = _mask_file(item.mask)
-    rgb = np.asarray(img.convert("RGB"))
+    rgb = image_files.rgb(img)
     if mask.shape != rgb.shape[:2]:
         raise ProductSceneError(
             f"{item.mask or item.image}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
@@ -175,7 +167,7 @@ def prepare(rgb: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[torch.T
     img = Image.fromarray(rgb)
     if (nh, nw) != (h, w):
         img = img.resize((nw, nh), Image.BICUBIC)
-    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[top:top + s, left:left + s]
+    image = image_files.as_tensor(img)[top:top + s, left:left + s]
     m = torch.from_numpy(mask.astype(np.float32))[None]
     m = resize_to_layer(m, nh, nw) if (nh, nw) != (h, w) else m
     m = (m[0, top:top + s, left:left + s] > 0.5).float()
@@ -328,7 +320,6 @@ def check(dataset: Dataset, categories: Iterable[str] | None = None, deep: bool 
     """Every problem of ``dataset`` at once: missing images / masks, unreadable files, mask and image
     sizes that differ, empty masks (no product) and full masks (no background), categories not in
     ``categories`` (when given). ``deep=False`` reads only headers (no empty-mask test)."""
-    from PIL import Image
     problems = list(dataset.index_problems)
     known = set(categories) if categories is not None else None
     n = len(dataset)
@@ -336,31 +327,33 @@ def check(dataset: Dataset, categories: Iterable[str] | None = None, deep: bool 
         if known is not None and item.category not in known:
             problems.append(Problem("unknown category", item.image, f"{item.category!r} is not one of the run's categories"))
         try:
-            with Image.open(item.image) as img:
+            if deep:
+                img = image_files.open_image(item.image)
                 size = img.size
-                has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-                if deep:
-                    img.load()
-                    alpha = _alpha_mask(img) if item.mask is None else None
-        except Exception as e:  # noqa: BLE001 - every PIL failure is "unreadable"
-            problems.append(Problem("unreadable", item.image, type(e).__name__))
+                alpha_mask = _alpha_mask(img) if item.mask is None else None
+                transparent = alpha_mask is not None
+            else:
+                size, transparent = image_files.header(item.image)
+        except ProductSceneError as e:
+            problems.append(Problem("unreadable", item.image, e.reason))
             continue
         mask = None
         if item.mask is None:
-            if not has_alpha:
+            if not transparent:
                 problems.append(Problem("missing mask", item.image,
                                         "no alpha channel and no sibling " + os.path.splitext(os.path.basename(item.image))[0] + "_mask.png"))
                 continue
             if deep:
-                mask = alpha
+                mask = alpha_mask
         else:
             try:
-                with Image.open(item.mask) as mimg:
-                    msize = mimg.size
                 if deep:
                     mask = _mask_file(item.mask)
-            except Exception as e:  # noqa: BLE001
-                problems.append(Problem("unreadable", item.mask, type(e).__name__))
+                    msize = (mask.shape[1], mask.shape[0])
+                else:
+                    msize = image_files.header(item.mask, "mask")[0]
+            except ProductSceneError as e:
+                problems.append(Problem("unreadable", item.mask, e.reason))
                 continue
             if msize != size:
                 problems.append(Problem("size mismatch", item.mask, f"mask {msize[0]}x{msize[1]}, image {size[0]}x{size[1]}"))
@@ -403,7 +396,9 @@ class LatentCache:
 
     def key(self, i: int) -> str:
         item = self.dataset[i]
-        parts = [_stat(item.image), _stat(item.mask) if item.mask else None, self.resolution, self.namespace, 1]
+        # the last part is the reader's version: 2 reads pictures upright (EXIF orientation), so
+        # latents encoded from a sideways read are encoded again
+        parts = [_stat(item.image), _stat(item.mask) if item.mask else None, self.resolution, self.namespace, 2]
         return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
 
     def path(self, i: int) -> str:

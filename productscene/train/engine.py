@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import ProductSceneError
 from ..files import check_format, load_tensors, read_header, save_safetensors_atomic
+from ..images import as_tensor
 
 CHECKPOINT_FORMAT = "training_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -535,5 +536,4 @@ def loss_graph(history: Sequence[float], width: int = 512, height: int = 256, sm
             avg = np.convolve(np.array(values), np.ones(k) / k, mode="valid")
             off = (k - 1) / 2
             d.line([pt(i + off, float(v), n) for i, v in enumerate(avg)], fill=(30, 60, 200), width=2)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr)[None]
+    return as_tensor(img)[None]

@@ -11,7 +11,6 @@ licence, summary, library file) shared by the node and the command line; hosts o
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
@@ -22,15 +21,13 @@ from ...attention import AttentionCapture, CategoryGate, SceneAttention
 from ...errors import ProductSceneError
 from ...library import CategoryLibrary, check_family
 from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
-from ..datasets import Dataset, DatasetReport, LatentCache, check, open_dataset
-from ...files import check_writable, refuse_overwrite
-from ..engine import Phase, Trainer, TrainResult, loss_graph, read_checkpoint_info, resume_source, training_mode
+from ..datasets import DatasetReport, LatentCache
+from ..engine import Phase, TrainResult, loss_graph, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
+from ..run import RunOptions, checked_inputs, license_of, run_recipe, warm_latents
+from ..run import check_outputs  # noqa: F401  (productscene/cli.py imports it from here until it imports ..run)
 from . import DiffusionHost, Encoded, sample_preview
-
-BG60K_LICENSE = ("Trained on BG60k, which is licensed for academic research use only; these weights "
-                 "inherit that restriction.")
 
 
 @dataclass
@@ -359,126 +356,34 @@ class CategoryRun:
         return self.library is None
 
 
-class _Stopped(Exception):
-    pass
-
-
-def checked_dataset(data, layout: str = "folder", split: str = "train") -> tuple[Dataset, DatasetReport]:
-    """Open a data set and check every file (one deep read); raise one ProductSceneError listing
-    every problem."""
-    ds = open_dataset(data, layout, split)
-    report = check(ds)
-    report.raise_if_problems()
-    return ds, report
-
-
-def check_outputs(out_path, checkpoint_path=None, *, resume: bool | str = False, overwrite: bool = False,
-                  out: str = "out", shown_out: str | None = None, shown_state: str | None = None,
-                  hint: str = "pass overwrite, choose another name, or resume its training",
-                  also: Sequence[tuple] = ()) -> None:
-    """Before any work: the library and the training state (and ``also``: ``(path, shown)`` of the
-    other files the run writes next to it) can be written, and none replaces a file the user did not
-    ask to replace (a resumed run continues its own state and files)."""
-    others = [(p, shown) for p, shown in also if p is not None]
-    check_writable(out_path, out, shown_out)
-    for p, shown in others:
-        check_writable(p, out, shown)
-    if checkpoint_path is not None:
-        check_writable(checkpoint_path, "training state", shown_state)
-    if overwrite:
-        return
-    continuing = bool(resume) and (not isinstance(resume, bool) or
-                                   (checkpoint_path is not None and os.path.isfile(checkpoint_path)))
-    if continuing:
-        return
-    refuse_overwrite(out_path, out, hint, shown_out)
-    for p, shown in others:
-        refuse_overwrite(p, out, hint, shown)
-    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
-        try:
-            info = read_checkpoint_info(checkpoint_path)
-            what = f"a run stopped at step {info.get('step')} of {info.get('total_steps')}"
-        except ProductSceneError:
-            what = "a damaged training state"
-        raise ProductSceneError(
-            f"{out}: {shown_state or os.fspath(checkpoint_path)!r} holds {what} and would be replaced by a new run; "
-            f"{hint}")
-
-
-def checked_inputs(data, out_path, checkpoint_path, *, layout: str, split: str, checked: DatasetReport | None,
-                   resume: bool | str, overwrite: bool) -> tuple[Dataset, DatasetReport, str | None]:
-    """What a data-set run checks before any model work, in this order: its outputs (see
-    :func:`check_outputs`), then every file of the data set (once; ``checked`` with an opened ``data``
-    set reuses a report). Returns the data set, its report and the checkpoint to resume from."""
-    check_outputs(out_path, checkpoint_path, resume=resume, overwrite=overwrite)
-    if checked is None:
-        ds, report = checked_dataset(data, layout, split)
-    else:
-        ds, report = data, checked
-        report.raise_if_problems()
-    return ds, report, resume_source(resume, checkpoint_path)
-
-
-def warm_latents(cache: LatentCache, progress: Callable[[int, int], None] | None,
-                 should_stop: Callable[[], bool] | None) -> bool:
-    """Encode every latent once, before the model is loaded to train; False when stopped."""
-    def done(n, total):
-        if progress is not None:
-            progress(n, total)
-        if should_stop is not None and should_stop():
-            raise _Stopped
-    try:
-        cache.warm(progress=done)
-    except _Stopped:
-        return False
-    return True
-
-
-def train_category_library(host: DiffusionHost, data, out_path, config: CategoryConfig, *,
-                           layout: str = "folder", split: str = "train", checked: DatasetReport | None = None,
-                           seed: int = 0, cache_dir, checkpoint_path=None, checkpoint_every: int = 0,
-                           resume: bool | str = False, autocast="auto",
-                           progress: Callable[[int, int, float], None] | None = None,
-                           latent_progress: Callable[[int, int], None] | None = None,
-                           should_stop: Callable[[], bool] | None = None, license: str | None = None,
-                           gradient_checkpoint: bool = False, overwrite: bool = False, preview_every: int = 0,
-                           on_preview: Callable[[int, torch.Tensor], None] | None = None) -> CategoryRun:
+def train_category_library(host: DiffusionHost, data, out_path, config: CategoryConfig,
+                           options: RunOptions | None = None, *, layout: str = "folder", split: str = "train",
+                           checked: DatasetReport | None = None, cache_dir,
+                           latent_progress: Callable[[int, int], None] | None = None, license: str | None = None,
+                           **fields) -> CategoryRun:
     """The whole category-library run: check the data (once; pass ``checked`` with an opened
     ``data`` set to reuse a report), encode every image's VAE latent once into the cache, train,
-    and write the library to ``out_path`` with its licence and training summary.
+    and write the library to ``out_path`` with its licence and training summary. ``options`` (or
+    their fields as keywords): :class:`..run.RunOptions`.
 
     Data problems, an output that cannot be written and an existing library or training state that
     would be replaced (unless ``overwrite`` or a resume) raise before any model work and nothing is
-    written. ``resume``: True = from
-    ``checkpoint_path`` if it exists, or a checkpoint path. When ``should_stop`` ends the run early
-    the checkpoint is saved and ``library`` is None (the host then reports the cancel its way).
+    written. When ``should_stop`` ends the run early the checkpoint is saved and ``library`` is None
+    (the host then reports the cancel its way).
     """
-    ds, report, resume_from = checked_inputs(data, out_path, checkpoint_path, layout=layout, split=split,
-                                             checked=checked, resume=resume, overwrite=overwrite)
+    options = RunOptions.of(options, fields)
+    ds, report = checked_inputs(data, out_path, options, layout=layout, split=split, checked=checked)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        if not warm_latents(cache, latent_progress, should_stop):
+        if not warm_latents(cache, latent_progress, options.should_stop):
             return CategoryRun(None, None, report, None, loss_graph([]))
-        recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=seed)
-        trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
-                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                          progress=progress, should_stop=should_stop, preview_every=preview_every,
-                          on_preview=on_preview, name="categories")
-        latent_shape = (int(config.batch_size),) + tuple(cache.get(0)[0].shape)
-        with host.session(lora=recipe.lora, latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
-            result = trainer.run(resume=resume_from)
-    graph = loss_graph(result.history)
-    if result.cancelled:
-        return CategoryRun(None, result, report, recipe, graph)
-    if license is None and layout == "bg60k":
-        license = BG60K_LICENSE
-    h = result.history
-    summary = {
-        "recipe": "categories", "steps": result.steps_done, "seed": seed, "images": len(ds),
-        "categories": len(ds.categories), "layout": layout, "resolution": int(config.resolution),
-        "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None,
-        "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
-        "config": recipe.describe()["config"], "latent_cache": {"hits": cache.hits, "misses": cache.misses},
-    }
-    path = recipe.write_library(out_path, training=summary, license=license)
-    return CategoryRun(path, result, report, recipe, graph)
+        recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=options.seed)
+        trained = run_recipe(host, recipe, config.phases(), options, name="categories", lora=recipe.lora,
+                             latent_shape=(int(config.batch_size),) + tuple(cache.get(0)[0].shape))
+    if trained.cancelled:
+        return CategoryRun(None, trained.result, report, recipe, trained.graph)
+    summary = trained.summary("categories", options.seed, recipe.describe()["config"], images=len(ds),
+                              categories=len(ds.categories), layout=layout, resolution=int(config.resolution),
+                              latent_cache={"hits": cache.hits, "misses": cache.misses})
+    path = recipe.write_library(out_path, training=summary, license=license_of(license, layout))
+    return CategoryRun(path, trained.result, report, recipe, trained.graph)

@@ -23,6 +23,7 @@ history. :func:`train_concepts` is the whole run shared by the node and the comm
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,14 +36,14 @@ import torch.nn.functional as F
 from ...attention import AttentionCapture, SceneAttention
 from ...errors import ProductSceneError
 from ...files import save_safetensors_atomic, write_bytes_atomic
-from ...library import CategoryLibrary, TOKENIZER_KEYS
+from ...library import CategoryLibrary
 from ...prompt import Prompt, init_vectors
-from ..engine import Phase, Trainer, TrainResult, loss_graph, resume_source, training_mode
+from ..engine import Phase, TrainResult, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import attention_loss, masked_diffusion_loss
 from ..sampling import draw_concepts, union_mask, union_prompt
+from ..run import RunOptions, check_outputs, run_recipe
 from . import DiffusionHost, sample_preview
-from .categories import check_outputs
 
 MAX_CONCEPTS = 8
 BACKGROUND = "<background>"
@@ -246,6 +247,15 @@ class ConceptRecipe:
         self._unet_start = {k: v.detach().to("cpu", copy=True) for k, v in self.host.unet.state_dict().items()
                             if v.is_floating_point()}
 
+    @contextlib.contextmanager
+    def unet_bound(self):
+        """Inside the host session: :meth:`bind_unet` on entry, :meth:`restore_unet` on exit."""
+        self.bind_unet()
+        try:
+            yield
+        finally:
+            self.restore_unet()
+
     def restore_unet(self) -> None:
         """Full-UNet training changed the (shared) model in place: put its starting weights back
         (the change lives on in the ``.diff`` file and the checkpoint)."""
@@ -447,30 +457,28 @@ def check_concept_outputs(out_path, names: Sequence[str], *, lora_path=None, emb
     return ti_paths
 
 
-def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor, out_path, config: ConceptConfig, *,
-                   lora_path=None, embeddings_dir=None, history_path=None, class_images: torch.Tensor | None = None,
-                   seed: int = 0, checkpoint_path=None, checkpoint_every: int = 0, resume: bool | str = False,
-                   autocast="auto", progress: Callable[[int, int, float], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None, gradient_checkpoint: bool = False,
-                   overwrite: bool = False, preview_every: int = 0,
-                   on_preview: Callable[[int, torch.Tensor], None] | None = None) -> ConceptRun:
+def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor, out_path, config: ConceptConfig,
+                   options: RunOptions | None = None, *, lora_path=None, embeddings_dir=None, history_path=None,
+                   class_images: torch.Tensor | None = None, **fields) -> ConceptRun:
     """The whole Break-A-Scene run: check everything (before any model work), encode the image
     (and its mirror, and the class images) once, train both phases, write the token library
     (``out_path``), the LoRA (``lora_path``), one textual-inversion file per token (in
-    ``embeddings_dir``) and the loss history (``history_path``, JSON). A stop request saves the
-    checkpoint and returns a run with ``tokens=None``. The token library, the LoRA, the
-    textual-inversion files and the training state are never replaced unless ``overwrite`` (or a
-    resume of that run); hosts check first with :func:`check_concept_outputs` in their own words."""
+    ``embeddings_dir``) and the loss history (``history_path``, JSON). ``options`` (or their fields
+    as keywords): :class:`..run.RunOptions`. A stop request saves the checkpoint and returns a run
+    with ``tokens=None``. The token library, the LoRA, the textual-inversion files and the training
+    state are never replaced unless ``overwrite`` (or a resume of that run); hosts check first with
+    :func:`check_concept_outputs` in their own words."""
+    options = RunOptions.of(options, fields)
     img, full_masks = prepare_scene(image, masks, int(config.resolution), config.background)
     count = len(full_masks) - int(bool(config.background))
     names = concept_names(count, config.names, config.background)
     ti_paths = check_concept_outputs(out_path, names, lora_path=lora_path, embeddings_dir=embeddings_dir,
-                                     checkpoint_path=checkpoint_path, resume=resume, overwrite=overwrite)
+                                     checkpoint_path=options.checkpoint_path, resume=options.resume,
+                                     overwrite=options.overwrite)
     words = _default_words(config.init_words, count) + ([config.background_init_word] if config.background else [])
     check_init_words(host, words, names)
     if class_images is not None and config.prior_weight > 0 and (class_images.dim() != 4 or class_images.shape[0] < 1):
         raise ProductSceneError("class_images: expected an IMAGE batch of class images for prior preservation")
-    resume_from = resume_source(resume, checkpoint_path)
     with training_mode():
         both = torch.cat([img, img.flip(2)])
         latents = host.encode_images(both).float()
@@ -481,26 +489,15 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
             ci = F.interpolate(class_images[..., :3].float().permute(0, 3, 1, 2), size=tuple(img.shape[1:3]),
                                mode="bilinear", antialias=True, align_corners=False).permute(0, 2, 3, 1).clamp(0, 1)
             data.prior_latents = host.encode_images(ci).float()
-        recipe = ConceptRecipe(host, data, names, config, words, seed=seed)
-        latent_shape = (int(config.batch_size),) + tuple(latents.shape[1:])
-        with host.session(lora=recipe.lora, latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
-            recipe.bind_unet()
-            trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
-                              checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                              progress=progress, should_stop=should_stop, preview_every=preview_every,
-                              on_preview=on_preview, name="concepts")
-            try:
-                result = trainer.run(resume=resume_from)
-                unet_sd = recipe.unet_state_dict() if not result.cancelled else {}
-            finally:
-                recipe.restore_unet()
-    graph = loss_graph(result.history)
-    if result.cancelled:
-        return ConceptRun(None, None, result=result, recipe=recipe, graph=graph)
-    h = result.history
-    summary = {"recipe": "concepts", "steps": result.steps_done, "seed": seed, "concepts": names,
-               "image_size": list(img.shape[1:3]), "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
-               "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None, "config": recipe.describe()["config"]}
+        recipe = ConceptRecipe(host, data, names, config, words, seed=options.seed)
+        trained = run_recipe(host, recipe, config.phases(), options, name="concepts", lora=recipe.lora,
+                             latent_shape=(int(config.batch_size),) + tuple(latents.shape[1:]),
+                             bound=recipe.unet_bound, keep=recipe.unet_state_dict)
+    if trained.cancelled:
+        return ConceptRun(None, None, result=trained.result, recipe=recipe, graph=trained.graph)
+    unet_sd = trained.kept
+    summary = trained.summary("concepts", options.seed, recipe.describe()["config"], concepts=names,
+                              image_size=list(img.shape[1:3]))
     vectors = recipe.token_vectors()
     lora_file = None
     if lora_path is not None and unet_sd:
@@ -517,11 +514,12 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
                                                        host.family, name)
     history_file = None
     if history_path is not None:
-        write_bytes_atomic(history_path, json.dumps({"loss": h, "logs": result.logs}).encode())
+        write_bytes_atomic(history_path, json.dumps({"loss": trained.result.history,
+                                                     "logs": trained.result.logs}).encode())
         history_file = os.fspath(history_path)
-    return ConceptRun(path, lora_file, embeddings, history_file, result, recipe, graph)
+    return ConceptRun(path, lora_file, embeddings, history_file, trained.result, recipe, trained.graph)
 
 
 __all__ = ["ConceptConfig", "ConceptRecipe", "ConceptRun", "MAX_CONCEPTS", "prepare_scene", "train_concepts",
            "check_concept_outputs",
-           "write_textual_inversion", "concept_names", "TOKENIZER_KEYS"]
+           "write_textual_inversion", "concept_names"]

@@ -24,10 +24,11 @@ from ...errors import ProductSceneError
 from ...personality import DEFAULT_TOKENS, PersonalityAdapter, neutral_fill, patch_keep
 from ...prompt import Prompt
 from ..datasets import DatasetReport, LatentCache
-from ..engine import Phase, Trainer, TrainResult, loss_graph, training_mode
+from ..engine import Phase, TrainResult, loss_graph, training_mode
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from . import DiffusionHost, Encoded, sample_preview
-from .categories import BG60K_LICENSE, checked_inputs, draw_batch, warm_latents
+from ..run import RunOptions, checked_inputs, license_of, run_recipe, warm_latents
+from .categories import draw_batch
 
 VisionEncoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, H, W, 3] -> penultimate states [B, N, W]
 
@@ -231,47 +232,35 @@ class PersonalityRun:
         return self.adapter is None
 
 
-def train_personality_adapter(host: DiffusionHost, data, out_path, config: PersonalityConfig, *,
-                              encode_vision: VisionEncoder, vision_width: int,
+def train_personality_adapter(host: DiffusionHost, data, out_path, config: PersonalityConfig,
+                              options: RunOptions | None = None, *, encode_vision: VisionEncoder, vision_width: int,
                               layers: Mapping[tuple, torch.nn.Module], layout: str = "folder", split: str = "train",
-                              checked: DatasetReport | None = None, seed: int = 0, cache_dir, checkpoint_path=None,
-                              checkpoint_every: int = 0, resume: bool | str = False, autocast="auto",
-                              progress: Callable[[int, int, float], None] | None = None,
-                              latent_progress: Callable[[int, int], None] | None = None,
-                              should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
-                              license: str | None = None, gradient_checkpoint: bool = False, preview_every: int = 0,
-                              on_preview: Callable[[int, torch.Tensor], None] | None = None) -> PersonalityRun:
+                              checked: DatasetReport | None = None, cache_dir,
+                              latent_progress: Callable[[int, int], None] | None = None, license: str | None = None,
+                              **fields) -> PersonalityRun:
     """The whole personality-adapter run: check outputs and data before any model work (the data
     once; ``checked`` with an opened ``data`` set reuses a report), cache the VAE latents once,
     train the adapter (``layers``: the model's cross-attention modules, keyed as ComfyUI keys attn2
     replaces) and write it to ``out_path`` with its training summary (and ``license``; BG60k's
-    own by default on that layout)."""
-    ds, report, resume_from = checked_inputs(data, out_path, checkpoint_path, layout=layout, split=split,
-                                             checked=checked, resume=resume, overwrite=overwrite)
+    own by default on that layout). ``options`` (or their fields as keywords):
+    :class:`..run.RunOptions`."""
+    options = RunOptions.of(options, fields)
+    ds, _ = checked_inputs(data, out_path, options, layout=layout, split=split, checked=checked)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        if not warm_latents(cache, latent_progress, should_stop):
+        if not warm_latents(cache, latent_progress, options.should_stop):
             return PersonalityRun(None, None, None, loss_graph([]))
-        adapter = PersonalityAdapter.for_layers(host.family, int(vision_width), layers, tokens=int(config.tokens), seed=seed)
+        adapter = PersonalityAdapter.for_layers(host.family, int(vision_width), layers, tokens=int(config.tokens),
+                                                seed=options.seed)
         recipe = PersonalityRecipe(host, DatasetSource(cache, config.resolution), encode_vision, adapter, config)
-        trainer = Trainer(recipe, config.phases(), seed=seed, device=host.device, autocast=autocast,
-                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                          progress=progress, should_stop=should_stop, preview_every=preview_every,
-                          on_preview=on_preview, name="personality")
-        latent_shape = (int(config.batch_size),) + tuple(cache.get(0)[0].shape)
-        with host.session(latent_shape=latent_shape, gradient_checkpoint=gradient_checkpoint):
-            result = trainer.run(resume=resume_from)
-    graph = loss_graph(result.history)
-    if result.cancelled:
-        return PersonalityRun(None, result, recipe, graph)
-    h = result.history
-    summary = {"recipe": "personality", "steps": result.steps_done, "seed": seed, "images": len(ds),
-               "layout": layout, "resolution": int(config.resolution),
-               "first_loss": (sum(h[:20]) / len(h[:20])) if h else None,
-               "final_loss": (sum(h[-20:]) / len(h[-20:])) if h else None, "config": asdict(config)}
-    if license is None and layout == "bg60k":
-        license = BG60K_LICENSE
+        trained = run_recipe(host, recipe, config.phases(), options, name="personality",
+                             latent_shape=(int(config.batch_size),) + tuple(cache.get(0)[0].shape))
+    if trained.cancelled:
+        return PersonalityRun(None, trained.result, recipe, trained.graph)
+    license = license_of(license, layout)
+    summary = trained.summary("personality", options.seed, asdict(config), images=len(ds), layout=layout,
+                              resolution=int(config.resolution))
     if license is not None:
         summary["license"] = license
     path = adapter.save(out_path, training=summary)
-    return PersonalityRun(path, result, recipe, graph)
+    return PersonalityRun(path, trained.result, recipe, trained.graph)
