@@ -7,10 +7,9 @@ import os
 from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
-from productscene.library import (ENCODER_OF_TOKENIZER_KEY, FAMILIES, CategoryLibrary,
-                                    family_of_encoders)
-from productscene.prompt import (DEFAULT_TEMPLATE, CategoryTokens, category_free_template, check_template,
-                                 library_vectors_by_key, tokenize_with_identifier)
+from productscene.library import FAMILIES, CategoryLibrary, family_of_encoders
+from productscene.prompt import (DEFAULT_TEMPLATE, ENCODER_OF_TOKENIZER_KEY, CategoryTokens, category_free_template,
+                                 check_template, library_vectors_by_key, tokenize_with_identifier)
 from .clip_text import clip_widths
 from .paths import list_libraries, open_cached, resolve_library
 

@@ -3,7 +3,7 @@ token embeddings of a word (shared by the Category Tokens node and the training 
 from __future__ import annotations
 
 from productscene.errors import ProductSceneError
-from productscene.library import ENCODER_OF_TOKENIZER_KEY
+from productscene.prompt import ENCODER_OF_TOKENIZER_KEY
 
 
 def clip_widths(clip) -> dict[str, int]:

@@ -23,8 +23,6 @@ from . import __version__
 from .errors import ProductSceneError
 from .files import check_format, load_tensors, read_header, save_safetensors_atomic
 from .prompt import init_vectors
-# Re-exported until nodes/category_tokens.py and nodes/clip_text.py import them from .prompt
-from .prompt import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS  # noqa: F401
 
 FORMAT = "category_library"
 FORMAT_VERSION = 1

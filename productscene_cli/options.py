@@ -5,7 +5,7 @@ import os
 import sys
 
 from productscene.train.datasets import check, open_dataset
-from productscene.train.recipes.categories import check_outputs
+from productscene.train.run import RunOptions, check_outputs
 
 from .model_files import check_model_checkpoint
 
@@ -45,6 +45,14 @@ def run_args(sp, out, data=True):
 def model_args(sp, out, required=True):
     sp.add_argument("--checkpoint", required=required, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
     sp.add_argument("--out", required=required, help=f"{out} to write (.safetensors)")
+
+
+def run_options(args, ckpt: str, resume=None) -> RunOptions:
+    """A training command's shared run options (made, so checked, before any model loads); the run
+    adds its progress bars and Ctrl-C as keywords."""
+    return RunOptions(seed=args.seed, checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume if resume is None else resume, overwrite=args.overwrite,
+                      autocast=args.autocast, gradient_checkpoint=args.gradient_checkpointing)
 
 
 def checked_training_inputs(args):

@@ -5,7 +5,7 @@ from productscene.prompt import DEFAULT_TEMPLATE
 from productscene.train.recipes.categories import CategoryConfig, train_category_library
 
 from . import check_dataset, comfyui
-from .options import checked_training_inputs, data_args, default_cache, model_args, run_args
+from .options import checked_training_inputs, data_args, default_cache, model_args, run_args, run_options
 from .progress import train_interruptibly, trained
 
 
@@ -44,18 +44,16 @@ def run(args) -> int:
     if checked is None:
         return 1
     ckpt, dataset, report = checked
+    options = run_options(args, ckpt)
     config = CategoryConfig(template=args.template, vectors_per_token=args.vectors, rank=args.rank,
                             batch_size=args.batch_size, resolution=args.resolution, steps=args.steps,
                             lr_tokens=args.lr, lr_lora=args.lr_lora, init_word=args.init_word)
     host_mod = comfyui.load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     done = train_interruptibly(lambda bars, should_stop: train_category_library(
-        host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, layout=args.layout,
-        checked=report, seed=args.seed, cache_dir=args.cache_dir or default_cache(), checkpoint_path=ckpt,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, autocast=args.autocast,
-        progress=bars.progress, latent_progress=bars.latent_progress, license=args.license,
-        gradient_checkpoint=args.gradient_checkpointing, should_stop=should_stop,
-        overwrite=args.overwrite), ckpt, args.steps, images=len(dataset))
+        host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, options, layout=args.layout,
+        checked=report, cache_dir=args.cache_dir or default_cache(), latent_progress=bars.latent_progress,
+        license=args.license, progress=bars.progress, should_stop=should_stop), ckpt, args.steps, images=len(dataset))
     if done is None:
         return 130
     print(f"wrote {done.library}: {len(done.recipe.categories)} categories, {trained(done.result, ckpt)}")

@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 
 from productscene.errors import ProductSceneError
+from productscene.images import alpha, as_tensor, luminance, open_image, rgb
 from productscene.train.recipes.concepts import (ConceptConfig, check_concept_outputs, concept_names, prepare_scene,
                                                  train_concepts)
 
 from . import comfyui
 from .model_files import check_model_checkpoint
-from .options import model_args, run_args
+from .options import model_args, run_args, run_options
 from .progress import train_interruptibly, trained
 
 
@@ -50,32 +51,22 @@ def register(sub) -> None:
     k.set_defaults(func=run)
 
 
-def _read_image(path, what: str):
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError) as e:
-        raise ProductSceneError(f"{what}: could not read {str(path)!r} as an image ({e})") from None
-
-
 def read_scene(image_path, mask_paths):
     """``(IMAGE [1,H,W,3], MASK [N,h,w])`` from an image file and mask files (white = the concept;
     a mask with alpha uses its alpha)."""
     if not mask_paths:
         raise ProductSceneError("mask: give at least one --mask file (white = the concept)")
-    img = _read_image(image_path, "image").convert("RGB")
-    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    image = as_tensor(rgb(open_image(image_path, "image")))[None]
     masks = []
     size = None
     for p in mask_paths:
-        m = _read_image(p, "mask")
-        m = m.getchannel("A") if m.mode in ("RGBA", "LA") else m.convert("L")
+        m = open_image(p, "mask")
         if size is not None and m.size != size:
             raise ProductSceneError(f"mask: {str(p)!r} is {m.size[0]}x{m.size[1]}, the other masks {size[0]}x{size[1]}; "
                                     "give every mask at one size")
         size = m.size
-        masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
+        a = alpha(m)
+        masks.append(as_tensor(a if a is not None else luminance(m)))
     return image, torch.stack(masks)
 
 
@@ -90,9 +81,8 @@ def read_class_images(folder, size: tuple[int, int]) -> torch.Tensor:
     names = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise ProductSceneError(f"--class-images: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
-    images = [_read_image(os.path.join(root, n), "--class-images").convert("RGB").resize(size, Image.BICUBIC)
-              for n in names]
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+    images = [rgb(open_image(os.path.join(root, n), "--class-images").resize(size, Image.BICUBIC)) for n in names]
+    return as_tensor(np.stack(images))
 
 
 def prior_options(args, size: tuple[int, int]) -> dict:
@@ -124,22 +114,19 @@ def run(args) -> int:
     prepare_scene(image, masks, config.resolution, config.background)  # every mask problem before loading a model
     stem = os.path.splitext(args.out)[0]
     ckpt = args.state or stem + ".checkpoint.safetensors"
-    resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
-    outputs = dict(lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
-                   embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)),
-                   checkpoint_path=ckpt, resume=resume, overwrite=args.overwrite)
+    options = run_options(args, ckpt, resume=args.resume if isinstance(args.resume, str) else bool(args.resume))
+    files = dict(lora_path=args.lora or stem + (".unet.diff" if args.unet == "full" else ".lora") + ".safetensors",
+                 embeddings_dir=args.embeddings_dir or os.path.dirname(os.path.abspath(args.out)))
     # every file the run writes, before a model loads
     check_concept_outputs(args.out, concept_names(len(masks), config.names, config.background), out="--out",
                           shown=os.fspath, hint="pass --overwrite, choose another --out, or --resume its training",
-                          **outputs)
+                          checkpoint_path=ckpt, resume=options.resume, overwrite=options.overwrite, **files)
     host_mod = comfyui.load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     done = train_interruptibly(lambda bars, should_stop: train_concepts(
-        host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config,
-        history_path=args.history or stem + ".loss.json", seed=args.seed, checkpoint_every=args.checkpoint_every,
-        autocast=args.autocast, progress=bars.progress, should_stop=should_stop,
-        gradient_checkpoint=args.gradient_checkpointing, class_images=prior.get("class_images"), **outputs),
-        ckpt, config.phase1_steps + config.phase2_steps)
+        host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config, options,
+        history_path=args.history or stem + ".loss.json", class_images=prior.get("class_images"),
+        progress=bars.progress, should_stop=should_stop, **files), ckpt, config.phase1_steps + config.phase2_steps)
     if done is None:
         return 130
     print(f"wrote {done.tokens}: {', '.join(done.recipe.names)}; LoRA {done.lora}; embeddings "

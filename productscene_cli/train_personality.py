@@ -5,7 +5,7 @@ from productscene.train.recipes.personality import PersonalityConfig, train_pers
 
 from . import comfyui
 from .model_files import check_clip_vision
-from .options import checked_training_inputs, data_args, default_cache, model_args, run_args
+from .options import checked_training_inputs, data_args, default_cache, model_args, run_args, run_options
 from .progress import train_interruptibly, trained
 
 
@@ -42,19 +42,18 @@ def run(args) -> int:
     if checked is None:
         return 1
     ckpt, dataset, report = checked
+    options = run_options(args, ckpt)
     pack = comfyui.load_pack(args.comfyui, cpu=args.cpu)
     node = pack.nodes.train_personality
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     clip_vision = comfyui.load_clip_vision(args.clip_vision)
     host = pack.nodes.training_host.ComfyTrainingHost(model, clip, vae)
     done = train_interruptibly(lambda bars, should_stop: train_personality_adapter(
-        host, dataset, args.out, config, encode_vision=node.vision_encoder(clip_vision),
+        host, dataset, args.out, config, options, encode_vision=node.vision_encoder(clip_vision),
         vision_width=node.vision_width(clip_vision), layers=pack.nodes.host.cross_attention_layers(host.model),
-        layout=args.layout, split=args.split, checked=report, seed=args.seed,
-        cache_dir=args.cache_dir or default_cache(), checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, autocast=args.autocast, progress=bars.progress, latent_progress=bars.latent_progress,
-        should_stop=should_stop, overwrite=args.overwrite, license=args.license,
-        gradient_checkpoint=args.gradient_checkpointing), ckpt, args.steps, images=len(dataset))
+        layout=args.layout, split=args.split, checked=report, cache_dir=args.cache_dir or default_cache(),
+        latent_progress=bars.latent_progress, license=args.license, progress=bars.progress,
+        should_stop=should_stop), ckpt, args.steps, images=len(dataset))
     if done is None:
         return 130
     print(f"wrote {done.adapter}: {config.tokens} reference tokens for {host.family}, {trained(done.result, ckpt)}")

@@ -26,7 +26,6 @@ from ..engine import Phase, TrainResult, loss_graph, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
 from ..run import RunOptions, checked_inputs, license_of, run_recipe, warm_latents
-from ..run import check_outputs  # noqa: F401  (productscene/cli.py imports it from here until it imports ..run)
 from . import DiffusionHost, Encoded, sample_preview
 
 
