@@ -39,11 +39,11 @@ TEMPLATE = "a product photo on a {category} background, professional studio ligh
 
 
 def category_prompt(clip, pack, family: str = "sd15"):
-    from productscene.library import FAMILIES, CategoryLibrary
+    from productscene.library import FAMILIES, TokenLibrary
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    CategoryLibrary.write(os.path.join(folder, "bench.safetensors"), ["perfume", "tools"],
+    TokenLibrary.write(os.path.join(folder, "bench.safetensors"), ["perfume", "tools"],
                           {e: torch.randn(2, 1, w, generator=g) * 0.02 for e, w in FAMILIES[family].items()}, family)
     folder_paths.filename_list_cache.pop("category_libraries", None)
     return pack.nodes.category_tokens.ProductSceneCategoryTokens.execute(clip, "bench.safetensors", "perfume",

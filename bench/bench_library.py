@@ -1,4 +1,4 @@
-"""Time CategoryLibrary.open and a single category lookup on a large library.
+"""Time TokenLibrary.open and a single category lookup on a large library.
 
     python bench/bench_library.py [--categories 5000] [--family sdxl] [--n 1]
 
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from productscene.library import FAMILIES, CategoryLibrary  # noqa: E402
+from productscene.library import FAMILIES, TokenLibrary  # noqa: E402
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "bench_library.safetensors")
         t0 = time.perf_counter()
-        CategoryLibrary.write(path, names, vecs, args.family, {n: "background" for n in names}, lora=lora)
+        TokenLibrary.write(path, names, vecs, args.family, {n: "background" for n in names}, lora=lora)
         t_write = time.perf_counter() - t0
         # baseline: the same categories as one textual-inversion file each (an embeddings folder)
         folder = os.path.join(d, "embeddings")
@@ -54,7 +54,7 @@ def main(argv=None):
             load_file(os.path.join(folder, names[(r * 7919) % C] + ".safetensors"))
             full.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            lib = CategoryLibrary.open(path)
+            lib = TokenLibrary.open(path)
             opens.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             lib.vectors(names[(r * 7919) % C])

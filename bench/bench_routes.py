@@ -27,7 +27,7 @@ from devkit import comfy_env  # noqa: E402  (the ComfyUI tree; private base dir)
 import torch  # noqa: E402
 
 from devkit.launcher import ComfyServer  # noqa: E402
-from productscene.library import CategoryLibrary  # noqa: E402
+from productscene.library import TokenLibrary  # noqa: E402
 
 
 def timed_get(url: str) -> tuple[float, int]:
@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ps-bench-routes-") as tmp:
         lib = Path(tmp) / "bench_5000.safetensors"
         names = [f"product category {i:05d}" for i in range(args.categories)]
-        CategoryLibrary.write(str(lib), names, {"clip_l": torch.randn(len(names), 1, 768) * 0.01}, "sd15")
+        TokenLibrary.write(str(lib), names, {"clip_l": torch.randn(len(names), 1, 768) * 0.01}, "sd15")
         with ComfyServer(comfy_env.COMFYUI_DIR, models={"category_libraries": [lib]}) as server:
             route = server.url + "/productscene/libraries/categories?library=" + urllib.parse.quote(lib.name)
             baseline = server.url + "/object_info/ProductSceneCategoryTokens"

@@ -284,7 +284,7 @@ def write_untrained_library(path: Path, ckpt: Path, words: dict[str, str], *, ke
     _import_paths()
     import torch
     from safetensors import safe_open
-    from productscene.library import CategoryLibrary
+    from productscene.library import TokenLibrary
 
     with safe_open(str(ckpt), framework="pt") as f:
         table = f.get_tensor(key).to(torch.float32)
@@ -296,7 +296,7 @@ def write_untrained_library(path: Path, ckpt: Path, words: dict[str, str], *, ke
             raise ValueError(f"word {word!r} has no tokens")
         return {"clip_l": table[ids]}
 
-    CategoryLibrary.from_words(words, "sd15", token_embeddings).write(
+    TokenLibrary.from_words(words, "sd15", token_embeddings).write(
         path, training=None, license=license, created_by=created_by)
     return path
 

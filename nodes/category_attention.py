@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from productscene.attention import CategoryGate, SceneAttention
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.masks import check_background_left
 from productscene.prompt import CategoryTokens
 from .category_tokens import CategoryTokensType
@@ -24,7 +24,7 @@ def apply_lora_of(model, library_path: str, strength: float):
     """The LoRA stored in a library (or concept-token) file on ``model`` (unchanged if none)."""
     if strength == 0.0:
         return model
-    library = CategoryLibrary.open(library_path)
+    library = TokenLibrary.open(library_path)
     if not library.has_lora:
         return model
     patched, _ = comfy.sd.load_lora_for_models(model, None, library.lora_state_dict(), strength, 0.0)

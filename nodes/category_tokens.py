@@ -7,7 +7,7 @@ import os
 from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
-from productscene.library import FAMILIES, CategoryLibrary, family_of_encoders
+from productscene.library import FAMILIES, TokenLibrary, family_of_encoders
 from productscene.prompt import (DEFAULT_TEMPLATE, ENCODER_OF_TOKENIZER_KEY, CategoryTokens, category_free_template,
                                  check_template, library_vectors_by_key, tokenize_with_identifier)
 from .clip_text import clip_widths
@@ -87,7 +87,7 @@ class ProductSceneCategoryTokens(io.ComfyNode):
         return io.NodeOutput(cond, ct)
 
 
-def check_clip(lib: CategoryLibrary, clip, name: str, what: str = "library") -> dict[str, int]:
+def check_clip(lib: TokenLibrary, clip, name: str, what: str = "library") -> dict[str, int]:
     """The CLIP's tokenizer widths ``{key: width}`` after checking it is the family ``lib`` was
     made for (Category Tokens and Concept Tokens alike)."""
     widths = clip_widths(clip)
@@ -104,10 +104,10 @@ def check_clip(lib: CategoryLibrary, clip, name: str, what: str = "library") -> 
     return widths
 
 
-def open_library(name: str, clip, what: str = "library") -> tuple[str, CategoryLibrary, dict[str, int]]:
+def open_library(name: str, clip, what: str = "library") -> tuple[str, TokenLibrary, dict[str, int]]:
     """``(path, library, clip widths)`` of a listed library name, checked against the CLIP."""
     path = resolve_library(name, what=what)
-    lib = CategoryLibrary.open(path)
+    lib = TokenLibrary.open(path)
     return path, lib, check_clip(lib, clip, name, what)
 
 

@@ -37,7 +37,7 @@ def clip_widths(clip) -> dict[str, int]:
 def word_token_embeddings(clip):
     """``word -> {library encoder: [t, width]}``: the CLIP's own input embeddings of the word's
     ``t`` tokens (start/end/pad removed). ``productscene.prompt.init_vectors`` turns them into an
-    identifier's initial vectors (the one meaning of "init word"); ``CategoryLibrary.from_words``
+    identifier's initial vectors (the one meaning of "init word"); ``TokenLibrary.from_words``
     and the trainers do so."""
     widths = clip_widths(clip)
     empty = clip.tokenize("")

@@ -12,7 +12,7 @@ import os
 import folder_paths
 
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 
 LIBRARY_FOLDER = "category_libraries"
 PERSONALITY_FOLDER = "personality_adapters"
@@ -39,7 +39,7 @@ def register(folder: str = LIBRARY_FOLDER) -> None:
 register()
 register(PERSONALITY_FOLDER)
 
-_HEADER_CACHE: dict[str, tuple[float, int, CategoryLibrary | None]] = {}
+_HEADER_CACHE: dict[str, tuple[float, int, TokenLibrary | None]] = {}
 BROKEN: dict[str, str] = {}  # file name -> why it cannot be read (skipped in every list)
 
 
@@ -50,7 +50,7 @@ def _names(folder: str) -> list[str]:
         return []
 
 
-def open_cached(path: str) -> CategoryLibrary | None:
+def open_cached(path: str) -> TokenLibrary | None:
     """The library at ``path`` (header only), or None if it is not a readable category library.
     Cached by (mtime, size) so combo lists do not re-read unchanged files. A broken file is
     reported once (with its name and why) in the server log, and never raises."""
@@ -63,9 +63,9 @@ def open_cached(path: str) -> CategoryLibrary | None:
     if hit is not None and hit[0] == st.st_mtime and hit[1] == st.st_size:
         return hit[2]
     lib = None
-    if CategoryLibrary.is_library(path):
+    if TokenLibrary.is_library(path):
         try:
-            lib = CategoryLibrary.open(path)
+            lib = TokenLibrary.open(path)
         except Exception as e:  # one bad file must not take the nodes and routes down
             why = str(e) if isinstance(e, ProductSceneError) else f"{type(e).__name__}: {e}"
             BROKEN[os.path.basename(path)] = why
@@ -87,7 +87,7 @@ def list_libraries() -> list[str]:
         if not name.lower().endswith(".safetensors"):
             continue
         path = folder_paths.get_full_path(LIBRARY_FOLDER, name)
-        if path and open_cached(path) is None and CategoryLibrary.is_library(path):
+        if path and open_cached(path) is None and TokenLibrary.is_library(path):
             continue
         out.append(name)
     seen = set(out)

@@ -1,11 +1,13 @@
-"""Category library: one safetensors file holding the identifier vectors of many categories.
+"""Token library: one safetensors file of learned tokens for one base model: the identifier vectors
+of many categories (a category library) or Break-A-Scene's concept tokens (a concept-token file),
+and their shared LoRA.
 
 Format (``productscene.format = category_library``, version 1), see docs/design.md:
 tensors ``vectors.<encoder>`` ``[C, n, width]`` for every encoder of the family and optional LoRA
 tensors ``lora.<comfy lora key>``; metadata (JSON strings) ``categories``, ``init_words``,
 ``base_family``, ``vectors_per_token``, ``encoders``, ``training``, ``license``, ``created_by``.
 
-Host-free. ``CategoryLibrary.open`` reads the header only; a category's vectors are read row by row
+Host-free. ``TokenLibrary.open`` reads the header only; a category's vectors are read row by row
 (``safe_open`` + ``get_slice``) and the LoRA only when ``lora_state_dict()`` is called.
 """
 from __future__ import annotations
@@ -104,13 +106,14 @@ class LibraryData:
     init_words: dict[str, str] = field(default_factory=dict)
 
     def write(self, path, lora=None, training=None, license=None, created_by=None) -> str:
-        return CategoryLibrary.write(path, self.names, self.vectors, self.family, self.init_words,
+        return TokenLibrary.write(path, self.names, self.vectors, self.family, self.init_words,
                                      lora=lora, training=training, license=license,
                                      created_by=created_by)
 
 
-class CategoryLibrary:
-    """A category library file opened from its header. Vectors and LoRA are read lazily."""
+class TokenLibrary:
+    """A token library file (category identifiers or concept tokens) opened from its header. Vectors
+    and LoRA are read lazily. The file format keeps its name, ``category_library``."""
 
     def __init__(self, path: str, metadata: dict, index: dict):
         self.path = path
@@ -181,7 +184,7 @@ class CategoryLibrary:
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path) -> "CategoryLibrary":
+    def open(cls, path) -> "TokenLibrary":
         """Read the header only (names, family, encoders, vectors_per_token, init words)."""
         path = os.fspath(path)
         metadata, index = read_header(path)
@@ -203,7 +206,7 @@ class CategoryLibrary:
         return category in self._row
 
     def __repr__(self):
-        return (f"CategoryLibrary({os.path.basename(self.path)!r}, family={self.family!r}, "
+        return (f"TokenLibrary({os.path.basename(self.path)!r}, family={self.family!r}, "
                 f"categories={len(self.names)}, n={self.vectors_per_token}, lora={self.has_lora})")
 
     def index(self, category: str) -> int:

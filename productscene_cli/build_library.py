@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def run(args) -> int:
     files = {p.stem: str(p) for p in sorted(folder.glob("*.safetensors"))}
     if not files:
         raise ProductSceneError(f"from-embeddings: no .safetensors embedding files in {folder}")
-    data = CategoryLibrary.from_embedding_files(files, args.family)
+    data = TokenLibrary.from_embedding_files(files, args.family)
     path = data.write(args.out, license=args.license)
     print(f"wrote {path}: {len(files)} categories ({args.family})")
     return 0

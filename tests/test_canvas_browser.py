@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from tests.support.browser import BrowserMissing, canvas_browser, ensure_browser, overlaps
 
 pytestmark = pytest.mark.host
@@ -66,11 +66,11 @@ def site(comfy_server, default_model_files, reference_model_files):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             os.symlink(path, dst)
-    CategoryLibrary.write(str(models / "category_libraries" / BIG), BIG_NAMES,
+    TokenLibrary.write(str(models / "category_libraries" / BIG), BIG_NAMES,
                           {"clip_l": torch.randn(len(BIG_NAMES), 1, 768) * 0.01}, "sd15")
     # what the Recompose template's note asks for first: the concept-token file that the Extract
     # template writes (a current frontend marks a node whose model-file choice is absent as an error)
-    CategoryLibrary.write(str(models / "category_libraries" / CONCEPTS), ["<perfume>", "<mug>"],
+    TokenLibrary.write(str(models / "category_libraries" / CONCEPTS), ["<perfume>", "<mug>"],
                           {"clip_l": torch.randn(2, 1, 768) * 0.01}, "sd15")
     return server, client, Path(ckpt).name, Path(lib).name
 
@@ -202,7 +202,7 @@ def test_choosing_a_library_fills_the_category_menu_with_its_categories(site, ca
     node = node_by_type(canvas, "ProductSceneCategoryTokens")
     canvas.page.wait_for_function(
         "(id) => app.graph.getNodeById(id).productsceneCategories?.names", arg=node, timeout=10_000)
-    default_names = CategoryLibrary.open(str(Path(site[0].base_dir) / "models" / "category_libraries"
+    default_names = TokenLibrary.open(str(Path(site[0].base_dir) / "models" / "category_libraries"
                                              / default_library)).names
     assert canvas.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'category').options.values",
                            node) == list(default_names)

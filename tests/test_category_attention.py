@@ -21,7 +21,7 @@ import comfy.ldm.modules.attention as comfy_attention
 
 from productscene.attention import ProductRegion
 from productscene.errors import ProductSceneError
-from productscene.library import FAMILIES, CategoryLibrary
+from productscene.library import FAMILIES, TokenLibrary
 from devkit import comfy_env
 from devkit.identifier_gate import direct_product_queries, install_identifier_rows_gate
 from devkit.models import encode, sample, tiny, tiny_sd15
@@ -45,7 +45,7 @@ def libraries():
         g = torch.Generator().manual_seed(11)
         vectors = {e: torch.randn(2, 1, w, generator=g) * 0.02 for e, w in encoders.items()}
         name = f"independence_{family}.safetensors"
-        CategoryLibrary.write(os.path.join(folder, name), ["marble", "workbench"], vectors, family)
+        TokenLibrary.write(os.path.join(folder, name), ["marble", "workbench"], vectors, family)
         names[family] = name
     folder_paths.filename_list_cache.pop("category_libraries", None)
     return names

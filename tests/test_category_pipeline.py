@@ -15,7 +15,7 @@ import folder_paths
 
 pack = comfy_env.import_pack()
 nodes = comfy_env.import_comfy_nodes()
-from productscene.library import CategoryLibrary  # noqa: E402
+from productscene.library import TokenLibrary  # noqa: E402
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "samples", "products", "perfume_bottle.png")
 
@@ -31,7 +31,7 @@ def write_library(name):
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(3)
-    CategoryLibrary.write(os.path.join(folder, name), ["marble", "workbench"],
+    TokenLibrary.write(os.path.join(folder, name), ["marble", "workbench"],
                           {"clip_l": torch.randn(2, 2, 768, generator=g)}, "sd15",
                           init_words={"marble": "marble", "workbench": "wood"})
     return name

@@ -14,7 +14,7 @@ from devkit import comfy_env
 import folder_paths
 
 from productscene.prompt import category_free_template
-from productscene.library import FAMILIES, CategoryLibrary
+from productscene.library import FAMILIES, TokenLibrary
 
 TEMPLATE = "a product photo on a {category} background, professional studio lighting"
 
@@ -47,7 +47,7 @@ def word_vectors(clip, word):
 
 def make_library(path, clip, family, words=("marble", "wood", "bamboo"), names=("perfume", "tools", "tea")):
     vecs = {enc: torch.stack([word_vectors(clip, w)[enc] for w in words]) for enc in FAMILIES[family]}
-    CategoryLibrary.write(path, list(names), vecs, family, dict(zip(names, words)), license="test")
+    TokenLibrary.write(path, list(names), vecs, family, dict(zip(names, words)), license="test")
     return path
 
 
@@ -191,7 +191,7 @@ def test_template_errors(pack, folders, sd15):
 def test_word_token_embeddings_build_a_library_from_words(pack, folders, sdxl, comfy_nodes):
     libs, _ = folders
     fn = pack.nodes.clip_text.word_token_embeddings(sdxl.clip)
-    data = CategoryLibrary.from_words({"tea": "bamboo", "tools": "wood"}, "sdxl", fn)
+    data = TokenLibrary.from_words({"tea": "bamboo", "tools": "wood"}, "sdxl", fn)
     assert torch.equal(data.vectors["clip_g"][0], word_vectors(sdxl.clip, "bamboo")["clip_g"])
     data.write(libs / "words.safetensors")
     cond, ct = run(pack, clip=sdxl.clip, library="words.safetensors", category="tea", template=TEMPLATE)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.personality import PersonalityAdapter
 from productscene.train.engine import read_checkpoint_info
 from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
@@ -64,7 +64,7 @@ def test_build_library_from_textual_inversion_files(tmp_path):
     out = tmp_path / "lib.safetensors"
     done = run_cli("build-library", "--from-embeddings", folder, "--family", "sd15", "--out", out)
     assert done.returncode == 0, done.stderr
-    library = CategoryLibrary.open(out)
+    library = TokenLibrary.open(out)
     assert library.names == ["bamboo", "marble"] and library.vectors_per_token == 2
     assert torch.equal(library.vectors("bamboo")["clip_l"], torch.full((2, 768), 1.0))
 
@@ -76,7 +76,7 @@ def test_train_categories_writes_a_library_the_loader_reads(dataset, tmp_path, d
                    "--steps", 2, "--resolution", 64, "--batch-size", 2, "--rank", 2, "--cpu",
                    "--cache-dir", tmp_path / "cache")
     assert done.returncode == 0, done.stderr[-3000:]
-    library = CategoryLibrary.open(out)
+    library = TokenLibrary.open(out)
     assert library.names == ["perfume", "tools"] and library.family == "sd15" and library.has_lora
     assert library.training["steps"] == 2
     assert (tmp_path / "trained.checkpoint.safetensors").is_file()
@@ -109,7 +109,7 @@ def test_train_concepts_writes_tokens_lora_and_embeddings(tmp_path, default_mode
                    masks[1], "--names", "red,blue", "--out", out, "--phase1-steps", 1, "--phase2-steps", 1,
                    "--resolution", 64, "--cpu")
     assert done.returncode == 0, done.stderr[-3000:]
-    library = CategoryLibrary.open(out)
+    library = TokenLibrary.open(out)
     assert library.names == ["<red>", "<blue>"] and library.family == "sd15" and library.has_lora
     assert library.training["steps"] == 2 and library.training["recipe"] == "concepts"
     for f in ("scene_concepts.lora.safetensors", "scene_concepts_red.safetensors", "scene_concepts_blue.safetensors",
@@ -185,7 +185,7 @@ def test_a_checkpoint_comfyui_cannot_identify_is_an_error_line(dataset, tmp_path
     save_file({"model.diffusion_model.some.weight": torch.zeros(3, 5)}, str(odd))
     image, masks = _scene_files(tmp_path)
     library = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(library, ["perfume", "tools"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
+    TokenLibrary.write(library, ["perfume", "tools"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
     commands = {
         "train-categories": ["--data", dataset, "--out", tmp_path / "cats.safetensors"],
         "train-concepts": ["--image", image, "--mask", masks[0], "--out", tmp_path / "concepts.safetensors"],

@@ -11,7 +11,7 @@ import torch
 
 import folder_paths
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.train.recipes.concepts import ConceptConfig, train_concepts
 from devkit.comfy_env import import_comfy_nodes, import_pack
 from tests.test_concepts import scene
@@ -49,7 +49,7 @@ def trained(sd15):
 def test_node_writes_tokens_lora_embeddings_history(trained):
     tokens, lora, graph, history = trained
     assert tokens == "node_concepts.safetensors" and lora == "node_concepts.safetensors"
-    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(tokens))
+    lib = TokenLibrary.open(pack.nodes.paths.resolve_library(tokens))
     assert lib.names == ["<bottle>", "<cap>"] and lib.has_lora and lib.init_words["<cap>"] == "bottle"
     assert folder_paths.get_full_path("loras", lora) is not None
     for c in ("bottle", "cap"):
@@ -96,8 +96,8 @@ def test_node_shows_sample_previews_beside_the_loss_curve(sd15):
     assert plain and all(im.width == graph_w for _, im in plain)
     sample = with_sample[-1][1].crop((0, 0, with_sample[-1][1].width - graph_w, live.PREVIEW_SIZE[1]))
     assert len(set(sample.convert("RGB").resize((16, 16)).getdata())) > 20  # a picture, not a blank
-    a = CategoryLibrary.open(pack.nodes.paths.resolve_library("preview_concepts.safetensors"))
-    b = CategoryLibrary.open(pack.nodes.paths.resolve_library("plain_concepts.safetensors"))
+    a = TokenLibrary.open(pack.nodes.paths.resolve_library("preview_concepts.safetensors"))
+    b = TokenLibrary.open(pack.nodes.paths.resolve_library("plain_concepts.safetensors"))
     for name in a.names:
         for e, v in a.vectors(name).items():
             assert torch.equal(v, b.vectors(name)[e])  # previews change nothing that is trained
@@ -108,7 +108,7 @@ def test_concept_tokens_reproduce_the_trained_conditioning_and_embedding_syntax(
     model, cond, ct = CT.execute(sd15.model, sd15.clip, tokens, "a photo of <bottle> and <cap>", 1.0).args
     assert ct is None and model is not sd15.model  # LoRA applied on a clone
     # the same vectors through the trainer's own encoding path
-    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(tokens))
+    lib = TokenLibrary.open(pack.nodes.paths.resolve_library(tokens))
     host = pack.nodes.training_host.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
     from productscene.prompt import Prompt
     enc = host.encode([Prompt("a photo of <bottle> and <cap>", {n: lib.vectors(n) for n in lib.names})])
@@ -131,7 +131,7 @@ def test_concept_and_category_share_one_prompt(sd15, trained):
     lib_name = "concept_cat.safetensors"
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
-    CategoryLibrary.write(os.path.join(folder, lib_name), ["marble", "wood"], {"clip_l": torch.randn(2, 1, 768)}, "sd15")
+    TokenLibrary.write(os.path.join(folder, lib_name), ["marble", "wood"], {"clip_l": torch.randn(2, 1, 768)}, "sd15")
     text = "a photo of <bottle> on a {category} background"
     _, cond, ct = CT.execute(sd15.model, sd15.clip, trained[0], text, 1.0, lib_name, "marble").args
     assert ct.category == "marble" and ct.free_context is not None and ct.free_context.shape == cond[0][0].shape
@@ -185,7 +185,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_matches(sd15, tmp_path):
     assert read_checkpoint_info(ckpt)["step"] == 4
     resumed = train_concepts(host, image, masks, tmp_path / "cut.safetensors", cfg, seed=4, checkpoint_path=ckpt,
                              resume=True)
-    a, b = CategoryLibrary.open(full.tokens), CategoryLibrary.open(resumed.tokens)
+    a, b = TokenLibrary.open(full.tokens), TokenLibrary.open(resumed.tokens)
     torch.testing.assert_close(b.all_vectors()["clip_l"], a.all_vectors()["clip_l"], rtol=1e-5, atol=1e-6)
     la, lb = a.lora_state_dict(), b.lora_state_dict()
     assert la.keys() == lb.keys()
@@ -217,6 +217,6 @@ def test_textual_inversion_file_loads_into_a_diffusers_pipeline(trained):
     token_id = tokenizer.convert_tokens_to_ids("<bottle>")
     assert token_id >= 49408  # a new token after CLIP's vocabulary
     assert tokenizer("a photo of <bottle>").input_ids[4] == token_id
-    lib = CategoryLibrary.open(pack.nodes.paths.resolve_library(trained[0]))
+    lib = TokenLibrary.open(pack.nodes.paths.resolve_library(trained[0]))
     row = text_encoder.get_input_embeddings().weight[token_id].detach()
     torch.testing.assert_close(row, lib.vectors("<bottle>")["clip_l"][0], rtol=0, atol=0)

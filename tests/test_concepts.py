@@ -9,7 +9,7 @@ import torch
 
 from productscene.errors import ProductSceneError
 from productscene.files import load_tensors, read_header
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.train.recipes.concepts import (ConceptConfig, ConceptData, ConceptRecipe, MAX_CONCEPTS,
                                                  concept_names, prepare_scene, train_concepts)
 from devkit.comfy_env import import_pack
@@ -107,7 +107,7 @@ def test_phase1_changes_only_token_vectors_phase2_also_the_lora(sd15, tmp_path):
     assert not torch.equal(vecs["clip_l"], seen[2][0]["clip_l"])
     assert unet_changed == [] and clip_changed == []
     # files: token library (Category Tokens' format), LoRA in ComfyUI keys, TI files, history
-    lib = CategoryLibrary.open(run.tokens)
+    lib = TokenLibrary.open(run.tokens)
     assert lib.names == ["<concept1>", "<concept2>"] and lib.family == "sd15" and lib.has_lora
     torch.testing.assert_close(lib.vectors("<concept2>")["clip_l"], vecs["clip_l"][1])
     assert lib.training["recipe"] == "concepts" and lib.init_words == {"<concept1>": "object", "<concept2>": "object"}
@@ -133,7 +133,7 @@ def test_full_unet_phase2_writes_a_diff_that_comfy_applies(sd15, tmp_path):
     assert changed(unet0, host.unet) == []  # the session put the shared model back
     diff = load_tensors(run.lora)
     assert diff and all(k.endswith(".diff") for k in diff)
-    assert not CategoryLibrary.open(run.tokens).has_lora
+    assert not TokenLibrary.open(run.tokens).has_lora
     model, _ = comfy.sd.load_lora_for_models(tm.model, None, diff, 1.0, 0)
     assert len(model.patches) == len(diff)
 
@@ -146,7 +146,7 @@ def test_other_families_train_and_export(family, request, tmp_path):
     image, masks = scene(n=1)
     run = train_concepts(host, image, masks, tmp_path / "t.safetensors", small(phase1_steps=1, phase2_steps=1, background=True),
                          embeddings_dir=tmp_path, seed=0)
-    lib = CategoryLibrary.open(run.tokens)
+    lib = TokenLibrary.open(run.tokens)
     assert lib.names == ["<concept1>", "<background>"] and lib.family == family
     ti = load_tensors(run.embeddings["<background>"])
     assert sorted(ti) == (["clip_g", "clip_l"] if family == "sdxl" else ["<background>"])

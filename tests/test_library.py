@@ -14,7 +14,7 @@ import productscene.files as files
 import productscene.library as library
 from productscene.errors import ProductSceneError
 from productscene.files import check_format, load_tensors, read_header, save_safetensors_atomic
-from productscene.library import FAMILIES, CategoryLibrary, LibraryData
+from productscene.library import FAMILIES, TokenLibrary, LibraryData
 
 G = torch.Generator().manual_seed(0)
 
@@ -39,9 +39,9 @@ def test_round_trip(tmp_path, family):
     names = ["perfume", "tools", "tea"]
     vecs = make_vectors(family, 3, n=2)
     path = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(path, names, vecs, family, {"perfume": "marble", "tea": "bamboo"},
+    TokenLibrary.write(path, names, vecs, family, {"perfume": "marble", "tea": "bamboo"},
                           lora=LORA, training={"steps": 10}, license="academic use only")
-    lib = CategoryLibrary.open(path)
+    lib = TokenLibrary.open(path)
     assert lib.names == names
     assert lib.family == family
     assert lib.encoders == FAMILIES[family]
@@ -68,7 +68,7 @@ def test_round_trip(tmp_path, family):
 
 def test_metadata_is_the_documented_format(tmp_path):
     path = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(path, ["a", "b"], make_vectors("sdxl", 2), "sdxl", ["w1", "w2"], lora=LORA)
+    TokenLibrary.write(path, ["a", "b"], make_vectors("sdxl", 2), "sdxl", ["w1", "w2"], lora=LORA)
     meta, index = read_header(path)
     assert meta["productscene.format"] == "category_library"
     assert meta["productscene.format_version"] == "1"
@@ -87,8 +87,8 @@ def test_metadata_is_the_documented_format(tmp_path):
 def test_float16_vectors_come_back_as_float32(tmp_path):
     path = tmp_path / "lib.safetensors"
     vecs = make_vectors("sd15", 2, dtype=torch.float16)
-    CategoryLibrary.write(path, ["a", "b"], vecs, "sd15")
-    v = CategoryLibrary.open(path).vectors("b")["clip_l"]
+    TokenLibrary.write(path, ["a", "b"], vecs, "sd15")
+    v = TokenLibrary.open(path).vectors("b")["clip_l"]
     assert v.dtype == torch.float32
     assert torch.equal(v, vecs["clip_l"][1].float())
 
@@ -137,7 +137,7 @@ class _SpySafeOpen:
 def test_open_reads_header_only_and_lora_only_on_demand(tmp_path, monkeypatch):
     path = tmp_path / "lib.safetensors"
     big_lora = {f"diffusion_model.k{i}.lora_up.weight": torch.ones(256, 256) for i in range(8)}
-    CategoryLibrary.write(path, ["a", "b", "c"], make_vectors("sdxl", 3), "sdxl", lora=big_lora)
+    TokenLibrary.write(path, ["a", "b", "c"], make_vectors("sdxl", 3), "sdxl", lora=big_lora)
     spy = _SpySafeOpen(files.safe_open)
     monkeypatch.setattr(files, "safe_open", spy)
     monkeypatch.setattr(library, "safe_open", spy)
@@ -164,7 +164,7 @@ def test_open_reads_header_only_and_lora_only_on_demand(tmp_path, monkeypatch):
         return fh
 
     monkeypatch.setattr("builtins.open", counting_open)
-    lib = CategoryLibrary.open(path)
+    lib = TokenLibrary.open(path)
     monkeypatch.setattr("builtins.open", real_open)
     assert spy.opens == []                                   # no tensor machinery at open
     header_len = int.from_bytes(real_open(path, "rb").read(8), "little")
@@ -188,9 +188,9 @@ def test_open_5000_categories_under_one_second(tmp_path):
     names = [f"category_{i:05d}" for i in range(C)]
     vecs = {enc: torch.zeros(C, 1, w, dtype=torch.float16) for enc, w in FAMILIES["sdxl"].items()}
     path = tmp_path / "big.safetensors"
-    CategoryLibrary.write(path, names, vecs, "sdxl", {n: "background" for n in names}, lora=LORA)
+    TokenLibrary.write(path, names, vecs, "sdxl", {n: "background" for n in names}, lora=LORA)
     t0 = time.perf_counter()
-    lib = CategoryLibrary.open(path)
+    lib = TokenLibrary.open(path)
     elapsed = time.perf_counter() - t0
     assert len(lib) == C and lib.names[4321] == "category_04321"
     assert elapsed < 1.0, f"open took {elapsed:.3f} s"
@@ -203,7 +203,7 @@ def test_open_5000_categories_under_one_second(tmp_path):
 # --------------------------------------------------------------------------- bad files
 def _assert_rejected(path):
     with pytest.raises(ProductSceneError) as e:
-        CategoryLibrary.open(path)
+        TokenLibrary.open(path)
     msg = str(e.value)
     assert os.path.basename(path) in msg and "safetensors" in msg
     return msg
@@ -233,7 +233,7 @@ def test_garbage_empty_and_truncated_files_are_rejected(tmp_path):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     good = tmp_path / "good.safetensors"
-    CategoryLibrary.write(good, ["a", "b"], make_vectors("sd15", 2), "sd15")
+    TokenLibrary.write(good, ["a", "b"], make_vectors("sd15", 2), "sd15")
     data = good.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[:-100])                  # tensor data cut off
@@ -244,21 +244,21 @@ def test_garbage_empty_and_truncated_files_are_rejected(tmp_path):
     with pytest.raises(ProductSceneError, match="truncated"):
         read_header(truncated)
     with pytest.raises(ProductSceneError, match="not found"):
-        CategoryLibrary.open(tmp_path / "missing.safetensors")
+        TokenLibrary.open(tmp_path / "missing.safetensors")
 
 
 def test_other_safetensors_are_not_libraries(tmp_path):
     ti = tmp_path / "ti.safetensors"
     save_file({"emb_params": torch.zeros(2, 768)}, ti)
-    assert not CategoryLibrary.is_library(ti)
+    assert not TokenLibrary.is_library(ti)
     with pytest.raises(ProductSceneError, match="category_library"):
-        CategoryLibrary.open(ti)
+        TokenLibrary.open(ti)
     lib = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(lib, ["a"], make_vectors("sd15", 1), "sd15")
-    assert CategoryLibrary.is_library(lib)
+    TokenLibrary.write(lib, ["a"], make_vectors("sd15", 1), "sd15")
+    assert TokenLibrary.is_library(lib)
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"\x00" * 3)
-    assert not CategoryLibrary.is_library(garbage)
+    assert not TokenLibrary.is_library(garbage)
 
 
 def test_check_format():
@@ -275,60 +275,60 @@ def test_check_format():
 
 def test_future_version_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
-    CategoryLibrary.write(path, ["a"], make_vectors("sd15", 1), "sd15")
+    TokenLibrary.write(path, ["a"], make_vectors("sd15", 1), "sd15")
     meta, _ = read_header(path)
     tensors = load_tensors(path)
     save_safetensors_atomic(tensors, path, {**meta, "productscene.format_version": "9"})
     with pytest.raises(ProductSceneError, match="version 9"):
-        CategoryLibrary.open(path)
+        TokenLibrary.open(path)
 
 
 # --------------------------------------------------------------------------- validation
 def test_width_mismatch_and_missing_encoder_are_refused(tmp_path):
     p = tmp_path / "x.safetensors"
     with pytest.raises(ProductSceneError, match="768"):
-        CategoryLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 1024)}, "sd15")
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 1024)}, "sd15")
     with pytest.raises(ProductSceneError, match="1024"):
-        CategoryLibrary.write(p, ["a"], {"clip_h": torch.zeros(1, 1, 768)}, "sd2")
+        TokenLibrary.write(p, ["a"], {"clip_h": torch.zeros(1, 1, 768)}, "sd2")
     with pytest.raises(ProductSceneError, match="clip_g"):
-        CategoryLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "sdxl")
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "sdxl")
     with pytest.raises(ProductSceneError, match="rows"):
-        CategoryLibrary.write(p, ["a", "b"], {"clip_l": torch.zeros(3, 1, 768)}, "sd15")
+        TokenLibrary.write(p, ["a", "b"], {"clip_l": torch.zeros(3, 1, 768)}, "sd15")
     with pytest.raises(ProductSceneError, match="same vectors per token"):
-        CategoryLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768), "clip_g": torch.zeros(1, 2, 1280)}, "sdxl")
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768), "clip_g": torch.zeros(1, 2, 1280)}, "sdxl")
     with pytest.raises(ProductSceneError, match="family"):
-        CategoryLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "flux")
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "flux")
     with pytest.raises(ProductSceneError, match="NaN"):
-        CategoryLibrary.write(p, ["a"], {"clip_l": torch.full((1, 1, 768), float("nan"))}, "sd15")
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.full((1, 1, 768), float("nan"))}, "sd15")
     assert not p.exists()
 
 
 def test_file_whose_tensors_disagree_with_its_family_is_refused(tmp_path):
     p = tmp_path / "forged.safetensors"
-    CategoryLibrary.write(p, ["a"], make_vectors("sd15", 1), "sd15")
+    TokenLibrary.write(p, ["a"], make_vectors("sd15", 1), "sd15")
     meta, _ = read_header(p)
     # metadata says sd2 but the tensor is clip_l 768
     save_safetensors_atomic(load_tensors(p), p, {**meta, "base_family": '"sd2"', "encoders": '{"clip_h": 1024}'})
     with pytest.raises(ProductSceneError, match="vectors.clip_h"):
-        CategoryLibrary.open(p)
+        TokenLibrary.open(p)
     save_safetensors_atomic(load_tensors(p), p, {**meta, "base_family": '"sdxl"'})
     with pytest.raises(ProductSceneError, match="do not match family"):
-        CategoryLibrary.open(p)
+        TokenLibrary.open(p)
 
 
 def test_duplicate_and_empty_names_are_refused(tmp_path):
     p = tmp_path / "x.safetensors"
     with pytest.raises(ProductSceneError, match="duplicate.*tea"):
-        CategoryLibrary.write(p, ["tea", "perfume", "tea"], make_vectors("sd15", 3), "sd15")
+        TokenLibrary.write(p, ["tea", "perfume", "tea"], make_vectors("sd15", 3), "sd15")
     with pytest.raises(ProductSceneError, match="non-empty"):
-        CategoryLibrary.write(p, ["tea", ""], make_vectors("sd15", 2), "sd15")
+        TokenLibrary.write(p, ["tea", ""], make_vectors("sd15", 2), "sd15")
     assert not p.exists()
 
 
 def test_unknown_category_suggests_close_names(tmp_path):
     p = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(p, ["perfume", "power tools", "green tea"], make_vectors("sd15", 3), "sd15")
-    lib = CategoryLibrary.open(p)
+    TokenLibrary.write(p, ["perfume", "power tools", "green tea"], make_vectors("sd15", 3), "sd15")
+    lib = TokenLibrary.open(p)
     with pytest.raises(ProductSceneError) as e:
         lib.vectors("perfum")
     msg = str(e.value)
@@ -344,15 +344,15 @@ def test_unknown_category_suggests_close_names(tmp_path):
 # --------------------------------------------------------------------------- atomic writes
 def test_atomic_write_leaves_no_temp_file(tmp_path):
     p = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(p, ["a"], make_vectors("sd15", 1), "sd15")
-    CategoryLibrary.write(p, ["a", "b"], make_vectors("sd15", 2), "sd15")   # overwrite
+    TokenLibrary.write(p, ["a"], make_vectors("sd15", 1), "sd15")
+    TokenLibrary.write(p, ["a", "b"], make_vectors("sd15", 2), "sd15")   # overwrite
     assert sorted(os.listdir(tmp_path)) == ["lib.safetensors"]
-    assert CategoryLibrary.open(p).names == ["a", "b"]
+    assert TokenLibrary.open(p).names == ["a", "b"]
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_half_file(tmp_path, monkeypatch):
     p = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(p, ["old"], make_vectors("sd15", 1), "sd15")
+    TokenLibrary.write(p, ["old"], make_vectors("sd15", 1), "sd15")
     before = p.read_bytes()
     real_save = files.save_file
 
@@ -364,12 +364,12 @@ def test_failed_write_keeps_old_file_and_leaves_no_half_file(tmp_path, monkeypat
 
     monkeypatch.setattr(files, "save_file", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        CategoryLibrary.write(p, ["new", "newer"], make_vectors("sd15", 2), "sd15")
+        TokenLibrary.write(p, ["new", "newer"], make_vectors("sd15", 2), "sd15")
     assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["lib.safetensors"]
     q = tmp_path / "fresh.safetensors"
     with pytest.raises(OSError):
-        CategoryLibrary.write(q, ["new"], make_vectors("sd15", 1), "sd15")
+        TokenLibrary.write(q, ["new"], make_vectors("sd15", 1), "sd15")
     assert not q.exists()
     assert os.listdir(tmp_path) == ["lib.safetensors"]
 
@@ -393,22 +393,22 @@ def test_from_embedding_files_sd15_and_sdxl(tmp_path):
     save_file({"emb_params": a}, tmp_path / "a.safetensors")
     save_file({"string_to_param.*": b}, tmp_path / "b.safetensors")
     save_file({"clip_l": c}, tmp_path / "c.safetensors")
-    data = CategoryLibrary.from_embedding_files(
+    data = TokenLibrary.from_embedding_files(
         {"perfume": tmp_path / "a.safetensors", "tools": tmp_path / "b.safetensors",
          "tea": tmp_path / "c.safetensors"}, "sd15")
     assert isinstance(data, LibraryData) and data.names == ["perfume", "tools", "tea"]
     out = data.write(tmp_path / "lib15.safetensors", license="mine")
-    lib = CategoryLibrary.open(out)
+    lib = TokenLibrary.open(out)
     assert lib.vectors_per_token == 2 and lib.license == "mine"
     assert torch.equal(lib.vectors("tools")["clip_l"], b)
 
     l, g = rand(1, 768), rand(1, 1280)
     save_file({"clip_l": l, "clip_g": g}, tmp_path / "xl.safetensors")
     save_file({"clip_l": rand(1, 768), "clip_g": rand(1, 1280)}, tmp_path / "xl2.safetensors")
-    data = CategoryLibrary.from_embedding_files(
+    data = TokenLibrary.from_embedding_files(
         {"p": tmp_path / "xl.safetensors", "q": tmp_path / "xl2.safetensors"}, "sdxl")
     data.write(tmp_path / "libxl.safetensors")
-    v = CategoryLibrary.open(tmp_path / "libxl.safetensors").vectors("p")
+    v = TokenLibrary.open(tmp_path / "libxl.safetensors").vectors("p")
     assert torch.equal(v["clip_l"], l) and torch.equal(v["clip_g"], g)
 
 
@@ -418,15 +418,15 @@ def test_from_embedding_files_errors(tmp_path):
     save_file({"emb_params": rand(1, 1024)}, tmp_path / "wide.safetensors")
     save_file({"clip_l": rand(1, 768)}, tmp_path / "l_only.safetensors")
     with pytest.raises(ProductSceneError, match="same count"):
-        CategoryLibrary.from_embedding_files({"a": tmp_path / "two.safetensors", "b": tmp_path / "one.safetensors"}, "sd15")
+        TokenLibrary.from_embedding_files({"a": tmp_path / "two.safetensors", "b": tmp_path / "one.safetensors"}, "sd15")
     with pytest.raises(ProductSceneError, match="wide.safetensors.*1024.*768"):
-        CategoryLibrary.from_embedding_files({"a": tmp_path / "wide.safetensors"}, "sd15")
+        TokenLibrary.from_embedding_files({"a": tmp_path / "wide.safetensors"}, "sd15")
     with pytest.raises(ProductSceneError, match="clip_g"):
-        CategoryLibrary.from_embedding_files({"a": tmp_path / "l_only.safetensors"}, "sdxl")
+        TokenLibrary.from_embedding_files({"a": tmp_path / "l_only.safetensors"}, "sdxl")
     pt = tmp_path / "old.pt"
     torch.save({"emb_params": torch.zeros(1, 768)}, pt)
     with pytest.raises(ProductSceneError, match="old.pt.*safetensors"):
-        CategoryLibrary.from_embedding_files({"a": pt}, "sd15")
+        TokenLibrary.from_embedding_files({"a": pt}, "sd15")
 
 
 def test_from_words():
@@ -435,7 +435,7 @@ def test_from_words():
     def emb(word):
         return {"clip_l": torch.full((1, 768), table[word]), "clip_g": torch.full((1, 1280), -table[word])}
 
-    data = CategoryLibrary.from_words({"perfume": "marble", "tools": "bench", "tea": "bamboo"}, "sdxl", emb)
+    data = TokenLibrary.from_words({"perfume": "marble", "tools": "bench", "tea": "bamboo"}, "sdxl", emb)
     assert data.init_words == {"perfume": "marble", "tools": "bench", "tea": "bamboo"}
     assert data.vectors["clip_l"].shape == (3, 1, 768)
     assert torch.all(data.vectors["clip_g"][2] == -3.0)
@@ -444,11 +444,11 @@ def test_from_words():
         return {"clip_l": torch.zeros(1, 1024)}
 
     with pytest.raises(ProductSceneError, match="1024.*768"):
-        CategoryLibrary.from_words({"a": "marble"}, "sd15", bad_width)
+        TokenLibrary.from_words({"a": "marble"}, "sd15", bad_width)
 
     def tokens_of(word):  # words of different token counts: one init-word meaning for all
         return {"clip_l": torch.arange(float(len(word) % 3 + 1))[:, None].expand(-1, 768)}
 
-    data = CategoryLibrary.from_words({"a": "marble", "b": "bamboo12"}, "sd15", tokens_of, n=2)
+    data = TokenLibrary.from_words({"a": "marble", "b": "bamboo12"}, "sd15", tokens_of, n=2)
     assert data.vectors["clip_l"].shape == (2, 2, 768)
     assert data.vectors["clip_l"][1, :, 0].tolist() == [0.0, 1.5]  # 3 tokens -> [t0, mean(t1, t2)]

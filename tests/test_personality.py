@@ -21,7 +21,7 @@ import comfy.ldm.modules.attention as comfy_attention
 
 from productscene.attention import ProductRegion
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.personality import PersonalityAdapter
 from devkit import comfy_env
 from devkit.clip_vision import build_clip_vision
@@ -108,7 +108,7 @@ def test_category_gate_and_reference_together_keep_both_off_the_product():
     folder = folder_paths.get_folder_paths("category_libraries")[0]
     os.makedirs(folder, exist_ok=True)
     library = "personality_and_category.safetensors"
-    CategoryLibrary.write(os.path.join(folder, library), ["marble", "workbench"],
+    TokenLibrary.write(os.path.join(folder, library), ["marble", "workbench"],
                           {"clip_l": torch.randn(2, 1, 768, generator=torch.Generator().manual_seed(3)) * 0.02},
                           "sd15")
     folder_paths.filename_list_cache.pop("category_libraries", None)
@@ -218,7 +218,7 @@ def test_bad_input_is_refused_before_sampling(tmp_path, monkeypatch):
             encode_reference(bad, 1)
     # a category library is not an adapter
     lib = os.path.join(folder, "a_library.safetensors")
-    CategoryLibrary.write(lib, ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(lib, ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     with pytest.raises(ProductSceneError, match="expected a ProductScene 'personality_adapter' file"):
         encode_reference("a_library.safetensors", 1)
     # names that leave the folder

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from productscene.errors import ProductSceneError
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 from productscene.train.engine import read_checkpoint_info
 from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
 from tests.test_workflows import _link_into
@@ -85,7 +85,7 @@ def test_training_never_replaces_an_existing_library_from_the_server(trainer):
     _cutouts(base / "input" / f"ps_data_{tag}")
     name = f"ps_keep_{tag}"
     existing = base / "models" / "category_libraries" / f"{name}.safetensors"
-    CategoryLibrary.write(str(existing), ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(str(existing), ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     before = existing.read_bytes()
     message = _failure(client, make(data_folder=f"ps_data_{tag}", output_name=name)[0])
     assert "output_name" in message and "already exists" in message and "resume" in message, message
@@ -128,8 +128,8 @@ def test_interrupt_inside_a_step_keeps_the_last_completed_step_and_resume_matche
 
     resumed, _ = make(data_folder=f"ps_data_{tag}", output_name=f"ps_cancel_{tag}", steps=steps, resume=True)
     client.wait(client.queue(resumed), timeout=600)
-    a = CategoryLibrary.open(base / "models" / "category_libraries" / f"ps_straight_{tag}.safetensors")
-    b = CategoryLibrary.open(base / "models" / "category_libraries" / f"ps_cancel_{tag}.safetensors")
+    a = TokenLibrary.open(base / "models" / "category_libraries" / f"ps_straight_{tag}.safetensors")
+    b = TokenLibrary.open(base / "models" / "category_libraries" / f"ps_cancel_{tag}.safetensors")
     for category in a.names:
         for enc, v in a.vectors(category).items():
             assert torch.allclose(v, b.vectors(category)[enc], atol=1e-5), (category, enc)
@@ -165,14 +165,14 @@ def test_cli_out_that_cannot_be_written_is_refused_before_any_model_work(tmp_pat
 def test_cli_never_replaces_an_existing_library_without_overwrite(tmp_path, default_model_files):
     data = _cutouts(tmp_path / "data")
     out = tmp_path / "lib.safetensors"
-    CategoryLibrary.write(str(out), ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(str(out), ["marble"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     before = out.read_bytes()
     done = run_cli(*_train_args(data, default_model_files[0], out, tmp_path))
     assert done.returncode == 2 and "--out" in done.stderr and "already exists" in done.stderr, done.stderr[-2000:]
     assert "--overwrite" in done.stderr and out.read_bytes() == before
     done = run_cli(*_train_args(data, default_model_files[0], out, tmp_path), "--overwrite")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert CategoryLibrary.open(out).names == ["perfume", "tools"]
+    assert TokenLibrary.open(out).names == ["perfume", "tools"]
 
 
 def test_cli_refuses_a_library_given_as_the_model_checkpoint(tmp_path, default_model_files):
@@ -227,7 +227,7 @@ def test_ctrl_c_keeps_the_last_completed_step_and_resume_matches_an_uninterrupte
 
     done = run_cli(*_train_args(data, ckpt, out, tmp_path, steps), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = CategoryLibrary.open(straight), CategoryLibrary.open(out)
+    a, b = TokenLibrary.open(straight), TokenLibrary.open(out)
     for category in a.names:
         for enc, v in a.vectors(category).items():
             assert torch.allclose(v, b.vectors(category)[enc], atol=1e-5), (category, enc)
@@ -236,7 +236,7 @@ def test_ctrl_c_keeps_the_last_completed_step_and_resume_matches_an_uninterrupte
 # -- one bad file never takes a node down -----------------------------------------------------------------
 def _broken_library(path: Path, **bad):
     from safetensors.torch import save_file
-    CategoryLibrary.write(str(path), ["marble", "wood"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
+    TokenLibrary.write(str(path), ["marble", "wood"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
     from productscene.files import read_header, load_tensors
     meta, _ = read_header(path)
     meta.update({k: json.dumps(v) for k, v in bad.items()})
@@ -249,7 +249,7 @@ def test_a_broken_library_is_skipped_and_named_never_taking_the_node_down(comfy_
     folder.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:6]
     good = folder / f"ps_good_{tag}.safetensors"
-    CategoryLibrary.write(str(good), ["velvet"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(str(good), ["velvet"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     broken = {f"ps_bad_family_{tag}.safetensors": {"base_family": ["sd15"]},
               f"ps_bad_encoders_{tag}.safetensors": {"encoders": [768]},
               f"ps_bad_names_{tag}.safetensors": {"categories": "marble"},

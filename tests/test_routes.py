@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from productscene.library import CategoryLibrary
+from productscene.library import TokenLibrary
 
 
 def _get(server, path: str, headers: dict | None = None):
@@ -32,19 +32,19 @@ def libraries(comfy_server):
     server, _client = comfy_server
     folder = os.path.join(server.base_dir, "models", "category_libraries")
     os.makedirs(folder, exist_ok=True)
-    CategoryLibrary.write(os.path.join(folder, "route_a.safetensors"), ["perfume", "tea"],
+    TokenLibrary.write(os.path.join(folder, "route_a.safetensors"), ["perfume", "tea"],
                           {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
-    CategoryLibrary.write(os.path.join(folder, "route_b.safetensors"), ["tools"],
+    TokenLibrary.write(os.path.join(folder, "route_b.safetensors"), ["tools"],
                           {"clip_l": torch.zeros(1, 1, 768), "clip_g": torch.zeros(1, 1, 1280)}, "sdxl")
     names = [f"category {i:04d}" for i in range(5000)]
     os.makedirs(os.path.join(folder, "big"), exist_ok=True)
-    CategoryLibrary.write(os.path.join(folder, "big", "route_5000.safetensors"), names,
+    TokenLibrary.write(os.path.join(folder, "big", "route_5000.safetensors"), names,
                           {"clip_l": torch.zeros(len(names), 1, 768)}, "sd15")
     # a file that is not a library, and a secret outside every model folder
     with open(os.path.join(folder, "not_a_library.safetensors"), "wb") as f:
         f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     secret = os.path.join(server.base_dir, "secret.safetensors")
-    CategoryLibrary.write(secret, ["leaked"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(secret, ["leaked"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     return server, names
 
 
@@ -78,10 +78,10 @@ def test_categories_route_follows_a_replaced_library(libraries):
     server, _names = libraries
     folder = os.path.join(server.base_dir, "models", "category_libraries")
     path = os.path.join(folder, "route_c.safetensors")
-    CategoryLibrary.write(path, ["one"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
+    TokenLibrary.write(path, ["one"], {"clip_l": torch.zeros(1, 1, 768)}, "sd15")
     _status, headers, body = _categories(server, "route_c.safetensors")
     assert json.loads(body)["categories"] == ["one"]
-    CategoryLibrary.write(path, ["one", "two"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
+    TokenLibrary.write(path, ["one", "two"], {"clip_l": torch.zeros(2, 1, 768)}, "sd15")
     status, _h, body = _categories(server, "route_c.safetensors", {"If-None-Match": headers["ETag"]})
     assert status == 200 and json.loads(body)["categories"] == ["one", "two"]
 

@@ -64,7 +64,7 @@ def test_node_trains_and_writes_a_library_the_loader_accepts(pack, sd15, tmp_pat
     assert graph.shape[0] == 1 and graph.shape[-1] == 3
     lib_mod = productscene.library
     path = os.path.join(pack.nodes.train_categories.library_folder(), name)
-    lib = lib_mod.CategoryLibrary.open(path)
+    lib = lib_mod.TokenLibrary.open(path)
     assert lib.names == list(CATS) and lib.family == "sd15" and lib.has_lora
     assert lib.training["steps"] == 3 and lib.training["categories"] == 3
     assert lib.init_words == {"perfume": "perfume", "tea": "tea", "tools": "tools"}
@@ -113,7 +113,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
 
     with torch.inference_mode():
         out = node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_lib", resume=True))
-    lib = productscene.library.CategoryLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
+    lib = productscene.library.TokenLibrary.open(os.path.join(tc.library_folder(), out.args[0]))
     assert lib.training["steps"] == 5
     assert engine.read_checkpoint_info(state)["step"] == 5
 

@@ -325,7 +325,7 @@ def test_brand_style_workflow_end_to_end(comfy_server, default_model_files, refe
 
 
 def test_training_workflow_end_to_end(comfy_server, default_model_files):
-    from productscene.library import CategoryLibrary
+    from productscene.library import TokenLibrary
 
     server, client = comfy_server
     ckpt, _lib = default_model_files
@@ -361,7 +361,7 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
     library_name = output_name + ".safetensors"  # the node's ``library`` output (.safetensors added)
     path = base / "models" / "category_libraries" / library_name
     assert path.is_file(), f"no library at {path} (run took {elapsed:.1f} s)"
-    lib = CategoryLibrary.open(path)
+    lib = TokenLibrary.open(path)
     assert sorted(lib.names) == sorted(categories)
     assert lib.family == "sd15"
     assert lib.has_lora and lib.lora_keys
@@ -390,7 +390,7 @@ RECOMPOSE_API = WORKFLOWS / "api" / "concept_recompose.json"
 def test_concept_workflows_end_to_end(comfy_server, default_model_files):
     """Extract concepts from the sample desk scene (2 steps, 256 px), then recompose one of them on a
     category background with the tokens just written: both as shipped, through the server."""
-    from productscene.library import CategoryLibrary
+    from productscene.library import TokenLibrary
 
     server, client = comfy_server
     ckpt, lib = default_model_files
@@ -408,7 +408,7 @@ def test_concept_workflows_end_to_end(comfy_server, default_model_files):
     pid = client.queue(prompt)
     client.wait(pid, timeout=600)
     tokens = base / "models" / "category_libraries" / f"{output_name}.safetensors"
-    concepts = CategoryLibrary.open(tokens)
+    concepts = TokenLibrary.open(tokens)
     assert concepts.names == ["<perfume>", "<mug>"] and concepts.has_lora and concepts.training["steps"] == 2
     assert concepts.init_words == {"<perfume>": "bottle", "<mug>": "mug"}
     assert (base / "models" / "loras" / f"{output_name}.safetensors").is_file()

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import ProductSceneError
-from ..library import CategoryLibrary
+from ..library import TokenLibrary
 from .datasets import Dataset, LatentCache, check
 from .engine import training_mode
 from .lora import CROSS_ATTENTION_TARGETS, DEFAULT_TARGETS
@@ -96,7 +96,7 @@ class LibraryScore:
         return "\n".join(lines)
 
 
-def library_config(library: CategoryLibrary) -> tuple[CategoryConfig, list]:
+def library_config(library: TokenLibrary) -> tuple[CategoryConfig, list]:
     """The configuration the library was trained with (its ``training.config``), else defaults;
     and the LoRA target patterns to try, in order."""
     cfg = dict(((library.training or {}).get("config") or {}))
@@ -124,7 +124,7 @@ def evaluate_library(host: DiffusionHost, dataset: Dataset, library_path, *, cac
                      latent_progress: Callable[[int, int], None] | None = None) -> LibraryScore:
     """Score ``library_path`` on ``dataset`` (see the module docstring). Every data problem and
     every category of the data missing from the library raise before any model work."""
-    library = CategoryLibrary.open(library_path)
+    library = TokenLibrary.open(library_path)
     if library.family != host.family:
         raise ProductSceneError(f"library: {os.path.basename(library.path)} is for {library.family}, "
                                 f"but the checkpoint is {host.family}")

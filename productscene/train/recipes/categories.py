@@ -19,7 +19,7 @@ import torch
 
 from ...attention import AttentionCapture, CategoryGate, SceneAttention
 from ...errors import ProductSceneError
-from ...library import CategoryLibrary, check_family
+from ...library import TokenLibrary, check_family
 from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
 from ..datasets import DatasetReport, LatentCache
 from ..engine import Phase, TrainResult, loss_graph, training_mode
@@ -336,7 +336,7 @@ class CategoryRecipe:
         return {e: v.detach().float().cpu() for e, v in self.vectors.items()}
 
     def write_library(self, path, training: dict | None = None, license: str | None = None) -> str:
-        return CategoryLibrary.write(path, self.categories, self.library_vectors(), self.family,
+        return TokenLibrary.write(path, self.categories, self.library_vectors(), self.family,
                                      init_words=self.init_words, lora=self.lora.comfy_state_dict(),
                                      training=training, license=license)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ...attention import AttentionCapture, SceneAttention
 from ...errors import ProductSceneError
 from ...files import save_safetensors_atomic, write_bytes_atomic
-from ...library import CategoryLibrary
+from ...library import TokenLibrary
 from ...prompt import Prompt, init_vectors
 from ..engine import Phase, TrainResult, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
@@ -504,7 +504,7 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
         save_safetensors_atomic(unet_sd, lora_path, {"concepts": json.dumps(names), "base_family": json.dumps(host.family),
                                                      "kind": json.dumps(config.unet)}, kind=LORA_FORMAT, version=1)
         lora_file = os.fspath(lora_path)
-    path = CategoryLibrary.write(out_path, names, vectors, host.family, init_words=dict(zip(names, words)),
+    path = TokenLibrary.write(out_path, names, vectors, host.family, init_words=dict(zip(names, words)),
                                  lora=unet_sd if config.unet == "lora" else None, training=summary)
     embeddings = {}
     if embeddings_dir is not None:
