@@ -117,7 +117,7 @@ class SimServer:
         self.uploads: dict[str, bytes] = {}    # "subfolder/name" -> bytes (kept over restarts, like a disk)
         self._flat: dict[str, bytes] = {}
         self.executed = 0                      # prompts run to the end, over restarts
-        self.closes_seen = 0                   # websockets the client closed with a Close frame
+        self.close_codes: list[int] = []       # of every websocket the client ended with a Close frame
         self.runner = None
         self.running = False
         self._fresh_state()
@@ -277,8 +277,8 @@ class SimServer:
                     break
         finally:
             self.sockets.get(sid, set()).discard(ws)
-        if ws.close_code is not None and not ws.exception() and self.running:
-            self.closes_seen += 1
+        if ws.close_code is not None and ws.exception() is None and self.running:
+            self.close_codes.append(int(ws.close_code))
         return ws
 
     # ------------------------------------------------------------------ execution
