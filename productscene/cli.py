@@ -416,49 +416,6 @@ def cmd_build_library(args) -> int:
     return 0
 
 
-def cmd_batch(args) -> int:
-    from .batch import BatchError, Options, run_batch
-    sets = {}
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ProductSceneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set Sampler.steps=30")
-        sets[key.strip()] = value
-    options = Options(
-        workflow=Path(args.workflow), servers=[u.rstrip("/") for u in args.server], out=Path(args.out), sets=sets,
-        category=args.category, reference=Path(args.reference) if args.reference else None,
-        seed=None if args.seed is None else str(args.seed), concurrency=args.concurrency, resume=args.resume,
-        overwrite=args.overwrite, retries=args.retries, server_timeout=args.server_timeout,
-        row_timeout=args.row_timeout)
-    bar = None
-
-    def log(message):
-        (bar.write if bar is not None else print)(message, file=sys.stderr)
-
-    def progress(p):
-        nonlocal bar
-        if bar is None:
-            bar = _bar(p.total, "batch", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows "
-                                                    "[{elapsed}<{remaining}{postfix}]")
-            if bar is None:
-                return
-        bar.n = p.done + p.failed + p.running
-        bar.set_postfix(failed=p.failed, servers=f"{p.servers_up}/{p.servers}", refresh=False)
-        bar.refresh()
-
-    try:
-        summary = run_batch(options, manifest=args.manifest, folder=args.folder,
-                            progress=None if args.quiet else progress, log=log)
-    except BatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    print(summary.message())
-    return summary.exit_code
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m productscene", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -587,33 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("batch", help="run a workflow over a catalogue on one or more ComfyUI servers",
                        description="Run an API-format workflow once per product: a CSV manifest or a folder "
                                    "in, images and a provenance record per row out (docs/batch.md).")
-    j.add_argument("--server", action="append", required=True, metavar="URL",
-                   help="ComfyUI server URL, e.g. http://127.0.0.1:8188; repeat to spread rows over several")
-    j.add_argument("--workflow", default=str(REPO_ROOT / "workflows" / "api" / "category_background.json"),
-                   help="API-format workflow whose node titles follow the binding convention "
-                        "(default: the bundled workflows/api/category_background.json)")
-    src = j.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="CSV with columns product, category, reference, prompt, negative_prompt, "
-                                        "seed, output (and '<node title>.<input>' columns)")
-    src.add_argument("--folder", help="every image in this folder (not its subfolders), one category (--category)")
-    j.add_argument("--out", required=True, help="output folder: images, provenance.jsonl")
-    j.add_argument("--category", help="category of rows that name none (folder mode: of every image)")
-    j.add_argument("--reference", help="brand reference image of rows that name none")
-    j.add_argument("--seed", type=int, help="seed of rows that name none (default: the workflow's)")
-    j.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="set an input of every row: a role (prompt, negative_prompt, ...) or "
-                        "'<node title>.<input>', e.g. --set Checkpoint.ckpt_name=sd15.safetensors")
-    j.add_argument("--concurrency", type=int, default=2, help="prompts in flight per server (default 2)")
-    j.add_argument("--resume", action="store_true", help="skip the rows finished by an earlier run into --out")
-    j.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
-    j.add_argument("--retries", type=int, default=3,
-                   help="per row: retries of transient server errors and of prompts a server lost (default 3)")
-    j.add_argument("--server-timeout", type=float, default=300.0,
-                   help="seconds to wait for a server that stopped answering before giving it up (default 300)")
-    j.add_argument("--row-timeout", type=float, default=3600.0,
-                   help="seconds a queued prompt may take (default 3600)")
-    j.add_argument("--quiet", action="store_true", help="no progress bar")
-    j.set_defaults(func=cmd_batch)
+    from .batch import command as batch_command
+    batch_command.add_arguments(j)
+    j.set_defaults(func=batch_command.run)
     return p
 
 
