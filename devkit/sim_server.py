@@ -82,14 +82,20 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _flatten(data: bytes) -> bytes:
-    """The uploaded image, opaque: alpha-255 pixels as they are, everything else BACKGROUND."""
+def _flatten(data: bytes, damage: int = 0) -> bytes:
+    """The uploaded image, opaque: alpha-255 pixels as they are (but the first ``damage`` of them,
+    inverted), everything else BACKGROUND."""
     image = Image.open(io.BytesIO(data))
     if "A" not in image.getbands():
         return _png(image.convert("RGB"))
     rgba = image.convert("RGBA")
     out = Image.new("RGB", rgba.size, BACKGROUND)
     out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A").point(lambda v: 255 if v == 255 else 0))
+    if damage:
+        alpha = rgba.getchannel("A")
+        spots = [(x, y) for y in range(rgba.height) for x in range(rgba.width) if alpha.getpixel((x, y)) == 255]
+        for x, y in spots[:damage]:
+            out.putpixel((x, y), tuple(255 - c for c in out.getpixel((x, y))))
     return _png(out)
 
 
@@ -101,7 +107,8 @@ class SimServer:
 
     def __init__(self, farm: "SimFarm", *, workflow: dict | None = None, exec_time: float = 0.005,
                  jitter: float = 0.0, failure_rate: float = 0.0, seed: int = 0, host: str = "127.0.0.1",
-                 port: int | None = None, script=(), categories=CATEGORIES, validate=None, progress_steps: int = 2):
+                 port: int | None = None, script=(), categories=CATEGORIES, validate=None, progress_steps: int = 2,
+                 damage: int = 0):
         self.farm = farm
         default = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" /
                               "category_background.json").read_text())
@@ -113,6 +120,8 @@ class SimServer:
         self.categories = list(categories)
         self.validate = validate               # prompt -> node_errors dict (empty: valid)
         self.progress_steps = progress_steps
+        self.damage = damage                   # product pixels each output changes (a careless workflow)
+        self.ws_hosts: list[str] = []          # the Host header of every websocket request
         self.base_dir = Path(tempfile.mkdtemp(prefix="productscene-sim-"))
         self.uploads: dict[str, bytes] = {}    # "subfolder/name" -> bytes (kept over restarts, like a disk)
         self._flat: dict[str, bytes] = {}
@@ -268,6 +277,7 @@ class SimServer:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
+        self.ws_hosts.append(request.headers.get("Host", ""))
         self.sockets.setdefault(sid, set()).add(ws)
         await ws.send_json({"type": "status", "data": {"status": {"exec_info": {
             "queue_remaining": len(self.pending) + bool(self.current)}}, "sid": sid}})
@@ -302,7 +312,7 @@ class SimServer:
                 name = node["inputs"].get("image")
                 if name in self.uploads:
                     if name not in self._flat:
-                        self._flat[name] = _flatten(self.uploads[name])
+                        self._flat[name] = _flatten(self.uploads[name], self.damage)
                     return self._flat[name]
             stack.extend(str(v[0]) for v in node.get("inputs", {}).values() if graph.is_link(v))
         return _BLANK
