@@ -541,10 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--license", default=None)
     b.set_defaults(func=cmd_build_library)
 
-    j = sub.add_parser("batch", help="run a workflow over a catalogue on one or more ComfyUI servers",
-                       description="Run an API-format workflow once per product: a CSV manifest or a folder "
-                                   "in, images and a provenance record per row out (docs/batch.md).")
     from .batch import command as batch_command
+    j = sub.add_parser("batch", help=batch_command.HELP, description=batch_command.DESCRIPTION)
     batch_command.add_arguments(j)
     j.set_defaults(func=batch_command.run)
     return p

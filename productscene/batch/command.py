@@ -10,6 +10,9 @@ from pathlib import Path
 from ..errors import ProductSceneError
 from . import BatchError, Options, run_batch
 
+HELP = "run a workflow over a catalogue on one or more ComfyUI servers"
+DESCRIPTION = ("Run an API-format workflow once per product: a CSV manifest or a folder in, images and a "
+               "provenance record per row out (docs/batch.md).")
 DEFAULT_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "category_background.json"
 
 
@@ -43,6 +46,18 @@ def add_arguments(j: argparse.ArgumentParser) -> None:
     j.add_argument("--row-timeout", type=float, default=3600.0,
                    help="seconds a queued prompt may take (default 3600)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv=None) -> int:
+    """``python -m productscene batch ...`` without the other commands' imports (torch)."""
+    parser = argparse.ArgumentParser(prog="python -m productscene batch", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ProductSceneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def read_servers_file(path) -> list[str]:
