@@ -16,10 +16,11 @@ Each server runs one prompt at a time, ``exec_time`` seconds (+- ``jitter``, uni
 prompt with probability ``failure_rate`` (an ``execution_error``). Its output image is the image of
 the first LoadImage upstream of each SaveImage, made opaque: pixels with alpha 255 are the product's
 own, the rest a flat background, so the product's pixels come back bit for bit, as from the
-shipped workflow's exact composite. A server killed (``kill``, or ``script``: ``[(seconds after
-start, "die" | "restart"), ...]``) stops listening and drops every connection, its queue and
-history; restarted, it listens on the same port with an empty queue and history (its uploads, "on
-disk", remain).
+shipped workflow's exact composite (``damage``: that many product pixels changed). A server killed
+(``kill``, or ``script``: ``[(seconds after start, "die" | "restart"), ...]``) stops listening and
+drops every connection, its queue and history; restarted (after half a second down, as a process
+takes a while to start), it listens on the same port with an empty queue and history (its uploads,
+"on disk", remain).
 
 ``python -m devkit.sim_server --config servers.json --urls urls.txt`` runs a farm in its own
 process (benchmarks): the config is a list of :meth:`SimFarm.add` keyword dicts; the URLs are
@@ -182,8 +183,10 @@ class SimServer:
     def kill(self) -> None:
         self.farm.call(self._kill())
 
-    def restart(self) -> None:
+    def restart(self, down_for: float = 0.5) -> None:
+        """Kill, stay down ``down_for`` seconds (a process takes a while to start), listen again."""
         self.farm.call(self._kill())
+        time.sleep(down_for)
         self.farm.call(self._start())
 
     @web.middleware
@@ -361,13 +364,15 @@ class SimServer:
                     images = [{"filename": filename, "subfolder": subfolder, "type": "output"}]
                     entry_outputs[save_id] = {"images": images}
                     await say("executed", {"node": save_id, "display_node": save_id, "output": {"images": images}})
-                await say("executing", {"node": None})
                 await say("execution_success", {})
                 status = {"status_str": "success", "completed": True, "messages": messages}
+            # as ComfyUI: the history entry is stored, then "executing" with no node says the prompt ended
             self.history[prompt_id] = {"prompt": self.prompts[prompt_id], "outputs": entry_outputs, "status": status,
                                        "meta": {}}
             self.current = None
             self.executed += 1
+            if not (fails or self.interrupted):
+                await say("executing", {"node": None})
 
 
 class SimFarm:
@@ -397,6 +402,7 @@ class SimFarm:
         elif action == "restart":
             async def again():
                 await server._kill()
+                await asyncio.sleep(0.5)
                 await server._start()
             asyncio.ensure_future(again())
         else:

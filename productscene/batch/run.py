@@ -16,7 +16,7 @@ import io
 import json
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
@@ -63,10 +63,24 @@ class _Server:
         self.events: dict[str, asyncio.Event] = {}
         self.progress: dict[str, float] = {}  # prompt id -> sampling fraction
         self.adopted: deque[_Task] = deque()  # prompts an earlier run queued here
+        self.ended: OrderedDict[str, None] = OrderedDict()   # prompts whose end came before anyone waited
+        self.heard: OrderedDict[str, dict] = OrderedDict()   # prompt id -> its messages and outputs on /ws
         self.ws = None
 
     def event(self, prompt_id: str) -> asyncio.Event:
-        return self.events.setdefault(prompt_id, asyncio.Event())
+        event = self.events.setdefault(prompt_id, asyncio.Event())
+        if self.ended.pop(prompt_id, 0) is None:
+            event.set()
+        return event
+
+    def end(self, prompt_id: str) -> None:
+        """The websocket says the prompt ended."""
+        if prompt_id in self.events:
+            self.events[prompt_id].set()
+        else:        # a fast prompt can end before its worker waits for it
+            self.ended[prompt_id] = None
+            while len(self.ended) > 4096:
+                self.ended.popitem(last=False)
 
     def signal(self, prompt_id: str | None = None) -> None:
         for e in (self.events.values() if prompt_id is None else [self.events.get(prompt_id)]):
@@ -76,6 +90,31 @@ class _Server:
     def forget(self, prompt_id: str) -> None:
         self.events.pop(prompt_id, None)
         self.progress.pop(prompt_id, None)
+        self.heard.pop(prompt_id, None)
+
+    def hear(self, prompt_id: str) -> dict:
+        heard = self.heard.get(prompt_id)
+        if heard is None:
+            heard = self.heard[prompt_id] = {"messages": [], "outputs": {}}
+            while len(self.heard) > 4096:       # prompts nobody waits for (handed back, another run's)
+                self.heard.popitem(last=False)
+        return heard
+
+    def heard_entry(self, prompt_id: str, output_node: str) -> dict | None:
+        """The prompt's history entry as the websocket told it (ComfyUI sends the same messages, with
+        the same timestamps, that it keeps in the history), or None when something was missed (a
+        reconnect, outputs served from the cache): then the history is asked."""
+        heard = self.heard.get(prompt_id)
+        if heard is None:
+            return None
+        kinds = {kind for kind, _ in heard["messages"]}
+        if kinds & {"execution_error", "execution_interrupted"}:
+            return {"outputs": {}, "status": {"status_str": "error", "completed": False,
+                                              "messages": heard["messages"]}}
+        if {"execution_start", "execution_success"} <= kinds and output_node in heard["outputs"]:
+            return {"outputs": heard["outputs"], "status": {"status_str": "success", "completed": True,
+                                                            "messages": heard["messages"]}}
+        return None
 
 
 def _now_iso() -> str:
@@ -100,6 +139,7 @@ class BatchRun:
         self.stopping = False
         self.last_report = 0.0
         self.servers: list[_Server] = []
+        self.targets: dict = {}          # graph.bind's targets, found once
 
     # -------------------------------------------------------------- shared state
     def _over(self) -> bool:
@@ -314,12 +354,18 @@ class BatchRun:
             server.uploads[sha] = name
         return name
 
-    async def _wait(self, server: _Server, task: _Task, prompt_id: str, deadline: float):
-        """("done", entry) | ("error", message) | ("lost", None)."""
+    async def _wait(self, server: _Server, task: _Task, prompt_id: str, deadline: float, fresh: bool):
+        """("done", entry) | ("error", message) | ("lost", None). ``fresh``: just queued; while the
+        websocket is connected it says when the prompt ended, so the history is asked only then (or
+        after ``poll`` seconds of silence)."""
         event = server.event(prompt_id)
         client = server.client
+        if fresh and server.ws is not None:
+            await self._sleep_on(event)
         while True:
-            entry = await self._call(server, task, lambda: client.history(prompt_id))
+            entry = server.heard_entry(prompt_id, self.output_node)
+            if entry is None:
+                entry = await self._call(server, task, lambda: client.history(prompt_id))
             if entry is None and prompt_id not in await self._call(server, task, client.queue_ids):
                 entry = await self._call(server, task, lambda: client.history(prompt_id))
                 if entry is None:
@@ -332,17 +378,22 @@ class BatchRun:
             if time.monotonic() > deadline:
                 return "error", (f"prompt {prompt_id} did not finish within {self.o.row_timeout:.0f} s "
                                  f"(--row-timeout)")
+            await self._sleep_on(event)
+
+    async def _sleep_on(self, event: asyncio.Event) -> None:
+        """Until ``event`` is set or ``poll`` seconds pass; the event is cleared after."""
+        if not event.is_set():
             try:
                 await asyncio.wait_for(event.wait(), self.o.poll)
             except asyncio.TimeoutError:
                 pass
-            event.clear()
+        event.clear()
 
     async def _process(self, server: _Server, task: _Task) -> None:
         job, o = task.job, self.o
         t_row = time.monotonic()
         timings = {"started_at": _now_iso()}
-        prompt_id = None
+        prompt_id, fresh = None, False
         if task.adopt is not None and task.adopt[0] == server.url:
             prompt_id = task.adopt[1]
             task.adopt = None
@@ -358,16 +409,18 @@ class BatchRun:
                     if role in job.sha256:
                         values[role] = await self._call(server, task, lambda r=role: self._upload(server, r, job))
                 values["output"] = f"{OUTPUT_SUBFOLDER}/{self.tag}/{Path(job.output).stem}"
-                prompt = graph.bind(self.plan.workflow, values)
+                prompt = graph.bind(self.plan.workflow, values, self.targets)
                 timings["upload_s"] = round(time.monotonic() - t0, 4)
                 prompt_id = await self._call(server, task, lambda: server.client.queue(prompt))
+                fresh = True
                 task.attempts += 1
                 timings["queued_at"] = _now_iso()
                 self.journal.write({"event": "queued", "output": job.output, "fingerprint": job.fingerprint,
                                     "server": server.url, "prompt_id": prompt_id, "time": timings["queued_at"]})
             t_queued = time.monotonic()
             try:
-                state, result = await self._wait(server, task, prompt_id, t_queued + o.row_timeout)
+                state, result = await self._wait(server, task, prompt_id, t_queued + o.row_timeout,
+                                                 fresh)
             finally:
                 server.forget(prompt_id)
             if state == "lost":
@@ -469,13 +522,20 @@ class BatchRun:
         except (ValueError, AttributeError):
             return
         prompt_id = data.get("prompt_id")
-        if not prompt_id or prompt_id not in server.events:
+        if not prompt_id:
             return
-        if kind == "progress" and data.get("max"):
+        if kind == "progress" and data.get("max") and prompt_id in server.events:
             server.progress[prompt_id] = min(1.0, float(data.get("value", 0)) / float(data["max"]))
             self._progress()
-        elif kind in ("execution_error", "execution_interrupted") or (kind == "executing" and data.get("node") is None):
-            server.signal(prompt_id)
+        elif kind in ("execution_start", "execution_cached", "execution_success", "execution_error",
+                      "execution_interrupted"):
+            server.hear(prompt_id)["messages"].append([kind, data])
+            if kind in ("execution_error", "execution_interrupted"):
+                server.end(prompt_id)
+        elif kind == "executed" and data.get("node") is not None:
+            server.hear(prompt_id)["outputs"][str(data["node"])] = data.get("output") or {}
+        elif kind == "executing" and data.get("node") is None:
+            server.end(prompt_id)
 
     async def _main(self) -> None:
         self.wake = asyncio.Event()
@@ -510,7 +570,7 @@ class BatchRun:
                 if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
                     os.unlink(entry.path)
         fresh = self.o.overwrite and not self.o.resume
-        self.provenance = LineFile(self.out / PROVENANCE_NAME, truncate=fresh, sync=True)
+        self.provenance = LineFile(self.out / PROVENANCE_NAME, truncate=fresh, sync_every=1.0)
         self.journal = LineFile(self.out / JOURNAL_NAME, truncate=fresh)
         self.journal.write({"event": "start", "client_id": self.plan.client_id, "time": _now_iso(),
                             "rows": self.plan.todo, "servers": self.o.servers})
