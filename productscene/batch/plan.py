@@ -76,9 +76,9 @@ class Plan:
     todo: int                     # rows to run (all of them, or the unfinished ones on --resume)
     adopt: dict                   # output name -> (server, prompt id) queued by an earlier run
     client_id: str
+    binder: "_Binder"             # checks and binds a row (again, for the run)
+    finished: "_Finished"         # rows an earlier run finished (on --resume)
     notes: list[str] = field(default_factory=list)
-    binder: "_Binder" = None
-    finished: "_Finished" = None
 
     def jobs(self) -> Iterator[Job]:
         """The rows to run, bound, in the job's order (a row that no longer passes its check comes
@@ -114,11 +114,16 @@ class _Finished:
         i = int(np.searchsorted(keys, np.uint64(key)))
         return i < len(keys) and int(keys[i]) == key
 
+    def recorded(self, output: str, fingerprint: str) -> bool:
+        """A record of this output with this fingerprint exists."""
+        return self.count > 0 and self._in(self.done, _key(output, fingerprint))
+
     def has(self, job: Job) -> bool:
-        return (self.count > 0 and self._in(self.done, _key(job.output, job.fingerprint))
-                and (self.out / job.output).is_file())
+        """The row is finished: recorded as it is now, and its output file is there."""
+        return self.recorded(job.output, job.fingerprint) and (self.out / job.output).is_file()
 
     def had_output(self, job: Job) -> bool:
+        """Some record (of this row as it was before) names this output."""
         return self.count > 0 and self._in(self.names, _key(job.output))
 
 
@@ -407,8 +412,8 @@ def check_job(options: Options, rows: Iterable[Row], source: str) -> Plan:
             note += f"; {len(adopt)} prompts queued by the earlier run are collected, not queued again"
         notes.append(note)
     return Plan(options=o, workflow=bound, workflow_sha256=graph.workflow_hash(workflow), rows=rows, total=total,
-                todo=todo, adopt=adopt, client_id=queued["client_id"] or uuid.uuid4().hex, notes=notes,
-                binder=binder, finished=finished)
+                todo=todo, adopt=adopt, client_id=queued["client_id"] or uuid.uuid4().hex, binder=binder,
+                finished=finished, notes=notes)
 
 
 def _queued_unfinished(out: Path, finished: _Finished) -> dict:
@@ -419,7 +424,7 @@ def _queued_unfinished(out: Path, finished: _Finished) -> dict:
             state["client_id"] = event.get("client_id")
         elif event.get("event") == "queued":
             output = str(event.get("output"))
-            if finished._in(finished.done, _key(output, str(event.get("fingerprint")))):
+            if finished.recorded(output, str(event.get("fingerprint"))):
                 state["queued"].pop(output, None)
             else:
                 state["queued"][output] = event
