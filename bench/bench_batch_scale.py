@@ -59,22 +59,35 @@ def catalogue(folder: Path, rows: int, images: int) -> Path:
 
 
 def lines(path: Path) -> list[dict]:
-    """Every line of a JSON-lines file, parsed; SystemExit on a torn or unparsable line."""
+    """Every line of a JSON-lines file, parsed; SystemExit on a torn, unparsable or repeated line."""
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raise SystemExit(f"{path.name}: the last line is cut short")
+    text = raw.decode().splitlines()
+    if len(set(text)) != len(text):
+        raise SystemExit(f"{path.name}: {len(text) - len(set(text))} lines repeated")
     try:
-        return [json.loads(line) for line in raw.decode().splitlines()]
+        return [json.loads(line) for line in text]
     except ValueError as e:
         raise SystemExit(f"{path.name}: a line is not JSON ({e})") from None
 
 
-def count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    except FileNotFoundError:
-        return 0
+class LineCount:
+    """Lines in a growing file, counted from where the last call stopped."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.lines = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        self.offset += len(data)
+        self.lines += data.count(b"\n")
+        return self.lines
 
 
 class Client:
@@ -140,10 +153,11 @@ def fault_run(work: Path, farm: SimFarm, servers, urls_file: Path, manifest: Pat
     events += [(at + 0.05 * rows, "restart", s) for at, s in zip(kill_at, victims) if s in restarted]
     events.sort(key=lambda e: e[0])
     client = Client(urls_file, manifest, out)
+    count_lines = LineCount(provenance)
     done_at_kill = None
     log = []
     while True:
-        done = count_lines(provenance)
+        done = count_lines()
         while events and done >= events[0][0]:
             at, what, server = events.pop(0)
             (server.kill if what == "kill" else server.restart)()
@@ -151,7 +165,7 @@ def fault_run(work: Path, farm: SimFarm, servers, urls_file: Path, manifest: Pat
         if done >= rows // 2 and done_at_kill is None and not any(e[1] == "restart" for e in events):
             client.proc.send_signal(signal.SIGKILL)
             first = client.wait()
-            done_at_kill = count_lines(provenance)
+            done_at_kill = count_lines()
             break
         if not client.running():
             raise SystemExit(f"the client ended before it was killed:\n{client.wait()['stderr'][-3000:]}")

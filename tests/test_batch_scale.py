@@ -130,10 +130,12 @@ def test_provenance_carries_the_product_fidelity(farm, tmp_path):
 
 
 def _lines(path: Path) -> list[dict]:
-    """Every line of a JSON-lines file, parsed; fails on a torn or unparsable line."""
+    """Every line of a JSON-lines file, parsed; fails on a torn, unparsable or repeated line."""
     raw = path.read_bytes()
     assert raw.endswith(b"\n"), f"{path.name}: the last line is cut short"
-    return [json.loads(line) for line in raw.decode().splitlines()]
+    text = raw.decode().splitlines()
+    assert len(set(text)) == len(text), f"{path.name}: a line is repeated"
+    return [json.loads(line) for line in text]
 
 
 def _count_lines(path: Path) -> int:
