@@ -156,7 +156,11 @@ def fault_run(work: Path, farm: SimFarm, servers, urls_file: Path, manifest: Pat
     count_lines = LineCount(provenance)
     done_at_kill = None
     log = []
+    deadline = time.monotonic() + 600 + 3 * rows * exec_time / len(servers)
     while True:
+        if time.monotonic() > deadline:
+            client.proc.kill()
+            raise SystemExit(f"the client did not reach half the rows in time ({count_lines()} done)")
         done = count_lines()
         while events and done >= events[0][0]:
             at, what, server = events.pop(0)

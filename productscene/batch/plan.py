@@ -120,7 +120,7 @@ class _Finished:
 
     def has(self, job: Job) -> bool:
         """The row is finished: recorded as it is now, and its output file is there."""
-        return self.recorded(job.output, job.fingerprint) and (self.out / job.output).is_file()
+        return self.recorded(job.output, job.fingerprint) and _nonempty(self.out / job.output)
 
     def had_output(self, job: Job) -> bool:
         """Some record (of this row as it was before) names this output."""
@@ -466,6 +466,14 @@ def _set_values(workflow: dict, sets: dict, inventories: list) -> tuple[dict, li
         except ProductSceneError as e:
             problems.append(f"--set {key}: {e}")
     return values, problems
+
+
+def _nonempty(path: Path) -> bool:
+    """A file with something in it (a power cut can leave a renamed image empty)."""
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
 
 
 def _stamp(path: Path):

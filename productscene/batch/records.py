@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from ..errors import ProductSceneError
@@ -59,13 +58,9 @@ class LineFile:
     """An append-only JSON-lines file. Each line goes to the file in one ``write`` call on a file
     opened for appending, so a client killed at any moment (kill -9) leaves whole lines, at most the
     last one cut short (when the system itself stops mid-write); that one is cut off when the file
-    is opened again, so appends start on a fresh line. With ``sync_every`` the file is fsync'd after
-    a write when the last fsync is that many seconds old, and on close: a power cut loses at most
-    the last lines (their rows run again on --resume), and a row costs no fsync of its own."""
+    is opened again, so appends start on a fresh line."""
 
-    def __init__(self, path: Path, truncate: bool = False, sync_every: float | None = None):
-        self.sync_every = sync_every
-        self.synced = time.monotonic()
+    def __init__(self, path: Path, truncate: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not truncate:
             with open(path, "rb+") as f:
@@ -77,14 +72,9 @@ class LineFile:
         data = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
         while data:
             data = data[os.write(self.fd, data):]
-        if self.sync_every is not None and time.monotonic() - self.synced >= self.sync_every:
-            os.fsync(self.fd)
-            self.synced = time.monotonic()
 
     def close(self) -> None:
         if self.fd >= 0:
-            if self.sync_every is not None:
-                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
 
