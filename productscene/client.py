@@ -1,4 +1,8 @@
-"""A small client for ComfyUI's HTTP API (standard library only; host-free).
+"""A client for ComfyUI's HTTP API and its ``/ws`` websocket, on aiohttp (which every ComfyUI
+installs); host-free.
+
+``AsyncComfyClient`` is the client: one aiohttp session, many servers, for the batch run's event
+loop. ``ComfyClient`` is the same API for synchronous callers (tests, the demo, benchmarks)::
 
     client = ComfyClient("http://127.0.0.1:8188")
     ref = client.upload_image("product.png")             # -> {"name", "subfolder", "type"}
@@ -7,20 +11,21 @@
     for image in client.outputs(pid):                    # ImageRef(filename, subfolder, type)
         png = client.download(image)
 
-It is the base of the headless batch client (productscene/batch.py): every failure is a
-ProductSceneError whose message says what the server said; failures worth retrying (the server is
-unreachable or answered HTTP 5xx) are its subclass ServerError.
+Every failure is a ProductSceneError whose message says what the server said; failures worth
+retrying (the server is unreachable or answered HTTP 5xx) are its subclass ServerError.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import NamedTuple
+
+import aiohttp
 
 from .errors import ProductSceneError
 
@@ -33,10 +38,64 @@ class ServerUnreachable(ServerError):
     """No connection to the server (not running, restarting, network down)."""
 
 
+class WebSocketClosed(ServerUnreachable):
+    """The websocket ended (closed by either side, reset, or the server is gone)."""
+
+
 class ImageRef(NamedTuple):
     filename: str
     subfolder: str
     type: str  # "output" | "temp" | "input"
+
+
+class Outcome(NamedTuple):
+    state: str              # "running" (no history entry or not finished) | "done" | "error"
+    message: str = ""       # for "error": the node and exception ComfyUI reported
+
+
+def outcome(prompt_id: str, entry: dict | None) -> Outcome:
+    """What a prompt's history entry (None: not there yet) says about its run."""
+    if entry is None:
+        return Outcome("running")
+    status = entry.get("status") or {}
+    if status.get("status_str") == "error" or (status and not status.get("completed", True)):
+        return Outcome("error", _failure_message(prompt_id, status))
+    return Outcome("done")
+
+
+def _failure_message(prompt_id: str, status: dict) -> str:
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return (f"prompt {prompt_id} failed in node {data.get('node_id')} ({data.get('node_type')}): "
+                    f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
+        if kind == "execution_interrupted":
+            return f"prompt {prompt_id} was interrupted in node {data.get('node_id')} ({data.get('node_type')})"
+    return f"prompt {prompt_id} failed: {status}"
+
+
+def execution_span(entry: dict) -> tuple[int, int] | None:
+    """(start, end) of a finished run in the server's own clock (ms since the epoch), from the
+    ``execution_start`` and ``execution_success``/``execution_error`` messages of its history entry."""
+    stamps = {kind: data.get("timestamp") for kind, data in (entry.get("status") or {}).get("messages", [])}
+    start = stamps.get("execution_start")
+    end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
+    return (int(start), int(end)) if start is not None and end is not None else None
+
+
+def image_refs(entry: dict, node_id: str | None = None) -> list[ImageRef]:
+    """Images a finished run produced (all output nodes in node id order, or one node)."""
+    out = entry.get("outputs", {})
+
+    def order(k):
+        return (0, int(k)) if str(k).isdigit() else (1, str(k))
+
+    refs = []
+    for nid in sorted(out, key=order):
+        if node_id is not None and str(nid) != str(node_id):
+            continue
+        for img in out[nid].get("images", []):
+            refs.append(ImageRef(img["filename"], img.get("subfolder", ""), img.get("type", "output")))
+    return refs
 
 
 def _format_node_errors(node_errors: dict) -> str:
@@ -50,28 +109,38 @@ def _format_node_errors(node_errors: dict) -> str:
     return "\n".join(lines)
 
 
-class ComfyClient:
-    def __init__(self, base_url: str, *, timeout: float = 60.0, client_id: str | None = None):
+class _HTTPError(ProductSceneError):
+    def __init__(self, code: int, payload, where: str):
+        super().__init__(f"{where}: HTTP {code}")
+        self.code, self.payload, self.where = code, payload, where
+
+
+class AsyncComfyClient:
+    """ComfyUI's API on one server, through ``session`` (the caller's; shared by many clients)."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, *, timeout: float = 60.0,
+                 client_id: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.session = session
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
 
     # ------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, *, data: bytes | None = None, headers: dict | None = None,
-                 raw: bool = False):
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers or {})
+    async def _request(self, method: str, path: str, *, raw: bool = False, **kwargs):
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                body = r.read()
-        except urllib.error.HTTPError as e:
-            body = e.read()
+            async with self.session.request(method, self.base_url + path,
+                                            timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs) as r:
+                body = await r.read()
+                status = r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise ServerUnreachable(f"ComfyUI at {self.base_url} is not reachable ({method} {path}): "
+                                    f"{type(e).__name__}: {e}") from None
+        if status >= 400:
             try:
                 payload = json.loads(body)
             except ValueError:
                 payload = body.decode("utf-8", "replace")
-            raise _HTTPError(e.code, payload, f"{method} {path}") from None
-        except (urllib.error.URLError, ConnectionError, OSError) as e:
-            raise ServerUnreachable(f"ComfyUI at {self.base_url} is not reachable ({method} {path}): {e}") from None
+            raise _HTTPError(status, payload, f"{method} {path}")
         if raw:
             return body
         try:
@@ -80,33 +149,29 @@ class ComfyClient:
             raise ProductSceneError(f"ComfyUI answered {method} {path} with something that is not JSON: "
                                     f"{body[:200]!r}") from None
 
-    def _get(self, path: str, **params):
+    async def _get(self, path: str, **params):
         if params:
             path += "?" + urllib.parse.urlencode(params)
         try:
-            return self._request("GET", path)
+            return await self._request("GET", path)
         except _HTTPError as e:
             kind = ServerError if e.code >= 500 else ProductSceneError
             raise kind(f"ComfyUI answered {e.where} with HTTP {e.code}: {e.payload}") from None
 
-    def _post_json(self, path: str, payload):
-        return self._request("POST", path, data=json.dumps(payload).encode(),
-                             headers={"Content-Type": "application/json"})
-
     # ------------------------------------------------------------------ API
-    def object_info(self, node_class: str | None = None) -> dict:
+    async def object_info(self, node_class: str | None = None) -> dict:
         """``GET /object_info`` (every node) or ``/object_info/{node_class}``."""
-        return self._get("/object_info" + (f"/{urllib.parse.quote(node_class)}" if node_class else ""))
+        return await self._get("/object_info" + (f"/{urllib.parse.quote(node_class)}" if node_class else ""))
 
-    def extensions(self) -> list[str]:
+    async def extensions(self) -> list[str]:
         """``GET /extensions``: URLs of every frontend extension script the server serves."""
-        return self._get("/extensions")
+        return await self._get("/extensions")
 
-    def system_stats(self) -> dict:
-        return self._get("/system_stats")
+    async def system_stats(self) -> dict:
+        return await self._get("/system_stats")
 
-    def upload_image(self, path_or_bytes, name: str | None = None, *, subfolder: str = "",
-                     overwrite: bool = True, type: str = "input") -> dict:
+    async def upload_image(self, path_or_bytes, name: str | None = None, *, subfolder: str = "",
+                           overwrite: bool = True, type: str = "input") -> dict:
         """``POST /upload/image`` (multipart). Returns ``{"name", "subfolder", "type"}``; use
         ``name`` (with ``subfolder/``) as LoadImage's ``image`` input."""
         if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -119,22 +184,18 @@ class ComfyClient:
                 raise ProductSceneError(f"image: file not found: {path}")
             data = path.read_bytes()
             name = name or path.name
-        boundary = uuid.uuid4().hex
-        fields = {"type": type, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
-        parts = []
-        for key, value in fields.items():
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
-        parts.append((f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                      "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
+        form = aiohttp.FormData()
+        form.add_field("type", type)
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true" if overwrite else "false")
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
         try:
-            return self._request("POST", "/upload/image", data=b"".join(parts),
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            return await self._request("POST", "/upload/image", data=form)
         except _HTTPError as e:
             kind = ServerError if e.code >= 500 else ProductSceneError
             raise kind(f"ComfyUI refused the upload of {name!r} (HTTP {e.code}): {e.payload}") from None
 
-    def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
+    async def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
         """``POST /prompt`` with an API-format graph; returns the prompt id.
 
         A rejected prompt raises ProductSceneError with the server's node_errors. With ``strict``
@@ -142,7 +203,7 @@ class ComfyClient:
         too (the valid outputs still run; the message names the prompt id)."""
         payload = {"prompt": prompt, "client_id": client_id or self.client_id}
         try:
-            answer = self._post_json("/prompt", payload)
+            answer = await self._request("POST", "/prompt", json=payload)
         except _HTTPError as e:
             if e.code >= 500:
                 raise ServerError(f"ComfyUI could not take the prompt (HTTP {e.code}): {e.payload}") from None
@@ -154,7 +215,7 @@ class ComfyClient:
                 head = str(err)
             detail = _format_node_errors(p.get("node_errors", {}))
             raise ProductSceneError(f"ComfyUI rejected the prompt: {head}" + (f"\n{detail}" if detail else "")) from None
-        prompt_id = answer.get("prompt_id")
+        prompt_id = (answer or {}).get("prompt_id")
         if not prompt_id:
             raise ProductSceneError(f"ComfyUI did not queue the prompt: {answer}")
         if strict and answer.get("node_errors"):
@@ -162,69 +223,37 @@ class ComfyClient:
                                     + _format_node_errors(answer["node_errors"]))
         return prompt_id
 
-    def history(self, prompt_id: str) -> dict | None:
+    async def history(self, prompt_id: str) -> dict | None:
         """The history entry of ``prompt_id`` or None while it is queued or running."""
-        return (self._get(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
+        return (await self._get(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
 
-    def history_all(self) -> dict:
+    async def history_all(self) -> dict:
         """Every history entry the server holds (``GET /history``): ``{prompt_id: entry}``."""
-        return self._get("/history") or {}
+        return await self._get("/history") or {}
 
-    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
+    async def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
         """Poll ``GET /history/{prompt_id}`` until the run ends; returns its history entry.
         Raises ProductSceneError with ComfyUI's execution_error when the run failed, and on timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            entry = self.history(prompt_id)
-            if entry is not None:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or (status and not status.get("completed", True)):
-                    raise ProductSceneError(self._failure_message(prompt_id, status))
-                if status.get("completed", True):
-                    return entry
+            entry = await self.history(prompt_id)
+            state = outcome(prompt_id, entry)
+            if state.state == "error":
+                raise ProductSceneError(state.message)
+            if state.state == "done":
+                return entry
             if time.monotonic() > deadline:
                 raise ProductSceneError(f"prompt {prompt_id}: ComfyUI did not finish within {timeout:.0f} s")
-            time.sleep(poll)
+            await asyncio.sleep(poll)
 
-    @staticmethod
-    def execution_span(entry: dict) -> tuple[int, int] | None:
-        """(start, end) of a finished run in the server's own clock (ms since the epoch), from the
-        ``execution_start`` and ``execution_success``/``execution_error`` messages of its history entry."""
-        stamps = {kind: data.get("timestamp") for kind, data in (entry.get("status") or {}).get("messages", [])}
-        start = stamps.get("execution_start")
-        end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
-        return (int(start), int(end)) if start is not None and end is not None else None
-
-    @staticmethod
-    def _failure_message(prompt_id: str, status: dict) -> str:
-        for kind, data in status.get("messages", []):
-            if kind == "execution_error":
-                return (f"prompt {prompt_id} failed in node {data.get('node_id')} ({data.get('node_type')}): "
-                        f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
-            if kind == "execution_interrupted":
-                return f"prompt {prompt_id} was interrupted in node {data.get('node_id')} ({data.get('node_type')})"
-        return f"prompt {prompt_id} failed: {status}"
-
-    def outputs(self, prompt_id: str, node_id: str | None = None, entry: dict | None = None) -> list[ImageRef]:
-        """Images the finished run produced (all output nodes in node id order, or one node);
-        ``entry``: its history entry when the caller has it already."""
-        entry = entry if entry is not None else self.history(prompt_id)
+    async def outputs(self, prompt_id: str, node_id: str | None = None) -> list[ImageRef]:
+        """Images the finished run produced (all output nodes in node id order, or one node)."""
+        entry = await self.history(prompt_id)
         if entry is None:
             raise ProductSceneError(f"prompt {prompt_id}: no history (still queued or running, or unknown id)")
-        out = entry.get("outputs", {})
+        return image_refs(entry, node_id)
 
-        def order(k):
-            return (0, int(k)) if str(k).isdigit() else (1, str(k))
-
-        refs = []
-        for nid in sorted(out, key=order):
-            if node_id is not None and str(nid) != str(node_id):
-                continue
-            for img in out[nid].get("images", []):
-                refs.append(ImageRef(img["filename"], img.get("subfolder", ""), img.get("type", "output")))
-        return refs
-
-    def download(self, image_ref) -> bytes:
+    async def download(self, image_ref) -> bytes:
         """The bytes of an image via ``GET /view`` (ImageRef, (filename, subfolder, type) or a dict)."""
         if isinstance(image_ref, dict):
             filename, subfolder, kind = image_ref["filename"], image_ref.get("subfolder", ""), image_ref.get("type", "output")
@@ -232,46 +261,159 @@ class ComfyClient:
             filename, subfolder, kind = image_ref
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
         try:
-            return self._request("GET", f"/view?{query}", raw=True)
+            return await self._request("GET", f"/view?{query}", raw=True)
         except _HTTPError as e:
             error = ServerError if e.code >= 500 else ProductSceneError
             raise error(f"ComfyUI has no {kind} image {subfolder + '/' if subfolder else ''}{filename} "
-                                    f"(HTTP {e.code})") from None
+                        f"(HTTP {e.code})") from None
 
-    def queue_ids(self) -> set[str]:
+    async def queue_ids(self) -> set[str]:
         """Ids of the prompts the server is running or has pending (``GET /queue``)."""
-        state = self._get("/queue") or {}
+        state = await self._get("/queue") or {}
         return {str(item[1]) for key in ("queue_running", "queue_pending") for item in state.get(key, [])
                 if isinstance(item, list) and len(item) > 1}
 
-    def libraries(self) -> dict[str, dict] | None:
+    async def libraries(self) -> dict[str, dict] | None:
         """``{library file: {"family", "count"}}`` from the pack's ``GET /productscene/libraries``;
         None when the server does not have that route (ProductScene not installed)."""
         try:
-            return self._request("GET", "/productscene/libraries") or {}
+            return await self._request("GET", "/productscene/libraries") or {}
         except _HTTPError as e:
             if e.code == 404:
                 return None
             raise ServerError(f"ComfyUI answered GET /productscene/libraries with HTTP {e.code}") from None
 
-    def library_categories(self, library: str) -> list[str]:
+    async def library_categories(self, library: str) -> list[str]:
         """One library's category names (``GET /productscene/libraries/categories``)."""
-        return list(self._get("/productscene/libraries/categories", library=library).get("categories", []))
+        return list((await self._get("/productscene/libraries/categories", library=library)).get("categories", []))
 
-    def websocket(self, poll: float = 0.5):
+    async def websocket(self) -> aiohttp.ClientWebSocketResponse:
         """A websocket on ``/ws`` for this client's id: the server sends it the messages
-        (``executing``, ``progress``, ``execution_error`` ...) of the prompts this client queued."""
-        from .websocket import WebSocket
-        scheme, _, rest = self.base_url.partition("://")
-        url = ("wss" if scheme == "https" else "ws") + "://" + rest + "/ws?" + urllib.parse.urlencode(
-            {"clientId": self.client_id})
-        return WebSocket(url, timeout=self.timeout, poll=poll)
+        (``executing``, ``progress``, ``execution_error`` ...) of the prompts this client queued.
+        Closing it (``await ws.close()``) sends a Close frame."""
+        url = self.base_url + "/ws?" + urllib.parse.urlencode({"clientId": self.client_id})
+        try:
+            return await self.session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                                                 heartbeat=None, autoping=True, max_msg_size=64 * 1024 * 1024)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise WebSocketClosed(f"websocket: cannot connect to {url}: {type(e).__name__}: {e}") from None
+
+    async def interrupt(self) -> None:
+        await self._request("POST", "/interrupt")
+
+
+# ---------------------------------------------------------------------- synchronous callers
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """One event loop in a daemon thread that runs the synchronous clients' calls."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="productscene-client", daemon=True).start()
+        return _loop
+
+
+def _run(coro):
+    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()
+
+
+class ComfyClient:
+    """The API of :class:`AsyncComfyClient` for synchronous code (each call its own session)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 60.0, client_id: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = client_id or uuid.uuid4().hex
+
+    def _call(self, name: str, *args, **kwargs):
+        async def call():
+            async with aiohttp.ClientSession() as session:
+                client = AsyncComfyClient(self.base_url, session, timeout=self.timeout, client_id=self.client_id)
+                return await getattr(client, name)(*args, **kwargs)
+        return _run(call())
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self._call("object_info", node_class)
+
+    def extensions(self) -> list[str]:
+        return self._call("extensions")
+
+    def system_stats(self) -> dict:
+        return self._call("system_stats")
+
+    def upload_image(self, path_or_bytes, name: str | None = None, *, subfolder: str = "",
+                     overwrite: bool = True, type: str = "input") -> dict:
+        return self._call("upload_image", path_or_bytes, name, subfolder=subfolder, overwrite=overwrite, type=type)
+
+    def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
+        return self._call("queue", prompt, client_id, strict=strict)
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self._call("history", prompt_id)
+
+    def history_all(self) -> dict:
+        return self._call("history_all")
+
+    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
+        return self._call("wait", prompt_id, timeout, poll)
+
+    execution_span = staticmethod(execution_span)
+
+    def outputs(self, prompt_id: str, node_id: str | None = None, entry: dict | None = None) -> list[ImageRef]:
+        """``entry``: the prompt's history entry when the caller has it already."""
+        if entry is not None:
+            return image_refs(entry, node_id)
+        return self._call("outputs", prompt_id, node_id)
+
+    def download(self, image_ref) -> bytes:
+        return self._call("download", image_ref)
+
+    def queue_ids(self) -> set[str]:
+        return self._call("queue_ids")
+
+    def libraries(self) -> dict[str, dict] | None:
+        return self._call("libraries")
+
+    def library_categories(self, library: str) -> list[str]:
+        return self._call("library_categories", library)
 
     def interrupt(self) -> None:
-        self._request("POST", "/interrupt", data=b"")
+        self._call("interrupt")
+
+    def websocket(self) -> "WebSocket":
+        """A websocket on ``/ws`` for this client's id (see :meth:`AsyncComfyClient.websocket`)."""
+        async def connect():
+            session = aiohttp.ClientSession()
+            try:
+                client = AsyncComfyClient(self.base_url, session, timeout=self.timeout, client_id=self.client_id)
+                return session, await client.websocket()
+            except BaseException:
+                await session.close()
+                raise
+        return WebSocket(*_run(connect()))
 
 
-class _HTTPError(ProductSceneError):
-    def __init__(self, code: int, payload, where: str):
-        super().__init__(f"{where}: HTTP {code}")
-        self.code, self.payload, self.where = code, payload, where
+class WebSocket:
+    """A synchronous view of an aiohttp websocket: ``recv()`` the next message, ``close()``."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
+        self._session, self._ws = session, ws
+
+    def recv(self, timeout: float | None = None) -> str | bytes:
+        """The next text (str) or binary (bytes) message; WebSocketClosed when the connection ends."""
+        message = _run(self._ws.receive(timeout))
+        if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            return message.data
+        raise WebSocketClosed(f"websocket: the connection ended ({message.type.name})")
+
+    def close(self) -> None:
+        async def close():
+            try:
+                await self._ws.close()
+            finally:
+                await self._session.close()
+        _run(close())

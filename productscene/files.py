@@ -9,13 +9,12 @@ import json
 import os
 import struct
 import tempfile
-from typing import Iterable
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import ProductSceneError
+
+if TYPE_CHECKING:  # torch and safetensors load on first use: the atomic writes serve torch-free callers
+    import torch
 
 FORMAT_KEY = "productscene.format"
 VERSION_KEY = "productscene.format_version"
@@ -61,6 +60,9 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None,
         meta[FORMAT_KEY] = str(kind)
     meta.setdefault(FORMAT_KEY, "unknown")
     meta.setdefault(VERSION_KEY, str(version))
+
+    import torch
+    from safetensors.torch import save_file
 
     prepared = {}
     for name, t in tensors.items():
@@ -184,6 +186,8 @@ def read_header(path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, .
 def load_tensors(path, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Load tensors (only ``keys`` when given) with ``safetensors.safe_open``; never unpickles."""
     path = os.fspath(path)
+    from safetensors import safe_open
+
     read_header(path)  # validates, gives the clear error for non-safetensors files
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

@@ -13,7 +13,6 @@ the node with that title; any other input is addressed as ``"<title>.<input>"``:
 """
 from __future__ import annotations
 
-import copy
 import json
 from typing import NamedTuple
 
@@ -122,11 +121,18 @@ def has_role(prompt: dict, role: str) -> bool:
     return any(title_matches(title_of(n), ROLES[role].title) for n in prompt.values())
 
 
-def bind(prompt: dict, values: dict) -> dict:
-    """A copy of ``prompt`` with ``values`` (keys as for :func:`target`) set."""
-    out = copy.deepcopy(prompt)
+def bind(prompt: dict, values: dict, targets: dict | None = None) -> dict:
+    """A copy of ``prompt`` with ``values`` (keys as for :func:`target`) set. The nodes and their
+    inputs are copied; what they hold is shared (never changed here). ``targets``: a dict this
+    call fills with each key's target, for callers that bind the same graph many times."""
+    out = {k: {**n, "inputs": dict(n.get("inputs", {}))} for k, n in prompt.items()}
     for key, value in values.items():
-        node_id, name = target(out, key)
+        if targets is None:
+            node_id, name = target(out, key)
+        else:
+            if key not in targets:
+                targets[key] = target(out, key)
+            node_id, name = targets[key]
         if is_link(out[node_id]["inputs"][name]):
             raise ProductSceneError(f"{key!r}: input {name!r} of node {node_id} ({out[node_id].get('class_type')}) "
                                     f"is fed by another node; a bound input must be a widget value")

@@ -1,7 +1,9 @@
 """``batch``: run a workflow over a catalogue (CSV manifest or folder) on ComfyUI servers."""
 from __future__ import annotations
 
+import argparse
 import sys
+import urllib.parse
 from pathlib import Path
 
 from productscene.batch import BatchError, Options, run_batch
@@ -10,14 +12,19 @@ from productscene.errors import ProductSceneError
 from .comfyui import REPO_ROOT
 from .progress import bar
 
+HELP = "run a workflow over a catalogue on one or more ComfyUI servers"
+DESCRIPTION = ("Run an API-format workflow once per product: a CSV manifest or a folder in, images and a "
+               "provenance record per row out (docs/batch.md).")
+DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "category_background.json"
 
-def register(sub) -> None:
-    j = sub.add_parser("batch", help="run a workflow over a catalogue on one or more ComfyUI servers",
-                       description="Run an API-format workflow once per product: a CSV manifest or a folder "
-                                   "in, images and a provenance record per row out (docs/batch.md).")
-    j.add_argument("--server", action="append", required=True, metavar="URL",
+
+def add_arguments(j: argparse.ArgumentParser) -> None:
+    j.add_argument("--server", action="append", default=[], metavar="URL",
                    help="ComfyUI server URL, e.g. http://127.0.0.1:8188; repeat to spread rows over several")
-    j.add_argument("--workflow", default=str(REPO_ROOT / "workflows" / "api" / "category_background.json"),
+    j.add_argument("--servers-file", metavar="FILE",
+                   help="a file of ComfyUI server URLs, one a line (blank lines and # comments skipped); "
+                        "with or instead of --server")
+    j.add_argument("--workflow", default=str(DEFAULT_WORKFLOW),
                    help="API-format workflow whose node titles follow the binding convention "
                         "(default: the bundled workflows/api/category_background.json)")
     src = j.add_mutually_exclusive_group(required=True)
@@ -41,22 +48,52 @@ def register(sub) -> None:
     j.add_argument("--row-timeout", type=float, default=3600.0,
                    help="seconds a queued prompt may take (default 3600)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
-    j.set_defaults(func=run)
 
 
-def run(args) -> int:
+def register(sub) -> None:
+    parser = sub.add_parser("batch", help=HELP, description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def read_servers_file(path) -> list[str]:
+    """The URLs of a servers file, one a line; ProductSceneError naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProductSceneError(f"--servers-file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    urls = []
+    for n, line in enumerate(text.splitlines(), 1):
+        url = line.split("#", 1)[0].strip()
+        if not url:
+            continue
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ProductSceneError(f"--servers-file: {path} line {n}: {url!r} is not an http:// or https:// URL")
+        urls.append(url.rstrip("/"))
+    if not urls:
+        raise ProductSceneError(f"--servers-file: {path} lists no server URL")
+    return urls
+
+
+def options_from(args) -> Options:
     sets = {}
     for item in args.set or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ProductSceneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set Sampler.steps=30")
         sets[key.strip()] = value
-    options = Options(
-        workflow=Path(args.workflow), servers=[u.rstrip("/") for u in args.server], out=Path(args.out), sets=sets,
+    servers = [u.rstrip("/") for u in args.server] + (read_servers_file(args.servers_file) if args.servers_file else [])
+    return Options(
+        workflow=Path(args.workflow), servers=servers, out=Path(args.out), sets=sets,
         category=args.category, reference=Path(args.reference) if args.reference else None,
         seed=None if args.seed is None else str(args.seed), concurrency=args.concurrency, resume=args.resume,
         overwrite=args.overwrite, retries=args.retries, server_timeout=args.server_timeout,
         row_timeout=args.row_timeout)
+
+
+def run(args) -> int:
+    options = options_from(args)
     shown = None
 
     def log(message):
@@ -65,8 +102,8 @@ def run(args) -> int:
     def progress(p):
         nonlocal shown
         if shown is None:
-            shown = bar(p.total, "batch", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows "
-                                                     "[{elapsed}<{remaining}{postfix}]")
+            shown = bar(p.total, "batch", unit="row", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} "
+                                                                 "rows [{elapsed}<{remaining}{postfix}]")
             if shown is None:
                 return
         shown.n = p.done + p.failed + p.running

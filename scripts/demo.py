@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from devkit import default_model  # noqa: E402
-from productscene.batch import PROVENANCE_NAME, BatchRun, Options, Row, plan, read_provenance  # noqa: E402
+from productscene.batch import PROVENANCE_NAME, BatchRun, Options, Row, check_job, read_provenance  # noqa: E402
+from productscene.batch.fidelity import product_fidelity  # noqa: E402
 from productscene.client import ComfyClient  # noqa: E402
 from productscene.errors import ProductSceneError  # noqa: E402
 from productscene.files import read_header  # noqa: E402
@@ -165,21 +166,6 @@ def check_url(url: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # results
-def product_check(uploaded: Image.Image, result: Image.Image) -> tuple[int, int, float]:
-    """(product pixels unchanged, product pixels, share of background pixels that changed).
-    Product = alpha 255 (where the product mask is exactly 1 and the composite keeps the original)."""
-    a = np.asarray(uploaded)
-    rgb, alpha = a[..., :3], a[..., 3]
-    out = np.asarray(result.convert("RGB"))
-    if out.shape != rgb.shape:
-        return 0, int((alpha == 255).sum()), 0.0
-    prod = alpha == 255
-    same = (out == rgb).all(-1)
-    bg = alpha == 0
-    changed = float((~same[bg]).mean()) if bg.any() else 0.0
-    return int(same[prod].sum()), int(prod.sum()), changed
-
-
 def _checker(size, cell=8) -> Image.Image:
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
@@ -307,7 +293,7 @@ def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, 
     options = Options(workflow=workflow, servers=[url], out=out_dir, overwrite=True, seed=str(args.seed),
                       row_timeout=args.timeout, sets=sets)
     try:
-        job = plan(options, rows, what)
+        job = check_job(options, rows, what)
     except ProductSceneError as e:
         raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
     summary = BatchRun(job, log=log).run()
@@ -319,7 +305,7 @@ def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, 
 
 def _check(path: Path, uploaded: Image.Image, label: str, seconds: float) -> tuple[Image.Image, str, bool]:
     result = Image.open(path)
-    same, total, changed = product_check(uploaded, result)
+    same, total, changed = product_fidelity(uploaded, result)
     note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
     log(f"  {label:<40} -> {path}  ({note}; {seconds:.1f} s on the server)")
     return result, note, same == total and total > 0

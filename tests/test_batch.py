@@ -1,5 +1,7 @@
-"""The batch client (``python -m productscene batch``) on real ComfyUI servers on loopback, with the
-default (random-weight, detectable SD1.5) checkpoint, 32 px cut-outs and one sampler step.
+"""The batch client (``python -m productscene batch``) on loopback, on real ComfyUI servers (the
+default random-weight, detectable SD1.5 checkpoint, 32 px cut-outs, one sampler step) and on the
+simulated servers of devkit/sim_server.py: every test that takes ``servers`` runs on both, with the
+same assertions (the real-server runs are host-level).
 
 Two servers are started once for the module. Killing and restarting them is deterministic: a test
 waits on what it can observe (provenance records written, a prompt in the server's queue) before
@@ -38,12 +40,15 @@ THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def servers(default_model_files):
-    """Two ComfyUI servers with the default model, started side by side."""
+@pytest.fixture(scope="module", params=[pytest.param("comfyui", marks=pytest.mark.host), "sim"])
+def servers(request):
+    """Two servers started side by side: real ComfyUI with the default model, or simulated."""
+    if request.param == "sim":
+        yield from _simulated()
+        return
     from devkit.launcher import ComfyServer
 
-    ckpt, lib = default_model_files
+    ckpt, lib = request.getfixturevalue("default_model_files")
     pair = [ComfyServer(COMFYUI_DIR, models={"checkpoints": [Path(ckpt)], "category_libraries": [Path(lib)]},
                         env=THREADS) for _ in range(2)]
     errors = []
@@ -66,6 +71,26 @@ def servers(default_model_files):
     finally:
         for s in pair:
             s.stop()
+
+
+def _needs_category_placeholder(prompt: dict) -> dict:
+    """The simulator's stand-in for the Category Tokens node's refusal of a template without
+    ``{category}``: node_errors as ComfyUI answers them."""
+    return {node_id: {"class_type": node["class_type"], "errors": [{
+        "message": "template has no {category} placeholder", "details": node["inputs"]["template"]}]}
+        for node_id, node in prompt.items()
+        if node.get("class_type") == "ProductSceneCategoryTokens" and "{category}" not in node["inputs"]["template"]}
+
+
+def _simulated():
+    from devkit.sim_server import SimFarm
+
+    farm = SimFarm()
+    try:
+        # 0.2 s a prompt in four progress steps: slow enough for sampling progress between rows
+        yield [farm.add(exec_time=0.2, progress_steps=4, validate=_needs_category_placeholder) for _ in range(2)]
+    finally:
+        farm.close()
 
 
 def running(server):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import comfy.model_management as mm
 
-from tests.support.models import encode, sample, tiny
+from devkit.models import encode, sample, tiny
 from tests.test_personality import adapter_file, apply_node, encode_reference, personality, two_masks
 
 

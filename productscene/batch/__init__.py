@@ -3,7 +3,7 @@
     python -m productscene batch --server URL [--server URL ...] --workflow API.json \\
         --manifest products.csv --out DIR [--resume]
 
-Host-free (standard library and PIL), in four steps: the rows (``manifest``: a CSV manifest or a
+Host-free (standard library, aiohttp, numpy and PIL), in four steps: the rows (``manifest``: a CSV manifest or a
 folder), the check of the whole job before anything is uploaded or queued (``plan``), the run
 over one or more servers (``run``), and the files it leaves (``records``: provenance, journal).
 docs/batch.md describes the manifest, the binding convention and the files written.
@@ -11,15 +11,15 @@ docs/batch.md describes the manifest, the binding convention and the files writt
 from __future__ import annotations
 
 from ..errors import ProductSceneError
-from .manifest import COLUMNS, Row, folder_rows, read_manifest
-from .plan import BatchError, Options, Plan, plan
+from .manifest import COLUMNS, ManifestRows, Row, folder_rows, read_manifest
+from .plan import BatchError, Job, Options, Plan, check_job
 from .records import JOURNAL_NAME, PROVENANCE_FORMAT, PROVENANCE_NAME, read_provenance
 from .report import Progress, Summary
 from .run import BatchRun
 
-__all__ = ["COLUMNS", "JOURNAL_NAME", "PROVENANCE_FORMAT", "PROVENANCE_NAME", "BatchError", "BatchRun", "Options",
-           "Plan", "Progress", "Row", "Summary", "folder_rows", "plan", "read_manifest", "read_provenance",
-           "run_batch"]
+__all__ = ["COLUMNS", "JOURNAL_NAME", "PROVENANCE_FORMAT", "PROVENANCE_NAME", "BatchError", "BatchRun", "Job",
+           "ManifestRows", "Options", "Plan", "Progress", "Row", "Summary", "check_job", "folder_rows",
+           "read_manifest", "read_provenance", "run_batch"]
 
 
 def run_batch(options: Options, *, manifest=None, folder=None, progress=None, log=None) -> Summary:
@@ -27,18 +27,8 @@ def run_batch(options: Options, *, manifest=None, folder=None, progress=None, lo
     if (manifest is None) == (folder is None):
         raise ProductSceneError("give a manifest (--manifest products.csv) or a folder (--folder DIR), not both")
     if manifest is not None:
-        rows, problems = read_manifest(manifest)
-        source = str(manifest)
-        if problems:
-            # the file itself is broken: still check the rows it has, so every problem shows at once
-            try:
-                plan(options, rows, source)
-            except BatchError as e:
-                problems += [p for p in e.problems if p not in problems]
-            except ProductSceneError as e:
-                problems.append(str(e))
-            raise BatchError(source, problems)
+        rows, source = ManifestRows(manifest), str(manifest)
     else:
         rows, source = folder_rows(folder), str(folder)
-    job = plan(options, rows, source)
+    job = check_job(options, rows, source)
     return BatchRun(job, progress=progress, log=log).run()

@@ -13,8 +13,10 @@ ALIASES = {"product_image": "product", "image": "product", "brand_reference": "r
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
+    """A row as written (the manifest's cells, or a folder's image); checking and binding it
+    (productscene.batch.plan) makes new values, never changes it."""
     where: str                    # how messages name the row: "line 7" or the image's file name
     product: Path
     line: int | None = None       # manifest line (the header is line 1)
@@ -23,9 +25,6 @@ class Row:
     seed: str | None = None       # text as written; coerced against the server's spec
     output: str = ""
     cells: dict = field(default_factory=dict)   # prompt fields and "<title>.<input>" columns: raw text
-    values: dict = field(default_factory=dict)  # bound values (everything but uploads and output)
-    sha256: dict = field(default_factory=dict)  # "product"/"reference" -> hash of the file
-    fingerprint: str = ""
 
 
 def _column(name: str) -> str:
@@ -35,58 +34,81 @@ def _column(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-def read_manifest(path) -> tuple[list[Row], list[str]]:
-    """Rows of a CSV manifest (relative paths are relative to its folder) and every problem
-    found in the file itself, each with its line number."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise ProductSceneError(f"manifest: cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ProductSceneError(f"manifest: {path} is not UTF-8 text (save the CSV as UTF-8)") from None
-    base = path.parent
-    reader = csv.reader(text.splitlines(keepends=True))
-    rows, problems, columns, last_line = [], [], None, 0
-    for record in reader:
-        line, last_line = last_line + 1, reader.line_num
-        if not any(c.strip() for c in record) or record[0].lstrip().startswith("#"):
-            continue
+class ManifestRows:
+    """The rows of a CSV manifest (relative paths are relative to its folder), read from the file
+    each time they are iterated, so a manifest of any size is never held in memory. ``problems``:
+    every problem of the file itself found by the last iteration, each with its line number."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.problems: list[str] = []
+
+    def __iter__(self):
+        path, problems = self.path, []
+        self.problems = problems
+        try:
+            f = open(path, encoding="utf-8-sig", newline="")
+        except OSError as e:
+            raise ProductSceneError(f"manifest: cannot read {path}: {e.strerror or e}") from None
+        base = path.parent
+        with f:
+            reader = csv.reader(f)
+            columns, last_line, any_row = None, 0, False
+            try:
+                for record in reader:
+                    line, last_line = last_line + 1, reader.line_num
+                    if not any(c.strip() for c in record) or record[0].lstrip().startswith("#"):
+                        continue
+                    if columns is None:
+                        columns = [_column(c) for c in record]
+                        problems += _header_problems(columns, record, line)
+                        continue
+                    if len(record) != len(columns):
+                        problems.append(f"line {line}: {len(record)} cells, but the header has {len(columns)} columns")
+                        continue
+                    cells = {c: v for c, v in zip(columns, record) if c}
+                    product = cells.get("product", "").strip()
+                    if not product:
+                        problems.append(f"line {line}: product: empty (give the product image's path)")
+                        continue
+                    ref = cells.get("reference", "").strip()
+                    any_row = True
+                    yield Row(where=f"line {line}", line=line, product=base / Path(product).expanduser(),
+                              category=cells.get("category", "").strip() or None,
+                              reference=base / Path(ref).expanduser() if ref else None,
+                              seed=cells.get("seed", "").strip() or None, output=cells.get("output", "").strip(),
+                              cells={c: v for c, v in cells.items() if c not in _NAMED and v != ""})
+            except UnicodeDecodeError:
+                raise ProductSceneError(f"manifest: {path} is not UTF-8 text (save the CSV as UTF-8)") from None
         if columns is None:
-            columns = [_column(c) for c in record]
-            for i, c in enumerate(columns):
-                if not c:
-                    problems.append(f"line {line}: column {i + 1} has no name")
-                elif c not in COLUMNS and "." not in c:
-                    problems.append(f"line {line}: unknown column {record[i].strip()!r} (columns: "
-                                    f"{', '.join(COLUMNS)}, or '<node title>.<input>')")
-                elif columns.count(c) > 1 and columns.index(c) == i:
-                    problems.append(f"line {line}: column {c!r} appears {columns.count(c)} times")
-            if "product" not in columns:
-                problems.append(f"line {line}: no 'product' column (the product image of each row)")
-            continue
-        if len(record) != len(columns):
-            problems.append(f"line {line}: {len(record)} cells, but the header has {len(columns)} columns")
-            continue
-        cells = {c: v for c, v in zip(columns, record) if c}
-        product = cells.get("product", "").strip()
-        if not product:
-            problems.append(f"line {line}: product: empty (give the product image's path)")
-            continue
-        row = Row(where=f"line {line}", line=line, product=base / Path(product).expanduser())
-        row.category = cells.get("category", "").strip() or None
-        ref = cells.get("reference", "").strip()
-        row.reference = base / Path(ref).expanduser() if ref else None
-        row.seed = cells.get("seed", "").strip() or None
-        row.output = cells.get("output", "").strip()
-        row.cells = {c: v for c, v in cells.items() if c not in ("product", "category", "reference", "seed", "output")
-                     and v != ""}
-        rows.append(row)
-    if columns is None:
-        problems.append(f"line 1: the manifest is empty (expected a header: {', '.join(COLUMNS)})")
-    elif not rows and not problems:
-        problems.append("the manifest has a header but no rows")
-    return rows, problems
+            problems.append(f"line 1: the manifest is empty (expected a header: {', '.join(COLUMNS)})")
+        elif not any_row and not problems:
+            problems.append("the manifest has a header but no rows")
+
+
+_NAMED = ("product", "category", "reference", "seed", "output")
+
+
+def _header_problems(columns: list[str], record: list[str], line: int) -> list[str]:
+    problems = []
+    for i, c in enumerate(columns):
+        if not c:
+            problems.append(f"line {line}: column {i + 1} has no name")
+        elif c not in COLUMNS and "." not in c:
+            problems.append(f"line {line}: unknown column {record[i].strip()!r} (columns: "
+                            f"{', '.join(COLUMNS)}, or '<node title>.<input>')")
+        elif columns.count(c) > 1 and columns.index(c) == i:
+            problems.append(f"line {line}: column {c!r} appears {columns.count(c)} times")
+    if "product" not in columns:
+        problems.append(f"line {line}: no 'product' column (the product image of each row)")
+    return problems
+
+
+def read_manifest(path) -> tuple[list[Row], list[str]]:
+    """Every row of a (small) CSV manifest in a list, and every problem of the file itself."""
+    source = ManifestRows(path)
+    rows = list(source)
+    return rows, source.problems
 
 
 def folder_rows(folder) -> list[Row]:

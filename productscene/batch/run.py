@@ -1,31 +1,41 @@
-"""Running a checked job: worker threads per server (``concurrency`` prompts in flight each, so
-the server's queue never runs dry while the client uploads, downloads and writes), one websocket
-listener per server for completion and sampling progress, one shared queue of rows.
+"""Running a checked job on one event loop: per server ``concurrency`` workers (so the server's queue
+never runs dry while the client uploads, downloads and writes) and one websocket listener for
+completion and sampling progress; the rows are bound one at a time as workers take them
+(:meth:`Plan.jobs`), so a catalogue of any size takes the same memory.
 
 A server that stops answering hands its rows back to the others, or, when it is the only one, is
 waited for; a prompt a restarted server lost is queued again; a row is written once (the first
-result wins), atomically, with its provenance record."""
+result wins), atomically, with its provenance record. Files are written on a worker thread; the
+loop only decides who writes."""
 from __future__ import annotations
 
+import asyncio
 import datetime
+import functools
 import hashlib
+import io
 import json
+import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
-from .. import graph
-from ..client import ComfyClient, ServerError, ServerUnreachable
-from ..errors import ProductSceneError
-from ..files import TEMP_SUFFIX, temp_prefix, write_bytes_atomic
-from ..websocket import WebSocketClosed
-from .plan import UPLOADED, Plan, Row
-from .report import Progress, Summary
-from .records import JOURNAL_NAME, PROVENANCE_FORMAT, PROVENANCE_NAME, PROVENANCE_VERSION, LineFile
+import aiohttp
+from PIL import Image
 
-UPLOAD_SUBFOLDER = "productscene_batch"
+from .. import graph
+from ..client import AsyncComfyClient, ServerError, ServerUnreachable, execution_span, image_refs, outcome
+from ..errors import ProductSceneError
+from ..files import TEMP_SUFFIX, atomic_path
+from .fidelity import product_fidelity
+from .plan import UPLOADED, Job, Plan
+from .records import JOURNAL_NAME, PROVENANCE_FORMAT, PROVENANCE_NAME, PROVENANCE_VERSION, LineFile
+from .report import Progress, Summary
+
+UPLOAD_SUBFOLDER = "productscene_batch"   # under the server's input/: the uploaded images
+OUTPUT_SUBFOLDER = "productscene_batch"   # under the server's output/: <client id[:8]>/<output stem>
 
 
 class _HandedBack(Exception):
@@ -33,46 +43,88 @@ class _HandedBack(Exception):
 
 
 class _Task:
-    def __init__(self, row: Row, adopt=None):
-        self.row = row
+    def __init__(self, job: Job, adopt=None):
+        self.job = job
         self.adopt = adopt            # (server url, prompt id) from an earlier run
-        self.state = "pending"        # pending | running | done | failed
+        self.state = "pending"        # pending | running | writing | done | failed
         self.lost = 0                 # prompts a server lost (restart)
         self.attempts = 0             # prompts queued for this row
-        self.inputs = {}              # role -> {"path", "sha256"} as uploaded
 
 
 class _Server:
-    def __init__(self, url: str, client_id: str):
+    def __init__(self, url: str, session: aiohttp.ClientSession, client_id: str):
         self.url = url
-        self.client = ComfyClient(url, client_id=client_id)
-        self.probe_client = ComfyClient(url, timeout=5)
+        self.client = AsyncComfyClient(url, session, client_id=client_id)
+        self.probe_client = AsyncComfyClient(url, session, timeout=5)
         self.up = True
         self.dead = False
         self.down_since = 0.0
         self.ever_down = False
         self.rows = 0
         self.uploads: dict[str, str] = {}     # sha256 -> the name LoadImage takes
-        self.events: dict[str, threading.Event] = {}
+        self.events: dict[str, asyncio.Event] = {}
         self.progress: dict[str, float] = {}  # prompt id -> sampling fraction
-        self.lock = threading.Lock()
+        self.adopted: deque[_Task] = deque()  # prompts an earlier run queued here
+        self.ended: OrderedDict[str, None] = OrderedDict()   # prompts whose end came before anyone waited
+        self.heard: OrderedDict[str, dict] = OrderedDict()   # prompt id -> its messages and outputs on /ws
         self.ws = None
 
-    def event(self, prompt_id: str) -> threading.Event:
-        with self.lock:
-            return self.events.setdefault(prompt_id, threading.Event())
+    def event(self, prompt_id: str) -> asyncio.Event:
+        event = self.events.setdefault(prompt_id, asyncio.Event())
+        if self.ended.pop(prompt_id, 0) is None:
+            event.set()
+        return event
+
+    def end(self, prompt_id: str) -> None:
+        """The websocket says the prompt ended."""
+        if prompt_id in self.events:
+            self.events[prompt_id].set()
+        else:        # a fast prompt can end before its worker waits for it
+            self.ended[prompt_id] = None
+            while len(self.ended) > 4096:
+                self.ended.popitem(last=False)
 
     def signal(self, prompt_id: str | None = None) -> None:
-        with self.lock:
-            events = list(self.events.values()) if prompt_id is None else [self.events.get(prompt_id)]
-        for e in events:
+        for e in (self.events.values() if prompt_id is None else [self.events.get(prompt_id)]):
             if e is not None:
                 e.set()
 
     def forget(self, prompt_id: str) -> None:
-        with self.lock:
-            self.events.pop(prompt_id, None)
-            self.progress.pop(prompt_id, None)
+        self.events.pop(prompt_id, None)
+        self.progress.pop(prompt_id, None)
+        self.heard.pop(prompt_id, None)
+
+    def hear(self, prompt_id: str) -> dict:
+        heard = self.heard.get(prompt_id)
+        if heard is None:
+            heard = self.heard[prompt_id] = {"messages": [], "outputs": {}}
+            while len(self.heard) > 4096:       # prompts nobody waits for (handed back, another run's)
+                self.heard.popitem(last=False)
+        return heard
+
+    def heard_entry(self, prompt_id: str, output_node: str) -> dict | None:
+        """The prompt's history entry as the websocket told it (ComfyUI sends the same messages, with
+        the same timestamps, that it keeps in the history), or None when something was missed (a
+        reconnect, outputs served from the cache): then the history is asked."""
+        heard = self.heard.get(prompt_id)
+        if heard is None:
+            return None
+        kinds = {kind for kind, _ in heard["messages"]}
+        if kinds & {"execution_error", "execution_interrupted"}:
+            return {"outputs": {}, "status": {"status_str": "error", "completed": False,
+                                              "messages": heard["messages"]}}
+        if {"execution_start", "execution_success"} <= kinds and output_node in heard["outputs"]:
+            return {"outputs": heard["outputs"], "status": {"status_str": "success", "completed": True,
+                                                            "messages": heard["messages"]}}
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _product_image(path: Path, sha256: str) -> Image.Image:
+    """A product image, decoded once for the many rows that name it."""
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
 
 
 def _now_iso() -> str:
@@ -80,218 +132,288 @@ def _now_iso() -> str:
 
 
 class BatchRun:
-    """Runs a :class:`Plan`: worker threads per server (``concurrency`` each), one websocket
-    listener per server, one shared queue of rows."""
+    """Runs a :class:`Plan` (see the module's docstring)."""
 
     def __init__(self, plan: Plan, progress: Callable[[Progress], None] | None = None,
                  log: Callable[[str], None] | None = None):
         self.plan = plan
-        o = self.o = plan.options
-        self.out = Path(o.out)
+        self.o = plan.options
+        self.out = Path(self.o.out)
         self.report = progress or (lambda p: None)
         self.log = log or (lambda msg: None)
-        self.servers = [_Server(url, plan.client_id) for url in o.servers]
-        self.tasks = [_Task(r, plan.adopt.get(r.output)) for r in plan.todo]
-        self.queue = deque(t for t in self.tasks if t.adopt is None)
-        self.adopted = {s.url: deque(t for t in self.tasks if t.adopt and t.adopt[0] == s.url) for s in self.servers}
-        self.cond = threading.Condition()
-        self.remaining = len(self.tasks)
+        self.output_node = graph.target(plan.workflow, "output")[0]
+        self.tag = plan.client_id[:8]
         self.done = 0
         self.failures: list[tuple[str, str, str]] = []
         self.discarded = 0
         self.stopping = False
         self.last_report = 0.0
-        self.output_node = graph.target(plan.workflow, "output")[0]
-        self.tag = plan.client_id[:8]
+        self.servers: list[_Server] = []
+        self.targets: dict = {}          # graph.bind's targets, found once
 
     # -------------------------------------------------------------- shared state
     def _over(self) -> bool:
-        return self.remaining == 0 or self.stopping
+        return self.stopping or (self.exhausted and not self.retry and self.active == 0
+                                 and not any(s.adopted for s in self.servers))
 
-    def _take(self, server: _Server) -> _Task | None:
-        with self.cond:
-            while not self._over():
-                if not server.up or server.dead:
-                    return None
-                source = self.adopted[server.url] or self.queue
-                if source:
-                    task = source.popleft()
-                    task.state = "running"
-                    return task
-                self.cond.wait(0.5)
-            return None
+    def _changed(self) -> None:
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    def _next(self, server: _Server) -> _Task | None:
+        """The next row for ``server``: its adopted prompts, rows handed back, then new rows."""
+        if server.adopted:
+            return server.adopted.popleft()
+        if self.retry:
+            return self.retry.popleft()
+        while not self.exhausted:
+            job = next(self.jobs, None)
+            if job is None:
+                self.exhausted = True
+                self._changed()
+                return None
+            task = _Task(job)
+            if job.problem:
+                self._fail(task, job.problem)
+                continue
+            earlier = self.plan.adopt.get(job.output)
+            owner = next((s for s in self.servers if earlier and s.url == earlier[0] and s.up and not s.dead), None)
+            if owner is None or owner is server:
+                task.adopt = earlier if owner is server else None
+                return task
+            task.adopt = earlier
+            owner.adopted.append(task)
+            self._changed()
+        return None
+
+    async def _take(self, server: _Server) -> _Task | None:
+        while not self._over():
+            if not server.up or server.dead:
+                return None
+            task = self._next(server)
+            if task is not None:
+                self.active += 1
+                task.state = "running"
+                return task
+            wake = self.wake
+            try:
+                await asyncio.wait_for(wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return None
 
     def _hand_back(self, task: _Task) -> None:
-        with self.cond:
-            if task.state == "running":
-                task.state = "pending"
-                task.adopt = None
-                self.queue.appendleft(task)
-                self.cond.notify_all()
+        if task.state == "running":
+            task.state = "pending"
+            task.adopt = None
+            self.retry.appendleft(task)
+            self.active -= 1
+            self._changed()
 
     def _fail(self, task: _Task, why: str) -> None:
-        with self.cond:
-            if task.state in ("done", "failed") or self.stopping:
-                return
-            task.state = "failed"
-            self.remaining -= 1
-            self.failures.append((task.row.where, task.row.output, why))
-            self.journal.write({"event": "failed", "output": task.row.output, "why": why, "time": _now_iso()})
-            self.cond.notify_all()
-        self.log(f"failed: {task.row.where} ({task.row.output}): {why}")
-        self._progress(force=True, last=task.row.output)
+        if task.state in ("done", "failed") or self.stopping:
+            return
+        if task.state in ("running", "writing"):
+            self.active -= 1
+        task.state = "failed"
+        self.failures.append((task.job.row.where, task.job.output, why))
+        self.journal.write({"event": "failed", "output": task.job.output, "why": why, "time": _now_iso()})
+        self._changed()
+        self.log(f"failed: {task.job.row.where} ({task.job.output}): {why}")
+        self._progress(force=True, last=task.job.output)
 
-    def _finish(self, server: _Server, task: _Task, images: list[bytes], record: dict) -> bool:
+    async def _finish(self, server: _Server, task: _Task, images: list[bytes], record: dict) -> bool:
         """Write the row's files and its provenance record, once: a second result is discarded."""
-        with self.cond:
-            if self.stopping:
-                return False
-            if task.state in ("done", "failed"):
-                self.discarded += 1
-                return False
-            stem = Path(task.row.output).stem
-            names = [task.row.output] + [f"{stem}-{i + 1}.png" for i in range(1, len(images))]
-            files = []
-            for name, data in zip(names, images):
-                write_bytes_atomic(self.out / name, data)
-                files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
-            record["files"] = files
-            record["finished_at"] = _now_iso()
-            self.provenance.write(record)
-            task.state = "done"
-            self.remaining -= 1
-            self.done += 1
-            server.rows += 1
-            self.cond.notify_all()
-        self._progress(force=True, last=task.row.output)
+        if self.stopping:
+            return False
+        if task.state != "running":
+            self.discarded += 1
+            return False
+        task.state = "writing"   # from here no other server's result for this row is written
+        try:
+            await asyncio.to_thread(self._write, task.job, images, record)
+        except BaseException:
+            task.state = "running"
+            raise
+        task.state = "done"
+        self.active -= 1
+        self.done += 1
+        server.rows += 1
+        self._changed()
+        self._progress(force=True, last=task.job.output)
         return True
+
+    def _write(self, job: Job, images: list[bytes], record: dict) -> None:
+        """The output files (temporary name, then renamed) and then the provenance line. A killed
+        client leaves whole files and lines either way; against a power cut everything written so
+        far is made durable once a second (:meth:`_flush`), not file by file."""
+        stem = Path(job.output).stem
+        names = [job.output] + [f"{stem}-{i + 1}.png" for i in range(1, len(images))]
+        files = []
+        for name, data in zip(names, images):
+            with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+            files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+        record["files"] = files
+        record["fidelity"] = self._fidelity(job, images[0])
+        record["finished_at"] = _now_iso()
+        self.provenance.write(record)
+
+    @staticmethod
+    def _flush(stop: threading.Event) -> None:
+        """Once a second, what was written goes to disk (each image before the record naming it,
+        written after it): a power cut loses at most the last second, whose rows run again."""
+        while not stop.wait(1.0):
+            os.sync()
+
+    @staticmethod
+    def _fidelity(job: Job, image: bytes) -> dict | None:
+        """Product pixels that came back unchanged, for a product image with an alpha mask."""
+        try:
+            with Image.open(io.BytesIO(image)) as result:
+                f = product_fidelity(_product_image(job.row.product, job.sha256["product"]), result)
+        except (OSError, ValueError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        if f is None:
+            return None
+        return {"product_pixels_unchanged": f.unchanged, "product_pixels": f.product,
+                "background_changed": round(f.background_changed, 4)}
 
     def _progress(self, force: bool = False, last: str = "") -> None:
         now = time.monotonic()
         if not force and now - self.last_report < 0.1:
             return
         self.last_report = now
-        running = 0.0
-        for s in self.servers:
-            with s.lock:
-                running += sum(s.progress.values())
-        self.report(Progress(total=len(self.tasks), done=self.done, failed=len(self.failures),
+        running = sum(sum(s.progress.values()) for s in self.servers)
+        self.report(Progress(total=self.plan.todo, done=self.done, failed=len(self.failures),
                              running=running, servers_up=sum(s.up and not s.dead for s in self.servers),
                              servers=len(self.servers), last=last))
 
     # -------------------------------------------------------------- servers coming and going
-    def _wait_for_server(self, server: _Server, task: _Task | None) -> bool:
+    async def _wait_for_server(self, server: _Server, task: _Task | None) -> bool:
         """After a failed connection: True once the server answers again; False when ``task`` went
         to another server (or failed) or the server was given up."""
-        with self.cond:
-            if server.up:
-                server.up, server.down_since, server.ever_down = False, time.monotonic(), True
-                server.uploads.clear()        # a restarted server may have lost its input folder
-                for t in self.adopted[server.url]:   # prompts of an earlier run: queued anew elsewhere
-                    t.adopt = None
-                self.queue.extend(self.adopted[server.url])
-                self.adopted[server.url].clear()
-                self.cond.notify_all()
-                self.log(f"server {server.url} stopped answering")
+        if server.up:
+            server.up, server.down_since, server.ever_down = False, time.monotonic(), True
+            server.uploads.clear()        # a restarted server may have lost its input folder
+            for t in server.adopted:      # prompts of an earlier run: queued anew elsewhere
+                t.adopt = None
+            self.retry.extend(server.adopted)
+            server.adopted.clear()
+            self._changed()
+            self.log(f"server {server.url} stopped answering")
         delay = 0.2
         while not self._over():
             try:
-                server.probe_client.queue_ids()
-                with self.cond:
-                    if not server.up and not server.dead:
-                        server.up = True
-                        self.log(f"server {server.url} answers again")
-                        self.cond.notify_all()
+                await server.probe_client.queue_ids()
+                if not server.up and not server.dead:
+                    server.up = True
+                    self.log(f"server {server.url} answers again")
+                    self._changed()
                 return not server.dead
             except ProductSceneError:
                 pass
-            with self.cond:
-                others = any(s.up and not s.dead for s in self.servers if s is not server)
-                waited = time.monotonic() - server.down_since
-                if task is not None and others and waited >= 2 * self.o.poll:
+            others = any(s.up and not s.dead for s in self.servers if s is not server)
+            waited = time.monotonic() - server.down_since
+            if task is not None and others and waited >= 2 * self.o.poll:
+                self._hand_back(task)
+                return False
+            if waited > self.o.server_timeout and not server.dead:
+                server.dead = True
+                self.log(f"server {server.url} gave no answer for {self.o.server_timeout:.0f} s; giving it up")
+                if all(s.dead for s in self.servers):
+                    self._fail_all(f"no ComfyUI server answered for {self.o.server_timeout:.0f} s")
+            if server.dead:
+                if task is not None:
                     self._hand_back(task)
-                    return False
-                if waited > self.o.server_timeout and not server.dead:
-                    server.dead = True
-                    self.log(f"server {server.url} gave no answer for {self.o.server_timeout:.0f} s; giving it up")
-                    if all(s.dead for s in self.servers):
-                        self._fail_all(f"no ComfyUI server answered for {self.o.server_timeout:.0f} s")
-                if server.dead:
-                    if task is not None:
-                        self._hand_back(task)
-                    return False
-            time.sleep(delay)
+                return False
+            await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         return False
 
     def _fail_all(self, why: str) -> None:
-        with self.cond:
-            self.queue.clear()
-            for q in self.adopted.values():
-                q.clear()
-            for t in self.tasks:
-                if t.state in ("pending", "running"):
-                    self._fail(t, why)
+        """No server left: every row not yet done fails (the rest of the job with them)."""
+        for task in list(self.retry) + [t for s in self.servers for t in s.adopted]:
+            self._fail(task, why)
+        self.retry.clear()
+        for s in self.servers:
+            s.adopted.clear()
+        for job in self.jobs:
+            self._fail(_Task(job), why)
+        self.exhausted = True
 
-    def _call(self, server: _Server, task: _Task, fn):
-        """``fn()`` with the retries: an unreachable server is waited for (or the row handed to
-        another), HTTP 5xx answers are retried with backoff up to ``retries`` times."""
+    async def _call(self, server: _Server, task: _Task, fn):
+        """``await fn()`` with the retries: an unreachable server is waited for (or the row handed
+        to another), HTTP 5xx answers are retried with backoff up to ``retries`` times."""
         delay = 0.5
         tries = 0
         while True:
             if self.stopping:
                 raise _HandedBack()
             try:
-                return fn()
+                return await fn()
             except ServerUnreachable:
-                if not self._wait_for_server(server, task):
+                if not await self._wait_for_server(server, task):
                     raise _HandedBack() from None
             except ServerError:
                 tries += 1
                 if tries > self.o.retries:
                     raise
-                time.sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
     # -------------------------------------------------------------- one row
-    def _upload(self, server: _Server, path: Path) -> tuple[str, str]:
-        data = path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
+    async def _upload(self, server: _Server, role: str, job: Job) -> str:
+        sha = job.sha256[role]
         name = server.uploads.get(sha)
         if name is None:
-            up = server.client.upload_image(data, f"{sha[:24]}{path.suffix.lower()}", subfolder=UPLOAD_SUBFOLDER,
-                                            overwrite=False)
+            path = getattr(job.row, role)
+            up = await server.client.upload_image(path.read_bytes(), f"{sha[:24]}{path.suffix.lower()}",
+                                                  subfolder=UPLOAD_SUBFOLDER, overwrite=False)
             name = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
             server.uploads[sha] = name
-        return name, sha
+        return name
 
-    def _wait(self, server: _Server, task: _Task, prompt_id: str, deadline: float):
-        """("done", entry) | ("error", message) | ("lost", None)."""
+    async def _wait(self, server: _Server, task: _Task, prompt_id: str, deadline: float, fresh: bool):
+        """("done", entry) | ("error", message) | ("lost", None). ``fresh``: just queued; while the
+        websocket is connected it says when the prompt ended, so the history is asked only then (or
+        after ``poll`` seconds of silence)."""
         event = server.event(prompt_id)
         client = server.client
+        if fresh and server.ws is not None:
+            await self._sleep_on(event)
         while True:
-            entry = self._call(server, task, lambda: client.history(prompt_id))
+            entry = server.heard_entry(prompt_id, self.output_node)
             if entry is None:
-                if prompt_id not in self._call(server, task, client.queue_ids):
-                    entry = self._call(server, task, lambda: client.history(prompt_id))
-                    if entry is None:
-                        return "lost", None
-            if entry is not None:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or not status.get("completed", True):
-                    return "error", client._failure_message(prompt_id, status)
+                entry = await self._call(server, task, lambda: client.history(prompt_id))
+            if entry is None and prompt_id not in await self._call(server, task, client.queue_ids):
+                entry = await self._call(server, task, lambda: client.history(prompt_id))
+                if entry is None:
+                    return "lost", None
+            state = outcome(prompt_id, entry)
+            if state.state == "error":
+                return "error", state.message
+            if state.state == "done":
                 return "done", entry
             if time.monotonic() > deadline:
                 return "error", (f"prompt {prompt_id} did not finish within {self.o.row_timeout:.0f} s "
                                  f"(--row-timeout)")
-            event.wait(self.o.poll)
-            event.clear()
+            await self._sleep_on(event)
 
-    def _process(self, server: _Server, task: _Task) -> None:
-        row, o = task.row, self.o
+    async def _sleep_on(self, event: asyncio.Event) -> None:
+        """Until ``event`` is set or ``poll`` seconds pass; the event is cleared after."""
+        if not event.is_set():
+            try:
+                await asyncio.wait_for(event.wait(), self.o.poll)
+            except asyncio.TimeoutError:
+                pass
+        event.clear()
+
+    async def _process(self, server: _Server, task: _Task) -> None:
+        job, o = task.job, self.o
         t_row = time.monotonic()
         timings = {"started_at": _now_iso()}
-        prompt_id = None
+        prompt_id, fresh = None, False
         if task.adopt is not None and task.adopt[0] == server.url:
             prompt_id = task.adopt[1]
             task.adopt = None
@@ -302,31 +424,30 @@ class BatchRun:
                     self._fail(task, f"the server lost or failed this row's prompt {task.lost} times")
                     return
                 t0 = time.monotonic()
-                values = dict(row.values)
-                inputs = {}
+                values = dict(job.values)
                 for role in UPLOADED:
-                    path = getattr(row, role)
-                    if path is not None:
-                        values[role], sha = self._call(server, task, lambda p=path: self._upload(server, p))
-                        inputs[role] = {"path": str(path), "sha256": sha}
-                values["output"] = f"{UPLOAD_SUBFOLDER}/{self.tag}/{Path(row.output).stem}"
-                prompt = graph.bind(self.plan.workflow, values)
+                    if role in job.sha256:
+                        values[role] = await self._call(server, task, lambda r=role: self._upload(server, r, job))
+                values["output"] = f"{OUTPUT_SUBFOLDER}/{self.tag}/{Path(job.output).stem}"
+                prompt = graph.bind(self.plan.workflow, values, self.targets)
                 timings["upload_s"] = round(time.monotonic() - t0, 4)
-                prompt_id = self._call(server, task, lambda: server.client.queue(prompt))
+                prompt_id = await self._call(server, task, lambda: server.client.queue(prompt))
+                fresh = True
                 task.attempts += 1
                 timings["queued_at"] = _now_iso()
-                task.inputs = inputs
-                self.journal.write({"event": "queued", "output": row.output, "fingerprint": row.fingerprint,
+                self.journal.write({"event": "queued", "output": job.output, "fingerprint": job.fingerprint,
                                     "server": server.url, "prompt_id": prompt_id, "time": timings["queued_at"]})
             t_queued = time.monotonic()
             try:
-                state, result = self._wait(server, task, prompt_id, t_queued + o.row_timeout)
+                state, result = await self._wait(server, task, prompt_id, t_queued + o.row_timeout,
+                                                 fresh)
             finally:
                 server.forget(prompt_id)
             if state == "lost":
                 server.uploads.clear()        # restarted: its input folder may be new as well
                 task.lost += 1
-                self.log(f"{row.where}: prompt {prompt_id} was lost by {server.url} (restarted?); queueing it again")
+                self.log(f"{job.row.where}: prompt {prompt_id} was lost by {server.url} (restarted?); "
+                         f"queueing it again")
                 prompt_id = None
                 continue
             if state == "error":
@@ -335,82 +456,82 @@ class BatchRun:
             break
         entry = result
         timings["wait_s"] = round(time.monotonic() - t_queued, 4)
-        span = ComfyClient.execution_span(entry)
+        span = execution_span(entry)
         if span:
             timings["server_start_ms"], timings["server_end_ms"] = span
             timings["execution_s"] = round((span[1] - span[0]) / 1000, 3)
         t0 = time.monotonic()
-        refs = server.client.outputs(prompt_id, self.output_node, entry=entry)
+        refs = image_refs(entry, self.output_node)
         if not refs:
             self._fail(task, f"prompt {prompt_id}: the node titled {graph.ROLES['output'].title!r} "
                              f"(node {self.output_node}) produced no image")
             return
-        images = [self._call(server, task, lambda r=r: server.client.download(r)) for r in refs]
+        images = [await self._call(server, task, lambda r=r: server.client.download(r)) for r in refs]
         timings["download_s"] = round(time.monotonic() - t0, 4)
         timings["total_s"] = round(time.monotonic() - t_row, 4)
-        inputs = task.inputs or {
-            role: {"path": str(getattr(row, role)), "sha256": row.sha256[role]} for role in row.sha256}
+        inputs = {role: {"path": str(getattr(job.row, role)), "sha256": sha} for role, sha in job.sha256.items()}
         record = {
             "format": PROVENANCE_FORMAT, "format_version": PROVENANCE_VERSION,
-            "output": row.output, "line": row.line, "where": row.where,
+            "output": job.output, "line": job.row.line, "where": job.row.where,
             "product": inputs.get("product"), "reference": inputs.get("reference"),
-            "category": row.values.get("category"), "seed": self._bound_seed(row),
-            "values": {k: v for k, v in row.values.items() if k not in ("category", "seed")},
+            "category": job.values.get("category"), "seed": self._bound_seed(job),
+            "values": {k: v for k, v in job.values.items() if k not in ("category", "seed")},
             "workflow": {"path": str(o.workflow), "sha256": self.plan.workflow_sha256,
-                         "bound_sha256": graph.workflow_hash(self.plan.workflow)},
-            "fingerprint": row.fingerprint, "server": server.url, "prompt_id": prompt_id,
+                         "bound_sha256": self.plan.binder.bound_sha256},
+            "fingerprint": job.fingerprint, "server": server.url, "prompt_id": prompt_id,
             "attempts": task.attempts, "timings": timings,
         }
-        self._finish(server, task, images, record)
+        await self._finish(server, task, images, record)
 
-    def _bound_seed(self, row: Row):
-        if "seed" in row.values:
-            return row.values["seed"]
+    def _bound_seed(self, job: Job):
+        if "seed" in job.values:
+            return job.values["seed"]
         try:
             node_id, name = graph.target(self.plan.workflow, "seed")
             return self.plan.workflow[node_id]["inputs"][name]
         except ProductSceneError:
             return None
 
-    # -------------------------------------------------------------- threads
-    def _worker(self, server: _Server) -> None:
+    # -------------------------------------------------------------- tasks
+    async def _worker(self, server: _Server) -> None:
         while not self._over() and not server.dead:
             if not server.up:
-                if not self._wait_for_server(server, None):
+                if not await self._wait_for_server(server, None):
                     continue
-            task = self._take(server)
+            task = await self._take(server)
             if task is None:
                 continue
             try:
-                self._process(server, task)
+                await self._process(server, task)
             except _HandedBack:
                 pass
             except ProductSceneError as e:   # rejected prompt, failed upload, retries used up
                 self._fail(task, str(e))
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # a bug must not hang the job: the row fails with it
                 self._fail(task, f"internal error: {type(e).__name__}: {e}")
 
-    def _listen(self, server: _Server) -> None:
+    async def _listen(self, server: _Server) -> None:
         delay = 0.2
         while not self._over() and not server.dead:
             try:
-                ws = server.client.websocket(poll=0.5)
+                ws = await server.client.websocket()
             except ProductSceneError:
-                time.sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.2
             server.ws = ws
             server.signal()        # (re)connected: every prompt in flight checks its state now
             try:
-                while not self._over():
-                    message = ws.recv()
-                    if isinstance(message, str):
-                        self._on_message(server, message)
-            except WebSocketClosed:
-                pass
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        self._on_message(server, message.data)
+                    elif message.type == aiohttp.WSMsgType.ERROR:
+                        break
             finally:
-                ws.close()
+                await ws.close()
                 server.ws = None
                 server.signal()
 
@@ -421,53 +542,73 @@ class BatchRun:
         except (ValueError, AttributeError):
             return
         prompt_id = data.get("prompt_id")
-        if not prompt_id or prompt_id not in server.events:
+        if not prompt_id:
             return
-        if kind == "progress" and data.get("max"):
-            with server.lock:
-                server.progress[prompt_id] = min(1.0, float(data.get("value", 0)) / float(data["max"]))
+        if kind == "progress" and data.get("max") and prompt_id in server.events:
+            server.progress[prompt_id] = min(1.0, float(data.get("value", 0)) / float(data["max"]))
             self._progress()
-        elif kind in ("execution_error", "execution_interrupted") or (kind == "executing" and data.get("node") is None):
-            server.signal(prompt_id)
+        elif kind in ("execution_start", "execution_cached", "execution_success", "execution_error",
+                      "execution_interrupted"):
+            server.hear(prompt_id)["messages"].append([kind, data])
+            if kind in ("execution_error", "execution_interrupted"):
+                server.end(prompt_id)
+        elif kind == "executed" and data.get("node") is not None:
+            server.hear(prompt_id)["outputs"][str(data["node"])] = data.get("output") or {}
+        elif kind == "executing" and data.get("node") is None:
+            server.end(prompt_id)
+
+    async def _main(self) -> None:
+        self.wake = asyncio.Event()
+        self.jobs = self.plan.jobs()
+        self.retry: deque[_Task] = deque()
+        self.exhausted = False
+        self.active = 0           # rows taken and neither done nor failed nor handed back
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.o.concurrency + 4)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self.servers = [_Server(url, session, self.plan.client_id) for url in self.o.servers]
+            listeners = [asyncio.ensure_future(self._listen(s)) for s in self.servers]
+            workers = [asyncio.ensure_future(self._worker(s)) for s in self.servers for _ in range(self.o.concurrency)]
+            self._progress(force=True)
+            try:
+                await asyncio.gather(*workers)
+                for task in list(self.retry) + [t for s in self.servers for t in s.adopted]:
+                    self._fail(task, "no ComfyUI server left to run it")   # every worker gave up
+            finally:
+                self.stopping = True      # no result is written after this; unfinished rows stay for --resume
+                for s in self.servers:
+                    if s.ws is not None:
+                        await s.ws.close()   # a Close frame: the server forgets this client at once
+                for t in workers + listeners:
+                    t.cancel()
+                await asyncio.gather(*workers, *listeners, return_exceptions=True)
 
     def run(self) -> Summary:
         t0 = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
-        for r in self.plan.todo:                      # temporary files a killed run left behind
-            for stale in self.out.glob(f"{temp_prefix(self.out / r.output)}*{TEMP_SUFFIX}"):
-                stale.unlink(missing_ok=True)
+        with os.scandir(self.out) as entries:         # temporary files a killed run left behind
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+                    os.unlink(entry.path)
         fresh = self.o.overwrite and not self.o.resume
-        self.provenance = LineFile(self.out / PROVENANCE_NAME, truncate=fresh, sync=True)
+        self.provenance = LineFile(self.out / PROVENANCE_NAME, truncate=fresh)
         self.journal = LineFile(self.out / JOURNAL_NAME, truncate=fresh)
         self.journal.write({"event": "start", "client_id": self.plan.client_id, "time": _now_iso(),
-                            "rows": len(self.tasks), "servers": self.o.servers})
-        threads = [threading.Thread(target=self._listen, args=(s,), daemon=True) for s in self.servers]
-        workers = [threading.Thread(target=self._worker, args=(s,), daemon=True)
-                   for s in self.servers for _ in range(self.o.concurrency)]
-        for t in threads + workers:
-            t.start()
-        self._progress(force=True)
+                            "rows": self.plan.todo, "servers": self.o.servers})
         interrupted = False
+        stop = threading.Event()
+        flusher = threading.Thread(target=self._flush, args=(stop,), name="batch-flush", daemon=True)
+        flusher.start()
         try:
-            with self.cond:
-                while self.remaining and any(w.is_alive() for w in workers):
-                    self.cond.wait(0.5)
-                for t in self.tasks:                     # every worker gave up: no server left
-                    if t.state == "pending":
-                        t.state = "failed"
-                        self.remaining -= 1
-                        self.failures.append((t.row.where, t.row.output, "no ComfyUI server left to run it"))
+            asyncio.run(self._main())
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            with self.cond:   # no worker writes after this; unfinished rows stay for --resume
-                self.stopping = True
-                self.provenance.close()
-                self.journal.close()
-            for s in self.servers:
-                if s.ws is not None:
-                    s.ws.stop_requested = True
-        return Summary(rows=len(self.plan.rows), skipped=len(self.plan.rows) - len(self.tasks), done=self.done,
+            self.provenance.close()
+            self.journal.close()
+            stop.set()
+            flusher.join()
+            os.sync()
+        return Summary(rows=self.plan.total, skipped=self.plan.total - self.plan.todo, done=self.done,
                        failed=list(self.failures), seconds=time.monotonic() - t0, interrupted=interrupted,
                        servers={s.url: {"rows": s.rows, "down": s.ever_down or s.dead} for s in self.servers},
                        discarded=self.discarded, notes=list(self.plan.notes))
