@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import ProductSceneError
@@ -85,6 +84,7 @@ def luminance(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"))
 
 
-def as_tensor(picture: Image.Image | np.ndarray) -> torch.Tensor:
+def as_tensor(picture: Image.Image | np.ndarray) -> "torch.Tensor":
     """``float32`` 0..1 of an 8-bit picture or array, channels last (``[H, W, C]``, or ``[H, W]`` for one channel)."""
+    import torch  # on first use: the batch client reads images without torch
     return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
