@@ -7,10 +7,11 @@ import pickle
 import time
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-import productscene.files as files
 import productscene.library as library
 from productscene.errors import ProductSceneError
 from productscene.files import check_format, load_tensors, read_header, save_safetensors_atomic
@@ -138,8 +139,8 @@ def test_open_reads_header_only_and_lora_only_on_demand(tmp_path, monkeypatch):
     path = tmp_path / "lib.safetensors"
     big_lora = {f"diffusion_model.k{i}.lora_up.weight": torch.ones(256, 256) for i in range(8)}
     TokenLibrary.write(path, ["a", "b", "c"], make_vectors("sdxl", 3), "sdxl", lora=big_lora)
-    spy = _SpySafeOpen(files.safe_open)
-    monkeypatch.setattr(files, "safe_open", spy)
+    spy = _SpySafeOpen(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", spy)  # productscene.files imports it where it is used
     monkeypatch.setattr(library, "safe_open", spy)
     read_sizes = []
     real_open = open
@@ -354,7 +355,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_half_file(tmp_path, monkeypat
     p = tmp_path / "lib.safetensors"
     TokenLibrary.write(p, ["old"], make_vectors("sd15", 1), "sd15")
     before = p.read_bytes()
-    real_save = files.save_file
+    real_save = safetensors.torch.save_file
 
     def half_then_fail(tensors, filename, metadata=None):
         real_save(tensors, filename, metadata=metadata)
@@ -362,7 +363,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_half_file(tmp_path, monkeypat
             fh.truncate(os.path.getsize(filename) // 2)
         raise OSError("disk full")
 
-    monkeypatch.setattr(files, "save_file", half_then_fail)
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)  # imported where it is used
     with pytest.raises(OSError, match="disk full"):
         TokenLibrary.write(p, ["new", "newer"], make_vectors("sd15", 2), "sd15")
     assert p.read_bytes() == before
