@@ -149,7 +149,8 @@ class AsyncComfyClient:
             raise ProductSceneError(f"ComfyUI answered {method} {path} with something that is not JSON: "
                                     f"{body[:200]!r}") from None
 
-    async def _get(self, path: str, **params):
+    async def get(self, path: str, **params):
+        """The JSON a GET of ``path`` (with query ``params``) answers; routes without a method here."""
         if params:
             path += "?" + urllib.parse.urlencode(params)
         try:
@@ -161,14 +162,14 @@ class AsyncComfyClient:
     # ------------------------------------------------------------------ API
     async def object_info(self, node_class: str | None = None) -> dict:
         """``GET /object_info`` (every node) or ``/object_info/{node_class}``."""
-        return await self._get("/object_info" + (f"/{urllib.parse.quote(node_class)}" if node_class else ""))
+        return await self.get("/object_info" + (f"/{urllib.parse.quote(node_class)}" if node_class else ""))
 
     async def extensions(self) -> list[str]:
         """``GET /extensions``: URLs of every frontend extension script the server serves."""
-        return await self._get("/extensions")
+        return await self.get("/extensions")
 
     async def system_stats(self) -> dict:
-        return await self._get("/system_stats")
+        return await self.get("/system_stats")
 
     async def upload_image(self, path_or_bytes, name: str | None = None, *, subfolder: str = "",
                            overwrite: bool = True, type: str = "input") -> dict:
@@ -225,11 +226,11 @@ class AsyncComfyClient:
 
     async def history(self, prompt_id: str) -> dict | None:
         """The history entry of ``prompt_id`` or None while it is queued or running."""
-        return (await self._get(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
+        return (await self.get(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
 
     async def history_all(self) -> dict:
         """Every history entry the server holds (``GET /history``): ``{prompt_id: entry}``."""
-        return await self._get("/history") or {}
+        return await self.get("/history") or {}
 
     async def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
         """Poll ``GET /history/{prompt_id}`` until the run ends; returns its history entry.
@@ -269,7 +270,7 @@ class AsyncComfyClient:
 
     async def queue_ids(self) -> set[str]:
         """Ids of the prompts the server is running or has pending (``GET /queue``)."""
-        state = await self._get("/queue") or {}
+        state = await self.get("/queue") or {}
         return {str(item[1]) for key in ("queue_running", "queue_pending") for item in state.get(key, [])
                 if isinstance(item, list) and len(item) > 1}
 
@@ -285,7 +286,7 @@ class AsyncComfyClient:
 
     async def library_categories(self, library: str) -> list[str]:
         """One library's category names (``GET /productscene/libraries/categories``)."""
-        return list((await self._get("/productscene/libraries/categories", library=library)).get("categories", []))
+        return list((await self.get("/productscene/libraries/categories", library=library)).get("categories", []))
 
     async def websocket(self) -> aiohttp.ClientWebSocketResponse:
         """A websocket on ``/ws`` for this client's id: the server sends it the messages
@@ -335,6 +336,9 @@ class ComfyClient:
                 client = AsyncComfyClient(self.base_url, session, timeout=self.timeout, client_id=self.client_id)
                 return await getattr(client, name)(*args, **kwargs)
         return _run(call())
+
+    def get(self, path: str, **params):
+        return self._call("get", path, **params)
 
     def object_info(self, node_class: str | None = None) -> dict:
         return self._call("object_info", node_class)

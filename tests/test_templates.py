@@ -67,7 +67,7 @@ def object_info(comfy_server):
 
 def test_template_browser_serves_templates_and_thumbnails(comfy_server):
     server, client = comfy_server
-    listed = client._get("/workflow_templates")[server.pack_name]
+    listed = client.get("/workflow_templates")[server.pack_name]
     assert sorted(listed) == sorted(p.stem for p in CANVAS_FILES)  # no API twins among them
     for name in listed:
         for suffix, kind in ((".json", "application/json"), (".jpg", "image/jpeg")):
@@ -108,7 +108,7 @@ def test_every_language_translates_every_name_and_tooltip(lang):
 
 def test_server_serves_the_translations(comfy_server):
     _server, client = comfy_server
-    served = client._get("/i18n")
+    served = client.get("/i18n")
     for lang in LANGUAGES:
         ours = json.loads((LOCALES / lang / "nodeDefs.json").read_text(encoding="utf-8"))
         for node, entry in ours.items():

@@ -379,7 +379,7 @@ def test_training_workflow_end_to_end(comfy_server, default_model_files):
     info = client.object_info("ProductSceneCategoryTokens")["ProductSceneCategoryTokens"]
     options = combo_options(info["input"]["required"]["library"])
     assert library_name in options, options
-    listed = client._get("/productscene/libraries/categories", library=library_name)
+    listed = client.get("/productscene/libraries/categories", library=library_name)
     assert sorted(listed["categories"]) == sorted(categories)
 
 
