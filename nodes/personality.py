@@ -17,9 +17,10 @@ from comfy_api.v0_0_2 import io
 from productscene.attention import SceneAttention
 from productscene.errors import ProductSceneError
 from productscene.masks import check_background_left, validate_image
+from productscene.ipadapter import is_ipadapter, load_adapter
 from productscene.personality import PersonalityAdapter, combine, neutral_fill, patch_keep
 from .host import cross_attention_layers, install
-from .paths import PERSONALITY_FOLDER, resolve
+from .paths import IPADAPTER_FOLDER, PERSONALITY_FOLDER, resolve
 
 PersonalityReferenceType = io.Custom("PERSONALITY_REFERENCE")
 COMBINE = ("average", "concatenate")
@@ -59,22 +60,42 @@ def adapter_patcher(adapter: PersonalityAdapter) -> comfy.model_patcher.ModelPat
     return patcher
 
 
-def list_adapters() -> list[str]:
+def _safetensors(folder: str) -> list[str]:
     try:
-        return sorted(n for n in folder_paths.get_filename_list(PERSONALITY_FOLDER) if n.lower().endswith(".safetensors"))
+        return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(".safetensors")]
     except KeyError:
         return []
 
 
+def list_adapters() -> list[str]:
+    """Files of models/personality_adapters, and the IP-Adapter files of models/ipadapter (by their keys)."""
+    names = set(_safetensors(PERSONALITY_FOLDER))
+    for name in _safetensors(IPADAPTER_FOLDER):
+        path = folder_paths.get_full_path(IPADAPTER_FOLDER, name)
+        if name not in names and path and is_ipadapter(path):
+            names.add(name)
+    return sorted(names)
+
+
+def adapter_path(name: str) -> str:
+    """models/personality_adapters first, then models/ipadapter."""
+    try:
+        return resolve(PERSONALITY_FOLDER, name, what="adapter")
+    except ProductSceneError:
+        if not (isinstance(name, str) and folder_paths.get_full_path(IPADAPTER_FOLDER, name)):
+            raise
+    return resolve(IPADAPTER_FOLDER, name, what="adapter")
+
+
 def open_adapter(name: str) -> PersonalityAdapter:
-    """The adapter file ``name`` of models/personality_adapters, cached by (mtime, size)."""
-    path = resolve(PERSONALITY_FOLDER, name, what="adapter")
+    """The adapter file ``name`` (a personality adapter or an IP-Adapter file), cached by (mtime, size)."""
+    path = adapter_path(name)
     st = os.stat(path)
     key = os.path.realpath(path)
     hit = _ADAPTERS.get(key)
     if hit is None or hit[:2] != (st.st_mtime_ns, st.st_size):
         with torch.inference_mode(False):
-            adapter = PersonalityAdapter.load(path).eval().requires_grad_(False)
+            adapter = load_adapter(path).eval().requires_grad_(False)
         hit = (st.st_mtime_ns, st.st_size, adapter)
         _ADAPTERS[key] = hit
     return hit[2]
@@ -89,16 +110,21 @@ def model_context_dim(model) -> int:
     return next(iter(cross_attention_layers(model).values())).to_k.weight.shape[1]
 
 
-def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor | None) -> tuple:
+def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor | None,
+                  output: str = "penultimate_hidden_states") -> tuple:
     """CLIP vision penultimate states of ``image`` (the whole image, squashed to the encoder's
-    square, so the mask maps onto the patch grid), with the reference's product filled."""
+    square, so the mask maps onto the patch grid), with the reference's product filled. With
+    ``output="image_embeds"`` (a plain IP-Adapter) the pooled embedding: the product can only be
+    filled, there are no patches to leave out."""
     validate_image(image, "image", channels=(3, 4))
     if reference_mask is not None and reference_mask.ndim == 2:
         reference_mask = reference_mask[None]
     filled = neutral_fill(image[..., :3], reference_mask)
     with torch.no_grad():  # a frozen encoder: nothing flows back into it (its weights may be inference tensors)
         out = clip_vision.encode_image(filled, crop=False)
-    states = out["penultimate_hidden_states"]
+    states = out[output]
+    if output == "image_embeds":
+        return states, None
     return states, patch_keep(states.shape[1], reference_mask, states.shape[0])
 
 
@@ -106,7 +132,8 @@ def encode_reference(clip_vision, image, adapter: PersonalityAdapter, how: str =
                      reference_mask=None) -> torch.Tensor:
     if how not in COMBINE:
         raise ProductSceneError(f"combine: expected one of {', '.join(COMBINE)}, got {how!r}")
-    states, keep = vision_states(clip_vision, image, reference_mask)
+    states, keep = vision_states(clip_vision, image, reference_mask,
+                                 getattr(adapter, "vision_output", "penultimate_hidden_states"))
     adapter.check_states(states, "clip_vision")
     return combine(adapter.tokens(states.float(), keep), how)
 
