@@ -15,6 +15,7 @@ import comfy.model_patcher
 from comfy_api.v0_0_2 import io
 
 from productscene.attention import SceneAttention
+from productscene.blocks import PRESETS, describe, layer_weights
 from productscene.errors import ProductSceneError
 from productscene.masks import check_background_left, validate_image
 from productscene.ipadapter import is_ipadapter, load_adapter
@@ -155,7 +156,10 @@ class ProductScenePersonalityReference(io.ComfyNode):
                                "(a batch) are combined as 'combine' says. The whole image is seen (not a centre crop)."),
                 io.Combo.Input("adapter", options=list_adapters(),
                                tooltip="Personality adapter file (models/personality_adapters), trained for "
-                                       "this checkpoint's family and this CLIP vision model."),
+                                       "this checkpoint's family and this CLIP vision model, or an IP-Adapter file "
+                                       "(models/ipadapter: ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter_sdxl, "
+                                       "ip-adapter_sdxl_vit-h, ip-adapter-plus_sdxl_vit-h) with the CLIP vision model "
+                                       "it expects (ViT-H; ViT-bigG for ip-adapter_sdxl)."),
                 io.Combo.Input("combine", options=list(COMBINE), default="average",
                                tooltip="Several references: 'average' their tokens (one blended style), or "
                                        "'concatenate' them (every reference's tokens, attended together)."),
@@ -199,20 +203,41 @@ class ProductSceneApplyPersonality(io.ComfyNode):
                                                tooltip="Optional: a reference for the negative (unconditional) "
                                                        "branch, a style to steer away from. Without one, both branches "
                                                        "get the reference and weight alone sets its strength."),
+                io.Combo.Input("blocks", options=list(PRESETS), default="all layers", optional=True,
+                               tooltip="Which UNet blocks receive the reference. 'style': SDXL " + describe("sdxl", "style")
+                                       + " (InstantStyle's style block); SD1.5 " + describe("sd15", "style")
+                                       + ". 'layout': SDXL " + describe("sdxl", "layout") + " (InstantStyle's "
+                                       "layout block); SD1.5 " + describe("sd15", "layout") + ". SD1.5's follow "
+                                       "IPAdapter_plus's 'style transfer' and 'composition' weight types. 'style and "
+                                       "layout': both, the layout blocks at layout_weight. Other blocks are left "
+                                       "exactly as they are."),
+                io.Float.Input("layout_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="With blocks = 'style and layout': the weight of the layout blocks "
+                                       "(weight is the style blocks')."),
+                io.String.Input("block_weights", default="", optional=True,
+                                tooltip="Advanced: per-block weights that replace the preset, e.g. "
+                                        "'output.1:1.0, input.8:0.5' (ComfyUI block names; 'input.8.0' for one "
+                                        "transformer layer), each times weight. Blocks not named get nothing."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
         )
 
     @classmethod
-    def execute(cls, model, reference, product_mask, weight, start, end, negative_reference=None) -> io.NodeOutput:
+    def execute(cls, model, reference, product_mask, weight, start, end, negative_reference=None,
+                blocks="all layers", layout_weight=1.0, block_weights="") -> io.NodeOutput:
         for name, value in (("reference", reference), ("negative_reference", negative_reference)):
             if value is not None and not isinstance(value, PersonalityReference):
                 raise ProductSceneError(f"{name}: expected the output of a Personality Reference node")
-        for name, value, top in (("weight", weight, 2.0), ("start", start, 1.0), ("end", end, 1.0)):
+        for name, value, top in (("weight", weight, 2.0), ("start", start, 1.0), ("end", end, 1.0),
+                                 ("layout_weight", layout_weight, 2.0)):
             if not (math.isfinite(float(value)) and 0.0 <= float(value) <= top):
                 raise ProductSceneError(f"{name}: expected a number from 0 to {top:g}, got {value!r}")
         if not start < end:
             raise ProductSceneError(f"start/end: start ({start}) must be below end ({end})")
+        if blocks not in PRESETS:
+            raise ProductSceneError(f"blocks: expected one of {', '.join(PRESETS)}, got {blocks!r}")
+        if not isinstance(block_weights, str):
+            raise ProductSceneError(f"block_weights: expected text like 'output.1:1.0', got {type(block_weights).__name__}")
         adapter = reference.adapter
         if negative_reference is not None and negative_reference.adapter_name != reference.adapter_name:
             raise ProductSceneError("negative_reference: made with another adapter than reference; use the same one")
@@ -221,10 +246,12 @@ class ProductSceneApplyPersonality(io.ComfyNode):
             raise ProductSceneError(
                 f"reference: the adapter {reference.adapter_name} was made for {adapter.family} "
                 f"({adapter.context_dim}-wide context), but this model's context is {dim} wide")
-        adapter.check_layers(model_layers(model), "reference")
+        layers = model_layers(model)
+        adapter.check_layers(layers, "reference")
+        per_layer = layer_weights(adapter.family, layers, weight, blocks, layout_weight, block_weights)
         injection = adapter.injection(reference.tokens, product_mask, weight=weight, start=start, end=end,
                                       negative=None if negative_reference is None else negative_reference.tokens,
-                                      models=[adapter_patcher(adapter)])
+                                      models=[adapter_patcher(adapter)], layer_weights=per_layer)
         check_background_left(injection.mask, 0, name="product_mask")
         return io.NodeOutput(install(model, SceneAttention().with_injection(injection)))
 
