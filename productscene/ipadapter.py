@@ -20,14 +20,14 @@ processors: down blocks, up blocks, then the middle block (:func:`layer_order`).
 """
 from __future__ import annotations
 
-import math
+import json
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ProductSceneError
-from .files import load_tensors, read_header
+from .files import load_tensors, read_header, save_safetensors_atomic
 from .library import FAMILIES
 from .personality import PersonalityAdapter, layer_name
 
@@ -161,14 +161,28 @@ class IPAdapterPersonality(PersonalityAdapter):
         return self.projection(states.to(dtype), keep if self.kind == "plus" else None)
 
     def save(self, path, training: dict | None = None) -> str:
-        raise ProductSceneError("adapter: an IP-Adapter file is read, not written, by ProductScene")
+        """A fine-tuned adapter keeps the IP-Adapter keys (so IPAdapter_plus loads it too), float32,
+        with the metadata ``productscene.format = ipadapter_personality`` and ``training``."""
+        import os
+
+        tensors = {f"image_proj.{k}": v.detach().float().contiguous().cpu()
+                   for k, v in self.projection.state_dict().items()}
+        projections = self.projections()
+        for i, key in enumerate(layer_order(self.family)):
+            to_k, to_v = projections[key]
+            tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = to_k.weight.detach().float().contiguous().cpu()
+            tensors[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = to_v.weight.detach().float().contiguous().cpu()
+        meta = {"family": self.family, "kind": self.kind,
+                "training": json.dumps(training if training is not None else self.training_summary)}
+        save_safetensors_atomic(tensors, path, meta, kind="ipadapter_personality", version=1)
+        return os.fspath(path)
 
     @classmethod
     def load(cls, path) -> "IPAdapterPersonality":
         import os
 
         base = os.path.basename(os.fspath(path))
-        _, index = read_header(path)
+        meta, index = read_header(path)
         for key, what in UNSUPPORTED.items():
             if key in index:
                 raise ProductSceneError(f"adapter: {base} is an IP-Adapter {what} file; Personality Reference takes "
@@ -201,8 +215,11 @@ class IPAdapterPersonality(PersonalityAdapter):
             projection = LinearProjection(vision_width, tokens, context_dim)
         else:
             raise ProductSceneError(f"adapter: {base} has an image projection of an unknown IP-Adapter kind")
-        adapter = cls(family, kind, projection, int(vision_width), widths, int(tokens),
-                      {"source": "ip-adapter", "kind": kind, "file": base})
+        try:
+            training = json.loads(meta.get("training") or "null") or {"source": "ip-adapter", "kind": kind, "file": base}
+        except ValueError:
+            raise ProductSceneError(f"{base}: malformed 'training' metadata") from None
+        adapter = cls(family, kind, projection, int(vision_width), widths, int(tokens), training)
         expected = projection.state_dict()
         if set(expected) != set(proj) or any(proj[k].shape != v.shape for k, v in expected.items()):
             raise ProductSceneError(f"adapter: {base}'s image projection does not have the shapes of an IP-Adapter "
