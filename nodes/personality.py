@@ -151,7 +151,8 @@ class ProductScenePersonalityReference(io.ComfyNode):
                          "product (reference_mask) is left out of what is encoded."),
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter was trained with "
-                                    "(its penultimate hidden states are used)."),
+                                    "(its penultimate hidden states are used; a plain IP-Adapter file uses its "
+                                    "pooled image embedding)."),
                 io.Image.Input("image", tooltip="The reference image(s) in the brand's style. Several images "
                                "(a batch) are combined as 'combine' says. The whole image is seen (not a centre crop)."),
                 io.Combo.Input("adapter", options=list_adapters(),

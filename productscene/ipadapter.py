@@ -21,6 +21,7 @@ processors: down blocks, up blocks, then the middle block (:func:`layer_order`).
 from __future__ import annotations
 
 import json
+import os
 from typing import Mapping
 
 import torch
@@ -163,8 +164,6 @@ class IPAdapterPersonality(PersonalityAdapter):
     def save(self, path, training: dict | None = None) -> str:
         """A fine-tuned adapter keeps the IP-Adapter keys (so IPAdapter_plus loads it too), float32,
         with the metadata ``productscene.format = ipadapter_personality`` and ``training``."""
-        import os
-
         tensors = {f"image_proj.{k}": v.detach().float().contiguous().cpu()
                    for k, v in self.projection.state_dict().items()}
         projections = self.projections()
@@ -179,8 +178,6 @@ class IPAdapterPersonality(PersonalityAdapter):
 
     @classmethod
     def load(cls, path) -> "IPAdapterPersonality":
-        import os
-
         base = os.path.basename(os.fspath(path))
         meta, index = read_header(path)
         for key, what in UNSUPPORTED.items():

@@ -134,3 +134,36 @@ def test_ipadapter_files_that_need_more_than_clip_vision_are_refused(tmp_path):
     with pytest.raises(ProductSceneError, match=r"^adapter: ip-adapter-faceid_sd15.safetensors is an IP-Adapter "
                                                 r"(FaceID|FaceID / portrait) file"):
         IPAdapterPersonality.load(path)
+
+
+def test_with_an_ipadapter_file_the_references_product_is_left_out_and_references_combine():
+    """As with a trained adapter: with a 'plus' file the reference's own product (reference_mask) is
+    left out of the resampler's attention (another product in the same place gives the same tokens),
+    several references average or concatenate, and a negative reference is taken."""
+    unet = full_layout_unet("sd15")
+    cv = build_clip_vision(64)
+    name = ipadapter.write_plus_model("sd15", host.cross_attention_layers(unet), "small_ipa_mask.safetensors",
+                                      seed=6, kind="plus", vision_width=64)
+    node = personality.ProductScenePersonalityReference
+    g = torch.Generator().manual_seed(8)
+    image = torch.rand(1, 48, 64, 3, generator=g)
+    other = image.clone()
+    other[:, 12:36, 16:40] = torch.rand(1, 24, 24, 3, generator=g)
+    mask = torch.zeros(1, 48, 64)
+    mask[:, 12:36, 16:40] = 1.0
+    masked = [node.execute(cv, im, name, "average", reference_mask=mask).result[0].tokens for im in (image, other)]
+    unmasked = [node.execute(cv, im, name, "average").result[0].tokens for im in (image, other)]
+    assert torch.equal(masked[0], masked[1]) and not torch.equal(unmasked[0], unmasked[1])
+    both = torch.cat([image, other])
+    joined = node.execute(cv, both, name, "concatenate").result[0].tokens
+    averaged = node.execute(cv, both, name, "average").result[0].tokens
+    assert joined.shape == (1, 32, 768) and averaged.shape == (1, 16, 768)
+    torch.testing.assert_close(joined, torch.cat(unmasked, dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(averaged, (unmasked[0] + unmasked[1]) / 2, atol=1e-5, rtol=1e-5)
+    ref, negative = node.execute(cv, image, name, "average").result[0], node.execute(cv, other, name, "average").result[0]
+    product = torch.zeros(1, 64, 64)
+    product[:, 16:40, 16:40] = 1.0
+    model = personality.ProductSceneApplyPersonality.execute(unet, ref, product, 1.0, 0.0, 1.0,
+                                                             negative_reference=negative).result[0]
+    injection = model.model_options["transformer_options"][host.SCENE_KEY].injections[0]
+    assert torch.equal(injection.tokens, ref.tokens) and torch.equal(injection.negative, negative.tokens)
