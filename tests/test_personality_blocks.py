@@ -16,6 +16,7 @@ from devkit import comfy_env
 from devkit.models import encode, full_layout_unet, tiny
 from devkit.replay import Replay
 
+pytestmark = pytest.mark.host  # ComfyUI's UNet and the pack's nodes, through devkit
 pack = comfy_env.import_pack()
 host, personality = pack.nodes.host, pack.nodes.personality
 apply_node = personality.ProductSceneApplyPersonality
