@@ -73,21 +73,41 @@ def patched_keys(family: str) -> list[tuple]:
 
 
 def layer_width(layers: dict, key: tuple) -> int | None:
-    """The inner width of the layer ComfyUI runs a replace at ``key`` on (None: no such layer)."""
+    """The inner width of the layer ComfyUI runs a replace at ``key`` on (None: no such layer); its
+    middle key (which never fires) gets the middle layer's width, as in a real file."""
+    key = ("middle", 0) + tuple(key[2:]) if key[0] == "middle" else key
     attn2 = layers.get(key if len(key) == 3 else key + (0,))
     return None if attn2 is None else attn2.to_k.out_features
 
 
-def plus_state_dict(family: str, layers: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def plus_state_dict(family: str, layers: dict, seed: int = 0, vision_width: int = 1280) -> dict[str, torch.Tensor]:
     """Flat ``{"image_proj.*", "ip_adapter.<n>.to_k_ip.weight", ...}`` of random Plus weights;
-    ``layers`` is ``{attn2 key: attn2 module}`` of the model it will patch."""
+    ``layers`` is ``{attn2 key: attn2 module}`` of the model it will patch. ``vision_width``: the
+    penultimate states' width (ViT-H 1280, ViT-bigG 1664)."""
     _, module = load()
     sdxl = family == "sdxl"
     resampler = sys.modules[module.__package__ + ".image_proj_models"].Resampler(
         dim=1280 if sdxl else CONTEXT_WIDTH[family], depth=4, dim_head=64, heads=20 if sdxl else 12,
-        num_queries=16, embedding_dim=1280, output_dim=CONTEXT_WIDTH[family], ff_mult=4)
+        num_queries=16, embedding_dim=vision_width, output_dim=CONTEXT_WIDTH[family], ff_mult=4)
     init_weights(resampler, seed)
-    out = {f"image_proj.{k}": v.contiguous() for k, v in resampler.state_dict().items()}
+    return _with_layers(family, layers, {f"image_proj.{k}": v.contiguous() for k, v in resampler.state_dict().items()},
+                        seed)
+
+
+def linear_state_dict(family: str, layers: dict, seed: int = 0, vision_width: int = 1024) -> dict[str, torch.Tensor]:
+    """Random weights of a plain IP-Adapter (its ``ImageProjModel``: 4 tokens from the pooled
+    ``image_embeds``, ViT-H 1024 or ViT-bigG 1280 wide) with the same per-layer pairs."""
+    _, module = load()
+    proj = sys.modules[module.__package__ + ".image_proj_models"].ImageProjModel(
+        cross_attention_dim=CONTEXT_WIDTH[family], clip_embeddings_dim=vision_width, clip_extra_context_tokens=4)
+    init_weights(proj, seed)
+    with torch.no_grad():  # non-trivial norm parameters, so a mix-up of them shows
+        proj.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
+        proj.norm.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(seed + 2))
+    return _with_layers(family, layers, {f"image_proj.{k}": v.contiguous() for k, v in proj.state_dict().items()}, seed)
+
+
+def _with_layers(family: str, layers: dict, out: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
     fallback = min(w for w in (layer_width(layers, k) for k in patched_keys(family)) if w)
     for i, key in enumerate(patched_keys(family)):
@@ -98,22 +118,27 @@ def plus_state_dict(family: str, layers: dict, seed: int = 0) -> dict[str, torch
     return out
 
 
-def write_plus_model(family: str, layers: dict, name: str, seed: int = 0) -> str:
-    """Write the Plus model into ComfyUI's ipadapter folder; returns the file name to load."""
+def write_plus_model(family: str, layers: dict, name: str, seed: int = 0, kind: str = "plus",
+                     vision_width: int | None = None) -> str:
+    """Write the Plus (or, ``kind="linear"``, the plain) model into ComfyUI's ipadapter folder;
+    returns the file name to load."""
     import folder_paths
 
     load()
     folder = folder_paths.get_folder_paths("ipadapter")[0]
     os.makedirs(folder, exist_ok=True)
-    save_file(plus_state_dict(family, layers, seed), os.path.join(folder, name))
+    make = plus_state_dict if kind == "plus" else linear_state_dict
+    extra = {} if vision_width is None else {"vision_width": vision_width}
+    save_file(make(family, layers, seed, **extra), os.path.join(folder, name))
     folder_paths.filename_list_cache.pop("ipadapter", None)
     return name
 
 
-def clip_vision_states(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, negative) penultimate hidden states of ViT-H: ``[1, 257, 1280]`` each."""
+def clip_vision_states(seed: int = 0, shape: tuple = (1, 257, 1280)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, negative) penultimate hidden states of ViT-H: ``[1, 257, 1280]`` each (or ``shape``:
+    ``(1, 1024)`` for ViT-H's pooled ``image_embeds``)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 257, 1280, generator=g), torch.randn(1, 257, 1280, generator=g) * 0.1
+    return torch.randn(*shape, generator=g), torch.randn(*shape, generator=g) * 0.1
 
 
 def load_model(file_name: str):
@@ -121,9 +146,11 @@ def load_model(file_name: str):
     return nodes.NODE_CLASS_MAPPINGS["IPAdapterModelLoader"]().load_ipadapter_model(file_name)[0]
 
 
-def apply(model, ipadapter, weight: float = 1.0, seed: int = 0, start_at: float = 0.0, end_at: float = 1.0):
-    """``IPAdapterEmbeds`` (its own node) on ``model``: returns the patched clone."""
+def apply(model, ipadapter, weight: float = 1.0, seed: int = 0, start_at: float = 0.0, end_at: float = 1.0,
+          states: tuple | None = None):
+    """``IPAdapterEmbeds`` (its own node) on ``model`` with ``states`` (image, negative) or
+    :func:`clip_vision_states` of ``seed``: returns the patched clone."""
     nodes, _ = load()
-    pos, neg = clip_vision_states(seed)
+    pos, neg = states if states is not None else clip_vision_states(seed)
     node = nodes.NODE_CLASS_MAPPINGS["IPAdapterEmbeds"]()
     return node.apply_ipadapter(model, ipadapter, pos, weight, "linear", start_at, end_at, neg_embed=neg)[0]

@@ -1,8 +1,9 @@
 """Model folders of ProductScene inside ComfyUI's ``folder_paths``.
 
-Importing this module registers ``models/category_libraries`` and ``models/personality_adapters``
-(``.safetensors`` only). Category
-libraries may also sit in ``models/embeddings``: those are recognised by their header.
+Importing this module registers ``models/category_libraries``, ``models/personality_adapters`` and
+``models/ipadapter`` (``.safetensors`` only; the folder IPAdapter_plus also registers). Category
+libraries may also sit in ``models/embeddings``, IP-Adapter files used as personality adapters in
+``models/ipadapter``: both are recognised by their header.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from productscene.library import TokenLibrary
 
 LIBRARY_FOLDER = "category_libraries"
 PERSONALITY_FOLDER = "personality_adapters"
+IPADAPTER_FOLDER = "ipadapter"
 EMBEDDINGS_FOLDER = "embeddings"
 _EXTENSIONS = {".safetensors"}
 
@@ -38,6 +40,7 @@ def register(folder: str = LIBRARY_FOLDER) -> None:
 
 register()
 register(PERSONALITY_FOLDER)
+register(IPADAPTER_FOLDER)
 
 _HEADER_CACHE: dict[str, tuple[float, int, TokenLibrary | None]] = {}
 BROKEN: dict[str, str] = {}  # file name -> why it cannot be read (skipped in every list)

@@ -15,11 +15,13 @@ import comfy.model_patcher
 from comfy_api.v0_0_2 import io
 
 from productscene.attention import SceneAttention
+from productscene.blocks import PRESETS, describe, layer_weights
 from productscene.errors import ProductSceneError
 from productscene.masks import check_background_left, validate_image
+from productscene.ipadapter import is_ipadapter, load_adapter
 from productscene.personality import PersonalityAdapter, combine, neutral_fill, patch_keep
 from .host import cross_attention_layers, install
-from .paths import PERSONALITY_FOLDER, resolve
+from .paths import IPADAPTER_FOLDER, PERSONALITY_FOLDER, resolve
 
 PersonalityReferenceType = io.Custom("PERSONALITY_REFERENCE")
 COMBINE = ("average", "concatenate")
@@ -59,22 +61,42 @@ def adapter_patcher(adapter: PersonalityAdapter) -> comfy.model_patcher.ModelPat
     return patcher
 
 
-def list_adapters() -> list[str]:
+def _safetensors(folder: str) -> list[str]:
     try:
-        return sorted(n for n in folder_paths.get_filename_list(PERSONALITY_FOLDER) if n.lower().endswith(".safetensors"))
+        return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(".safetensors")]
     except KeyError:
         return []
 
 
+def list_adapters() -> list[str]:
+    """Files of models/personality_adapters, and the IP-Adapter files of models/ipadapter (by their keys)."""
+    names = set(_safetensors(PERSONALITY_FOLDER))
+    for name in _safetensors(IPADAPTER_FOLDER):
+        path = folder_paths.get_full_path(IPADAPTER_FOLDER, name)
+        if name not in names and path and is_ipadapter(path):
+            names.add(name)
+    return sorted(names)
+
+
+def adapter_path(name: str) -> str:
+    """models/personality_adapters first, then models/ipadapter."""
+    try:
+        return resolve(PERSONALITY_FOLDER, name, what="adapter")
+    except ProductSceneError:
+        if not (isinstance(name, str) and folder_paths.get_full_path(IPADAPTER_FOLDER, name)):
+            raise
+    return resolve(IPADAPTER_FOLDER, name, what="adapter")
+
+
 def open_adapter(name: str) -> PersonalityAdapter:
-    """The adapter file ``name`` of models/personality_adapters, cached by (mtime, size)."""
-    path = resolve(PERSONALITY_FOLDER, name, what="adapter")
+    """The adapter file ``name`` (a personality adapter or an IP-Adapter file), cached by (mtime, size)."""
+    path = adapter_path(name)
     st = os.stat(path)
     key = os.path.realpath(path)
     hit = _ADAPTERS.get(key)
     if hit is None or hit[:2] != (st.st_mtime_ns, st.st_size):
         with torch.inference_mode(False):
-            adapter = PersonalityAdapter.load(path).eval().requires_grad_(False)
+            adapter = load_adapter(path).eval().requires_grad_(False)
         hit = (st.st_mtime_ns, st.st_size, adapter)
         _ADAPTERS[key] = hit
     return hit[2]
@@ -89,16 +111,21 @@ def model_context_dim(model) -> int:
     return next(iter(cross_attention_layers(model).values())).to_k.weight.shape[1]
 
 
-def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor | None) -> tuple:
+def vision_states(clip_vision, image: torch.Tensor, reference_mask: torch.Tensor | None,
+                  output: str = "penultimate_hidden_states") -> tuple:
     """CLIP vision penultimate states of ``image`` (the whole image, squashed to the encoder's
-    square, so the mask maps onto the patch grid), with the reference's product filled."""
+    square, so the mask maps onto the patch grid), with the reference's product filled. With
+    ``output="image_embeds"`` (a plain IP-Adapter) the pooled embedding: the product can only be
+    filled, there are no patches to leave out."""
     validate_image(image, "image", channels=(3, 4))
     if reference_mask is not None and reference_mask.ndim == 2:
         reference_mask = reference_mask[None]
     filled = neutral_fill(image[..., :3], reference_mask)
     with torch.no_grad():  # a frozen encoder: nothing flows back into it (its weights may be inference tensors)
         out = clip_vision.encode_image(filled, crop=False)
-    states = out["penultimate_hidden_states"]
+    states = out[output]
+    if output == "image_embeds":
+        return states, None
     return states, patch_keep(states.shape[1], reference_mask, states.shape[0])
 
 
@@ -106,7 +133,8 @@ def encode_reference(clip_vision, image, adapter: PersonalityAdapter, how: str =
                      reference_mask=None) -> torch.Tensor:
     if how not in COMBINE:
         raise ProductSceneError(f"combine: expected one of {', '.join(COMBINE)}, got {how!r}")
-    states, keep = vision_states(clip_vision, image, reference_mask)
+    states, keep = vision_states(clip_vision, image, reference_mask,
+                                 getattr(adapter, "vision_output", "penultimate_hidden_states"))
     adapter.check_states(states, "clip_vision")
     return combine(adapter.tokens(states.float(), keep), how)
 
@@ -123,12 +151,16 @@ class ProductScenePersonalityReference(io.ComfyNode):
                          "product (reference_mask) is left out of what is encoded."),
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter was trained with "
-                                    "(its penultimate hidden states are used)."),
+                                    "(its penultimate hidden states are used; a plain IP-Adapter file uses its "
+                                    "pooled image embedding)."),
                 io.Image.Input("image", tooltip="The reference image(s) in the brand's style. Several images "
                                "(a batch) are combined as 'combine' says. The whole image is seen (not a centre crop)."),
                 io.Combo.Input("adapter", options=list_adapters(),
                                tooltip="Personality adapter file (models/personality_adapters), trained for "
-                                       "this checkpoint's family and this CLIP vision model."),
+                                       "this checkpoint's family and this CLIP vision model, or an IP-Adapter file "
+                                       "(models/ipadapter: ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter_sdxl, "
+                                       "ip-adapter_sdxl_vit-h, ip-adapter-plus_sdxl_vit-h) with the CLIP vision model "
+                                       "it expects (ViT-H; ViT-bigG for ip-adapter_sdxl)."),
                 io.Combo.Input("combine", options=list(COMBINE), default="average",
                                tooltip="Several references: 'average' their tokens (one blended style), or "
                                        "'concatenate' them (every reference's tokens, attended together)."),
@@ -172,20 +204,41 @@ class ProductSceneApplyPersonality(io.ComfyNode):
                                                tooltip="Optional: a reference for the negative (unconditional) "
                                                        "branch, a style to steer away from. Without one, both branches "
                                                        "get the reference and weight alone sets its strength."),
+                io.Combo.Input("blocks", options=list(PRESETS), default="all layers", optional=True,
+                               tooltip="Which UNet blocks receive the reference. 'style': SDXL " + describe("sdxl", "style")
+                                       + " (InstantStyle's style block); SD1.5 " + describe("sd15", "style")
+                                       + ". 'layout': SDXL " + describe("sdxl", "layout") + " (InstantStyle's "
+                                       "layout block); SD1.5 " + describe("sd15", "layout") + ". SD1.5's follow "
+                                       "IPAdapter_plus's 'style transfer' and 'composition' weight types. 'style and "
+                                       "layout': both, the layout blocks at layout_weight. Other blocks are left "
+                                       "exactly as they are."),
+                io.Float.Input("layout_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="With blocks = 'style and layout': the weight of the layout blocks "
+                                       "(weight is the style blocks')."),
+                io.String.Input("block_weights", default="", optional=True,
+                                tooltip="Advanced: per-block weights that replace the preset, e.g. "
+                                        "'output.1:1.0, input.8:0.5' (ComfyUI block names; 'input.8.0' for one "
+                                        "transformer layer), each times weight. Blocks not named get nothing."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
         )
 
     @classmethod
-    def execute(cls, model, reference, product_mask, weight, start, end, negative_reference=None) -> io.NodeOutput:
+    def execute(cls, model, reference, product_mask, weight, start, end, negative_reference=None,
+                blocks="all layers", layout_weight=1.0, block_weights="") -> io.NodeOutput:
         for name, value in (("reference", reference), ("negative_reference", negative_reference)):
             if value is not None and not isinstance(value, PersonalityReference):
                 raise ProductSceneError(f"{name}: expected the output of a Personality Reference node")
-        for name, value, top in (("weight", weight, 2.0), ("start", start, 1.0), ("end", end, 1.0)):
+        for name, value, top in (("weight", weight, 2.0), ("start", start, 1.0), ("end", end, 1.0),
+                                 ("layout_weight", layout_weight, 2.0)):
             if not (math.isfinite(float(value)) and 0.0 <= float(value) <= top):
                 raise ProductSceneError(f"{name}: expected a number from 0 to {top:g}, got {value!r}")
         if not start < end:
             raise ProductSceneError(f"start/end: start ({start}) must be below end ({end})")
+        if blocks not in PRESETS:
+            raise ProductSceneError(f"blocks: expected one of {', '.join(PRESETS)}, got {blocks!r}")
+        if not isinstance(block_weights, str):
+            raise ProductSceneError(f"block_weights: expected text like 'output.1:1.0', got {type(block_weights).__name__}")
         adapter = reference.adapter
         if negative_reference is not None and negative_reference.adapter_name != reference.adapter_name:
             raise ProductSceneError("negative_reference: made with another adapter than reference; use the same one")
@@ -194,10 +247,12 @@ class ProductSceneApplyPersonality(io.ComfyNode):
             raise ProductSceneError(
                 f"reference: the adapter {reference.adapter_name} was made for {adapter.family} "
                 f"({adapter.context_dim}-wide context), but this model's context is {dim} wide")
-        adapter.check_layers(model_layers(model), "reference")
+        layers = model_layers(model)
+        adapter.check_layers(layers, "reference")
+        per_layer = layer_weights(adapter.family, layers, weight, blocks, layout_weight, block_weights)
         injection = adapter.injection(reference.tokens, product_mask, weight=weight, start=start, end=end,
                                       negative=None if negative_reference is None else negative_reference.tokens,
-                                      models=[adapter_patcher(adapter)])
+                                      models=[adapter_patcher(adapter)], layer_weights=per_layer)
         check_background_left(injection.mask, 0, name="product_mask")
         return io.NodeOutput(install(model, SceneAttention().with_injection(injection)))
 

@@ -17,16 +17,17 @@ def adapter_folder() -> str:
     return model_folder(PERSONALITY_FOLDER)
 
 
-def vision_encoder(clip_vision):
+def vision_encoder(clip_vision, output: str = "penultimate_hidden_states"):
     """``images [B,H,W,3] -> penultimate states [B,N,W]`` of a ComfyUI CLIP vision model (the
-    whole image, squashed to its square, as Personality Reference encodes)."""
+    whole image, squashed to its square, as Personality Reference encodes); ``output="image_embeds"``:
+    the pooled embedding ``[B, W]`` a plain IP-Adapter reads."""
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return clip_vision.encode_image(images, crop=False)["penultimate_hidden_states"]
+        return clip_vision.encode_image(images, crop=False)[output]
     return encode
 
 
-def vision_width(clip_vision) -> int:
-    return int(clip_vision.encode_image(torch.zeros(1, 64, 64, 3), crop=False)["penultimate_hidden_states"].shape[-1])
+def vision_width(clip_vision, output: str = "penultimate_hidden_states") -> int:
+    return int(clip_vision.encode_image(torch.zeros(1, 64, 64, 3), crop=False)[output].shape[-1])
 
 
 class ProductSceneTrainPersonalityAdapter(io.ComfyNode):

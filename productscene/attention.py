@@ -289,7 +289,9 @@ class ReferenceInjection:
     rows (None: uncond rows get ``tokens`` too, so CFG does not amplify the reference and ``weight``
     alone sets its strength); ``projections``: layer key -> (to_k, to_v) linear modules
     mapping C to that layer's inner width; ``product_mask``: the product that must receive nothing.
-    Active while ``start <= progress <= end``; ``weight`` 0 adds nothing.
+    Active while ``start <= progress <= end``; ``weight`` 0 adds nothing. ``layer_weights``
+    (``{layer key: weight}``, see ``productscene.blocks``) replaces ``weight`` per layer: a layer
+    it does not name, or names with 0, is left exactly as it was.
 
     ``models``: the host's models that hold the projections' weights (ComfyUI: a ModelPatcher of
     the adapter), listed by :meth:`models` so the host loads, offloads and counts them with the
@@ -299,7 +301,8 @@ class ReferenceInjection:
 
     def __init__(self, tokens: torch.Tensor, projections: Mapping[tuple, tuple[torch.nn.Module, torch.nn.Module]],
                  product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0, end: float = 1.0,
-                 negative: torch.Tensor | None = None, models: Sequence = ()):
+                 negative: torch.Tensor | None = None, models: Sequence = (),
+                 layer_weights: Mapping[tuple, float] | None = None):
         for name, t in (("reference tokens", tokens), ("negative reference tokens", negative)):
             if t is not None and t.ndim != 3:
                 raise ProductSceneError(f"{name}: expected [B, K, C], got shape {tuple(t.shape)}")
@@ -307,6 +310,10 @@ class ReferenceInjection:
             raise ProductSceneError(f"weight: expected a number from 0 to 10, got {weight!r}")
         if not (0.0 <= start < end <= 1.0):
             raise ProductSceneError(f"start/end: expected 0 <= start < end <= 1, got {start}, {end}")
+        for key, w in (layer_weights or {}).items():
+            if not (math.isfinite(float(w)) and 0.0 <= float(w) <= 10.0):
+                raise ProductSceneError(f"block_weights: the weight of {key} must be from 0 to 10, got {w!r}")
+        self.layer_weights = None if layer_weights is None else {tuple(k): float(w) for k, w in layer_weights.items()}
         self.tokens = tokens
         self.negative = negative
         self.projections = dict(projections)
@@ -319,8 +326,11 @@ class ReferenceInjection:
     def mask(self) -> torch.Tensor:
         return self.region.mask
 
+    def weight_at(self, key: tuple) -> float:
+        return self.weight if self.layer_weights is None else self.layer_weights.get(tuple(key), 0.0)
+
     def active(self, layer: LayerInfo) -> bool:
-        if self.weight == 0.0 or layer.key not in self.projections:
+        if self.weight_at(layer.key) == 0.0 or layer.key not in self.projections:
             return False
         return layer.progress is None or self.start <= layer.progress <= self.end
 
@@ -349,7 +359,7 @@ class ReferenceInjection:
         background = background.repeat(per_chunk // background.shape[0], 1) if background.shape[0] != per_chunk \
             else background
         background = background.repeat(len(chunks), 1)
-        return out * (self.weight * background[:, :, None])
+        return out * (self.weight_at(layer.key) * background[:, :, None])
 
     def to(self, device) -> "ReferenceInjection":
         """The per-image tensors follow the model; the projections are the host models' to move."""

@@ -147,11 +147,13 @@ class PersonalityAdapter(torch.nn.Module):
                 f"cross-attention layers); {detail}. Use an adapter trained for this checkpoint's family")
 
     def injection(self, tokens: torch.Tensor, product_mask: torch.Tensor, weight: float = 1.0, start: float = 0.0,
-                  end: float = 1.0, negative: torch.Tensor | None = None, models: Sequence = ()) -> ReferenceInjection:
+                  end: float = 1.0, negative: torch.Tensor | None = None, models: Sequence = (),
+                  layer_weights: Mapping[tuple, float] | None = None) -> ReferenceInjection:
         """The ``ReferenceInjection`` of ``tokens`` through this adapter's projections; ``models``:
-        the host's models holding those weights (see ``ReferenceInjection``)."""
+        the host's models holding those weights; ``layer_weights``: per-layer weights replacing
+        ``weight`` (see ``ReferenceInjection``)."""
         return ReferenceInjection(tokens, self.projections(), product_mask, weight=weight, start=start, end=end,
-                                  negative=negative, models=models)
+                                  negative=negative, models=models, layer_weights=layer_weights)
 
     # --------------------------------------------------------------------------- files
     def save(self, path, training: dict | None = None) -> str:

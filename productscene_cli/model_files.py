@@ -37,3 +37,10 @@ def check_weights_file(path: str, name: str, prefixes: tuple[str, ...], wanted: 
     kind = meta.get(FORMAT_KEY)
     what = f"is a ProductScene {kind.replace('_', ' ')}, not {wanted[0]}" if kind else f"holds no {wanted[1]} weights"
     raise ProductSceneError(f"{name}: {os.path.basename(path)} {what}; {hint}")
+
+
+def check_ipadapter(path: str) -> str:
+    """The file to fine-tune is a safetensors IP-Adapter file (its keys), before any model loads."""
+    check_weights_file(path, "from-ipadapter", ("ip_adapter.",), ("an IP-Adapter file", "IP-Adapter"),
+                       "give --from-ipadapter an IP-Adapter file such as ip-adapter-plus_sd15.safetensors")
+    return path

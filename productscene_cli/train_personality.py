@@ -1,10 +1,11 @@
 """``train-personality``: learn a personality adapter self-supervised from a data set."""
 from __future__ import annotations
 
+from productscene.ipadapter import IPAdapterPersonality
 from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
 
 from . import comfyui
-from .model_files import check_clip_vision
+from .model_files import check_clip_vision, check_ipadapter
 from .options import checked_training_inputs, data_args, default_cache, model_args, run_args, run_options
 from .progress import train_interruptibly, trained
 
@@ -17,7 +18,11 @@ def register(sub) -> None:
     r.add_argument("--clip-vision", required=True,
                    help="CLIP vision model (.safetensors) the references are encoded with; use the same one in "
                         "Personality Reference")
-    r.add_argument("--tokens", type=int, default=16, help="reference tokens per image")
+    r.add_argument("--tokens", type=int, default=16, help="reference tokens per image (a new adapter)")
+    r.add_argument("--from-ipadapter", default=None, metavar="FILE",
+                   help="fine-tune this IP-Adapter file (ip-adapter_sd15, ip-adapter-plus_sd15, the SDXL ones) on "
+                        "your data instead of starting from scratch; the result keeps the IP-Adapter layout. Give "
+                        "the CLIP vision model the file expects")
     r.add_argument("--prompt", default="a product photo",
                    help="the one training prompt; name no style, the reference is what should carry it")
     r.add_argument("--steps", type=int, default=1000)
@@ -36,6 +41,9 @@ def run(args) -> int:
     background is its reference): the command-line twin of the Train Personality Adapter node, on
     the same core run. Only the adapter trains; the model and both encoders stay frozen."""
     check_clip_vision(args.clip_vision)
+    initial = None
+    if args.from_ipadapter is not None:
+        initial = IPAdapterPersonality.load(check_ipadapter(args.from_ipadapter))
     config = PersonalityConfig(tokens=args.tokens, prompt=args.prompt, batch_size=args.batch_size,
                                resolution=args.resolution, steps=args.steps, lr=args.lr)
     checked = checked_training_inputs(args)  # every data problem before any model work
@@ -48,13 +56,16 @@ def run(args) -> int:
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     clip_vision = comfyui.load_clip_vision(args.clip_vision)
     host = pack.nodes.training_host.ComfyTrainingHost(model, clip, vae)
+    output = "penultimate_hidden_states" if initial is None else initial.vision_output
     done = train_interruptibly(lambda bars, should_stop: train_personality_adapter(
-        host, dataset, args.out, config, options, encode_vision=node.vision_encoder(clip_vision),
-        vision_width=node.vision_width(clip_vision), layers=pack.nodes.host.cross_attention_layers(host.model),
+        host, dataset, args.out, config, options, encode_vision=node.vision_encoder(clip_vision, output),
+        vision_width=node.vision_width(clip_vision, output), layers=pack.nodes.host.cross_attention_layers(host.model),
+        initial=initial,
         layout=args.layout, split=args.split, checked=report, cache_dir=args.cache_dir or default_cache(),
         latent_progress=bars.latent_progress, license=args.license, progress=bars.progress,
         should_stop=should_stop), ckpt, args.steps, images=len(dataset))
     if done is None:
         return 130
-    print(f"wrote {done.adapter}: {config.tokens} reference tokens for {host.family}, {trained(done.result, ckpt)}")
+    tokens = config.tokens if initial is None else initial.n_tokens
+    print(f"wrote {done.adapter}: {tokens} reference tokens for {host.family}, {trained(done.result, ckpt)}")
     return 0

@@ -45,6 +45,7 @@ LAYOUTS = {
         "16": ([1000, 470], [300, 150]), "17": ([1000, 670], [300, 200]), "10": ([1320, 80], [300, 270]),
         "11": ([1320, 400], [300, 50]), "12": ([1320, 500], [300, 110]), "13": ([1320, 660], [300, 270])},
 }
+LAYOUTS["category_brand_background_ipadapter"] = LAYOUTS["category_brand_background"]
 
 
 def _project() -> tuple[str, str]:

@@ -202,7 +202,8 @@ def concept_recompose() -> Image.Image:
 
 PICTURES = {"category_background": category_background, "category_library_training": category_training,
             "concept_extraction": concept_extraction, "concept_recompose": concept_recompose,
-            "category_brand_background": category_brand_background}
+            "category_brand_background": category_brand_background,
+            "category_brand_background_ipadapter": category_brand_background}
 
 
 def main() -> int:

@@ -235,6 +235,38 @@ def test_train_personality_writes_an_adapter_and_never_replaces_it_without_overw
     assert "--overwrite" in again.stderr and out.read_bytes() == before
 
 
+def test_train_personality_fine_tunes_an_ipadapter_file_from_its_weights(dataset, tmp_path, clip_vision_file):
+    """--from-ipadapter: the run starts from the file's weights (after one AdamW step every tensor is
+    within one learning rate of the file's; a new adapter's random start would be far off), the
+    result keeps the IP-Adapter layout and loads as one; a file that is no IP-Adapter is refused
+    before any model loads. On a checkpoint of SD1.5's full block layout (devkit/ipadapter_demo.py),
+    the file's resampler sized for the default ViT-L CLIP vision model."""
+    from safetensors.torch import load_file
+    from devkit import ipadapter_demo
+    from productscene.ipadapter import IPAdapterPersonality, load_adapter
+
+    ckpt = ipadapter_demo.ensure_full_layout_checkpoint()
+    start = ipadapter_demo.write_ipadapter_file(tmp_path / "ip-adapter-plus_sd15-vitl.safetensors")
+    out = tmp_path / "brand_from_ipa.safetensors"
+    lr = 1e-3
+    args = _personality_args(dataset, ckpt, clip_vision_file, out, tmp_path, steps=1)
+    done = run_cli(*args, "--from-ipadapter", start, "--lr", lr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "16 reference tokens" in done.stdout  # the file's, not --tokens 4
+    tuned = load_adapter(out)
+    assert isinstance(tuned, IPAdapterPersonality) and tuned.kind == "plus" and tuned.training_summary["steps"] == 1
+    before = {k: v.float() for k, v in load_file(str(start)).items()}
+    after = load_file(str(out))
+    assert set(after) == set(before)  # still an IP-Adapter file
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    assert max(moved.values()) <= 1.1 * lr + 1e-3 * lr, max(moved.items(), key=lambda kv: kv[1])
+    assert max(moved.values()) > 0.1 * lr  # and it trained
+
+    bad = run_cli(*_personality_args(dataset, ckpt, clip_vision_file, tmp_path / "x.safetensors", tmp_path),
+                  "--from-ipadapter", clip_vision_file)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: from-ipadapter:"), bad.stderr[-2000:]
+
+
 def _broken_image(data):
     (data / "perfume" / "broken.png").write_bytes(b"not a png")
     return data

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api" / "category_background.json"
 BRAND_API = WORKFLOWS / "api" / "category_brand_background.json"
+BRAND_IPA_API = WORKFLOWS / "api" / "category_brand_background_ipadapter.json"
 TRAIN_API = WORKFLOWS / "api" / "category_library_training.json"
 SAMPLES = ROOT / "samples" / "products"
 SAMPLE = SAMPLES / "perfume_bottle.png"
@@ -425,3 +426,42 @@ def test_concept_workflows_end_to_end(comfy_server, default_model_files):
               "Image size (same aspect as the mask).width": 128, "Image size (same aspect as the mask).height": 96}
     out = _run(client, recompose, values)
     assert out.shape == (96, 128, 3) and out.std() > 0
+
+
+def test_brand_style_workflow_with_an_ipadapter_file(comfy_server, default_model_files, reference_model_files,
+                                                     tmp_path):
+    """The brand workflow's IP-Adapter variant (an IP-Adapter file from models/ipadapter in Personality
+    Reference, the 'style' blocks in Apply Personality), on a checkpoint of SD1.5's full block layout (the layers an IP-Adapter file is
+    made for; devkit/ipadapter_demo.py: random weights, its resampler sized for the default ViT-L CLIP
+    vision): every product pixel unchanged, the background changed, and weight 0 gives exactly the
+    category workflow's image."""
+    from devkit import ipadapter_demo
+
+    server, client = comfy_server
+    _, lib = default_model_files
+    clip_vision, _ = reference_model_files
+    ckpt = ipadapter_demo.ensure_full_layout_checkpoint()
+    ipa = ipadapter_demo.write_ipadapter_file(tmp_path / ipadapter_demo.IPADAPTER_NAME)
+    names = {"Checkpoint.ckpt_name": _link_into(server, "checkpoints", ckpt),
+             "Category prompt.library": _link_into(server, "category_libraries", Path(lib)),
+             "CLIP vision.clip_name": _link_into(server, "clip_vision", Path(clip_vision))}
+    dst = Path(server.base_dir) / "models" / "ipadapter" / ipa.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    os.symlink(ipa, dst)
+    product = Image.open(SAMPLE).convert("RGBA").resize((96, 96), Image.LANCZOS)
+    uploaded = _upload(client, product, tmp_path / "ps_test_ipa_product.png")
+    ref = Image.open(ROOT / "samples" / "references" / "brand_terrazzo.png").convert("RGB").resize((128, 128))
+    reference = _upload(client, ref, tmp_path / "ps_test_ipa_reference.png")
+    rgba = np.asarray(product)
+    rgb, inside, outside = rgba[..., :3], rgba[..., 3] == 255, rgba[..., 3] == 0
+
+    brand = json.loads(BRAND_IPA_API.read_text())
+    common = {**names, "product": uploaded, "category": "perfume", "Sampler.steps": 1, "seed": 7}
+    with_ipa = {**common, "reference": reference, "Personality reference.adapter": ipa.name}
+    out = _run(client, brand, with_ipa)
+    assert out.shape == rgb.shape and np.array_equal(out[inside], rgb[inside]), "product pixels changed"
+    off = _run(client, brand, {**with_ipa, "Apply personality.weight": 0.0})
+    plain = _run(client, json.loads(API.read_text()), {k: v for k, v in common.items() if not k.startswith("CLIP vision")})
+    assert np.array_equal(off, plain)
+    assert (out[outside] != plain[outside]).any(-1).mean() > 0.1, "the IP-Adapter file changed nothing"

@@ -168,7 +168,8 @@ class PersonalityRecipe:
     def tokens_of(self, references: torch.Tensor, reference_masks: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             states = self.encode_vision(references).float()
-        keep = patch_keep(states.shape[1], reference_masks, states.shape[0]) if reference_masks is not None else None
+        patches = reference_masks is not None and states.ndim == 3  # a pooled embedding has no patches
+        keep = patch_keep(states.shape[1], reference_masks, states.shape[0]) if patches else None
         return self.adapter.tokens(states.to(self.host.device), keep)
 
     def loss(self, batch, step):
@@ -232,26 +233,40 @@ class PersonalityRun:
         return self.adapter is None
 
 
+def check_initial(adapter: PersonalityAdapter, family: str, layers: Mapping[tuple, torch.nn.Module],
+                  vision_width: int) -> None:
+    """Raise unless ``adapter`` fits the model (family, every layer and width) and the CLIP vision width."""
+    if adapter.family != family:
+        raise ProductSceneError(f"from_ipadapter: the file is for {adapter.family}, but the model is {family}")
+    adapter.check_layers({k: m.to_k.weight.shape[0] for k, m in layers.items()}, "from_ipadapter")
+    if adapter.vision_width != vision_width:
+        raise ProductSceneError(f"from_ipadapter: the file expects {adapter.vision_width}-wide CLIP vision features, "
+                                f"the CLIP vision model gives {vision_width}; use the CLIP vision model it was made for")
+
+
 def train_personality_adapter(host: DiffusionHost, data, out_path, config: PersonalityConfig,
                               options: RunOptions | None = None, *, encode_vision: VisionEncoder, vision_width: int,
                               layers: Mapping[tuple, torch.nn.Module], layout: str = "folder", split: str = "train",
                               checked: DatasetReport | None = None, cache_dir,
                               latent_progress: Callable[[int, int], None] | None = None, license: str | None = None,
-                              **fields) -> PersonalityRun:
+                              initial: PersonalityAdapter | None = None, **fields) -> PersonalityRun:
     """The whole personality-adapter run: check outputs and data before any model work (the data
     once; ``checked`` with an opened ``data`` set reuses a report), cache the VAE latents once,
     train the adapter (``layers``: the model's cross-attention modules, keyed as ComfyUI keys attn2
     replaces) and write it to ``out_path`` with its training summary (and ``license``; BG60k's
-    own by default on that layout). ``options`` (or their fields as keywords):
-    :class:`..run.RunOptions`."""
+    own by default on that layout). ``initial``: an adapter to fine-tune (an IP-Adapter file's)
+    instead of a new one; it is checked against the model and ``vision_width`` before any model
+    work. ``options`` (or their fields as keywords): :class:`..run.RunOptions`."""
     options = RunOptions.of(options, fields)
+    if initial is not None:
+        check_initial(initial, host.family, layers, int(vision_width))
     ds, _ = checked_inputs(data, out_path, options, layout=layout, split=split, checked=checked)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
         if not warm_latents(cache, latent_progress, options.should_stop):
             return PersonalityRun(None, None, None, loss_graph([]))
-        adapter = PersonalityAdapter.for_layers(host.family, int(vision_width), layers, tokens=int(config.tokens),
-                                                seed=options.seed)
+        adapter = initial if initial is not None else PersonalityAdapter.for_layers(
+            host.family, int(vision_width), layers, tokens=int(config.tokens), seed=options.seed)
         recipe = PersonalityRecipe(host, DatasetSource(cache, config.resolution), encode_vision, adapter, config)
         trained = run_recipe(host, recipe, config.phases(), options, name="personality",
                              latent_shape=(int(config.batch_size),) + tuple(cache.get(0)[0].shape))
