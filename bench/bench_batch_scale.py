@@ -103,12 +103,27 @@ class Client:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def peak_rss_mb(self) -> float:
+        """The process's own peak RSS (VmHWM: counted from its exec, unlike ru_maxrss, which also
+        counts the parent's memory a forked child starts with)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration, ValueError):
+            return 0.0
+
     def wait(self) -> dict:
-        _, status, usage = os.wait4(self.proc.pid, 0)
+        peak = 0.0
+        while True:       # polled until it ends (a zombie has no memory left to show)
+            peak = max(peak, self.peak_rss_mb())
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.2)
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         stdout, stderr = (s.read().decode() for s in (self.proc.stdout, self.proc.stderr))
         return {"code": self.proc.returncode, "wall": time.perf_counter() - self.t0,
-                "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+                "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": peak,
                 "stdout": stdout, "stderr": stderr}
 
 

@@ -45,6 +45,7 @@ from PIL import Image
 
 from productscene import graph
 
+MAXIMUM_HISTORY_SIZE = 10000     # as ComfyUI: older history entries (and their outputs) are dropped
 LIBRARY = "default-categories.safetensors"
 CATEGORIES = ("perfume", "tea", "tools", "cosmetics")
 BACKGROUND = (90, 140, 200)
@@ -367,8 +368,13 @@ class SimServer:
                 await say("execution_success", {})
                 status = {"status_str": "success", "completed": True, "messages": messages}
             # as ComfyUI: the history entry is stored, then "executing" with no node says the prompt ended
-            self.history[prompt_id] = {"prompt": self.prompts[prompt_id], "outputs": entry_outputs, "status": status,
-                                       "meta": {}}
+            self.history[prompt_id] = {"prompt": self.prompts.pop(prompt_id), "outputs": entry_outputs,
+                                       "status": status, "meta": {}}
+            while len(self.history) > MAXIMUM_HISTORY_SIZE:
+                old = self.history.pop(next(iter(self.history)))
+                for out in old["outputs"].values():
+                    for image in out["images"]:
+                        self.outputs.pop((image["subfolder"], image["filename"]), None)
             self.current = None
             self.executed += 1
             if not (fails or self.interrupted):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +74,9 @@ class ManifestRows:
                         continue
                     ref = cells.get("reference", "").strip()
                     any_row = True
-                    yield Row(where=f"line {line}", line=line, product=base / Path(product).expanduser(),
+                    yield Row(where=f"line {line}", line=line, product=_path(base, product),
                               category=cells.get("category", "").strip() or None,
-                              reference=base / Path(ref).expanduser() if ref else None,
+                              reference=_path(base, ref) if ref else None,
                               seed=cells.get("seed", "").strip() or None, output=cells.get("output", "").strip(),
                               cells={c: v for c, v in cells.items() if c not in _NAMED and v != ""})
             except UnicodeDecodeError:
@@ -87,6 +88,12 @@ class ManifestRows:
 
 
 _NAMED = ("product", "category", "reference", "seed", "output")
+
+
+@functools.lru_cache(maxsize=4096)
+def _path(base: Path, text: str) -> Path:
+    """A cell's path (relative to the manifest's folder); a catalogue names the same images often."""
+    return base / Path(text).expanduser()
 
 
 def _header_problems(columns: list[str], record: list[str], line: int) -> list[str]:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -127,6 +128,11 @@ def _product_image(path: Path, sha256: str) -> Image.Image:
         return image.copy()
 
 
+_TYPE = re.compile(r'\{\s*"type"\s*:\s*"(\w+)"')
+_HEARD = {"progress", "execution_start", "execution_success", "execution_error", "execution_interrupted",
+          "executed", "executing"}     # the websocket messages the run listens to
+
+
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -139,7 +145,7 @@ class BatchRun:
         self.plan = plan
         self.o = plan.options
         self.out = Path(self.o.out)
-        self.report = progress or (lambda p: None)
+        self.report = progress
         self.log = log or (lambda msg: None)
         self.output_node = graph.target(plan.workflow, "output")[0]
         self.tag = plan.client_id[:8]
@@ -281,7 +287,7 @@ class BatchRun:
 
     def _progress(self, force: bool = False, last: str = "") -> None:
         now = time.monotonic()
-        if not force and now - self.last_report < 0.1:
+        if self.report is None or (not force and now - self.last_report < 0.1):
             return
         self.last_report = now
         running = sum(sum(s.progress.values()) for s in self.servers)
@@ -536,6 +542,9 @@ class BatchRun:
                 server.signal()
 
     def _on_message(self, server: _Server, text: str) -> None:
+        kind = _TYPE.match(text)
+        if kind and (kind[1] not in _HEARD or (kind[1] == "progress" and self.report is None)):
+            return      # most of ComfyUI's messages: not parsed at all
         try:
             message = json.loads(text)
             kind, data = message.get("type"), message.get("data") or {}
@@ -547,8 +556,7 @@ class BatchRun:
         if kind == "progress" and data.get("max") and prompt_id in server.events:
             server.progress[prompt_id] = min(1.0, float(data.get("value", 0)) / float(data["max"]))
             self._progress()
-        elif kind in ("execution_start", "execution_cached", "execution_success", "execution_error",
-                      "execution_interrupted"):
+        elif kind in ("execution_start", "execution_success", "execution_error", "execution_interrupted"):
             server.hear(prompt_id)["messages"].append([kind, data])
             if kind in ("execution_error", "execution_interrupted"):
                 server.end(prompt_id)
