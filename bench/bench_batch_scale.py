@@ -182,8 +182,10 @@ def fault_run(work: Path, farm: SimFarm, servers, urls_file: Path, manifest: Pat
             (server.kill if what == "kill" else server.restart)()
             log.append((what, server.url, done))
         if done >= rows // 2 and done_at_kill is None and not any(e[1] == "restart" for e in events):
+            peak = client.peak_rss_mb()       # a killed process shows none afterwards
             client.proc.send_signal(signal.SIGKILL)
             first = client.wait()
+            first["rss_mb"] = max(first["rss_mb"], peak)
             done_at_kill = count_lines()
             break
         if not client.running():
