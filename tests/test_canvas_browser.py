@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+from devkit.ipadapter_demo import write_ipadapter_file
 from productscene.library import TokenLibrary
 from tests.support.browser import BrowserMissing, canvas_browser, ensure_browser, overlaps
 
@@ -72,6 +73,14 @@ def site(comfy_server, default_model_files, reference_model_files):
     # template writes (a current frontend marks a node whose model-file choice is absent as an error)
     TokenLibrary.write(str(models / "category_libraries" / CONCEPTS), ["<perfume>", "<mug>"],
                           {"clip_l": torch.randn(2, 1, 768) * 0.01}, "sd15")
+    # the Brand style with IPAdapter template opens with the file names of a user's SD1.5 setup: give
+    # the site files of those names (stand-ins of the right kind: an IP-Adapter file of the real keys)
+    for folder, name, path in (("checkpoints", "v1-5-pruned-emaonly.safetensors", Path(ckpt)),
+                               ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", Path(clip_vision))):
+        if not (models / folder / name).exists():
+            os.symlink(path, models / folder / name)
+    (models / "ipadapter").mkdir(exist_ok=True)
+    write_ipadapter_file(models / "ipadapter" / "ip-adapter-plus_sd15.safetensors")
     return server, client, Path(ckpt).name, Path(lib).name
 
 
