@@ -5,6 +5,7 @@ Host-free. Only safetensors is accepted: pickle files (.pt/.ckpt/.bin) are never
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import struct
@@ -132,13 +133,28 @@ def atomic_path(path):
         raise
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary name, flushed to disk, then renamed)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+def write_bytes_atomic(path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary name beside it, opened once, then renamed.
+    ``durable``: flushed to disk before the rename (callers that sync many files at once pass False)."""
+    path = os.fspath(path)
+    tmp = path[:len(path) - len(os.path.basename(path))] + temp_prefix(path) + f"{os.getpid()}.{next(_serial)}{TEMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+_serial = itertools.count()     # temporary names unique in this process (next() is atomic under the GIL)
 
 
 def read_header(path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:

@@ -84,6 +84,32 @@ def _ipv6_loopback() -> None:
         pytest.fail(f"this machine has no IPv6 loopback (binding [::1] failed: {e}); the IPv6 test needs one")
 
 
+def test_upload_body_reads_as_aiohttp_formdata_would(farm, tmp_path):
+    """The upload's multipart body is built as one bytes object (one socket write, not a dozen); the
+    server must read it exactly as the FormData body it replaced: the same name (quoted as FormData
+    quotes it), subfolder and bytes, for a name with spaces, quotes, non-ASCII and a boundary-like
+    payload."""
+    import aiohttp
+
+    server = farm.add(exec_time=0.0)
+    data = b"\x89PNG\r\n--not-a-boundary\r\n" + bytes(range(256))
+    odd = 'caf\u00e9 "shoe" (1)%20.png'
+    ours = ComfyClient(server.url).upload_image(data, odd, subfolder="ours/deep")
+
+    async def formdata():
+        form = aiohttp.FormData()
+        for k, v in (("type", "input"), ("subfolder", "theirs/deep"), ("overwrite", "true")):
+            form.add_field(k, v)
+        form.add_field("image", data, filename=odd, content_type="application/octet-stream")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/upload/image", data=form) as r:
+                return await r.json()
+
+    theirs = farm.call(formdata())
+    assert ours["name"] == theirs["name"] and ours["subfolder"] == "ours/deep"
+    assert server.uploads[f"ours/deep/{ours['name']}"] == data == server.uploads[f"theirs/deep/{theirs['name']}"]
+
+
 def test_ipv6_loopback_server(farm, tmp_path):
     _ipv6_loopback()
     server = farm.add(host="::1", exec_time=0.01)

@@ -14,18 +14,28 @@ class Fidelity(NamedTuple):
     background_changed: float   # share of background pixels (alpha 0) that changed
 
 
-def product_fidelity(product: Image.Image, result: Image.Image) -> Fidelity | None:
-    """``product`` (with an alpha channel) against the ``result`` image; None when the product has
-    no alpha (no mask says which pixels are the product). A result of another size keeps none."""
-    if "A" not in product.getbands():
-        return None
-    a = np.asarray(product.convert("RGBA"))
-    rgb, alpha = a[..., :3], a[..., 3]
-    prod = alpha == 255
-    out = np.asarray(result.convert("RGB"))
-    if out.shape != rgb.shape:
-        return Fidelity(0, int(prod.sum()), 0.0)
-    same = (out == rgb).all(-1)
-    bg = alpha == 0
-    changed = float((~same[bg]).mean()) if bg.any() else 0.0
-    return Fidelity(int(same[prod].sum()), int(prod.sum()), changed)
+class ProductPixels:
+    """A cut-out's product pixels (alpha 255) and background pixels (alpha 0), taken apart once for
+    the many outputs made from it."""
+
+    def __init__(self, product: Image.Image):
+        self.masked = "A" in product.getbands()
+        if self.masked:
+            a = np.asarray(product.convert("RGBA"))
+            self.rgb, alpha = a[..., :3], a[..., 3]
+            self.product, self.background = alpha == 255, alpha == 0
+            self.count = int(self.product.sum())
+            self.any_background = bool(self.background.any())
+
+    def compare(self, result: Image.Image) -> Fidelity | None:
+        """None when the product has no alpha (no mask says which pixels are the product). A result
+        of another size keeps none."""
+        if not self.masked:
+            return None
+        out = np.asarray(result.convert("RGB"))
+        if out.shape != self.rgb.shape:
+            return Fidelity(0, self.count, 0.0)
+        same = (out == self.rgb).all(-1)
+        changed = float((~same[self.background]).mean()) if self.any_background else 0.0
+        return Fidelity(int(same[self.product].sum()), self.count, changed)
+

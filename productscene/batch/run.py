@@ -29,8 +29,8 @@ from PIL import Image
 from .. import graph
 from ..client import AsyncComfyClient, ServerError, ServerUnreachable, execution_span, image_refs, outcome
 from ..errors import ProductSceneError
-from ..files import TEMP_SUFFIX, atomic_path
-from .fidelity import product_fidelity
+from ..files import TEMP_SUFFIX, write_bytes_atomic
+from .fidelity import ProductPixels
 from .plan import UPLOADED, Job, Plan
 from .records import JOURNAL_NAME, PROVENANCE_FORMAT, PROVENANCE_NAME, PROVENANCE_VERSION, LineFile
 from .report import Progress, Summary
@@ -121,11 +121,10 @@ class _Server:
 
 
 @functools.lru_cache(maxsize=256)
-def _product_image(path: Path, sha256: str) -> Image.Image:
+def _product_pixels(path: Path, sha256: str) -> ProductPixels:
     """A product image, decoded once for the many rows that name it."""
     with Image.open(path) as image:
-        image.load()
-        return image.copy()
+        return ProductPixels(image)
 
 
 _TYPE = re.compile(r'\{\s*"type"\s*:\s*"(\w+)"')
@@ -257,8 +256,10 @@ class BatchRun:
         names = [job.output] + [f"{stem}-{i + 1}.png" for i in range(1, len(images))]
         files = []
         for name, data in zip(names, images):
-            with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f:
-                f.write(data)
+            target = self.out / name
+            if target.parent != self.out:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, data, durable=False)
             files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
         record["files"] = files
         record["fidelity"] = self._fidelity(job, images[0])
@@ -277,7 +278,7 @@ class BatchRun:
         """Product pixels that came back unchanged, for a product image with an alpha mask."""
         try:
             with Image.open(io.BytesIO(image)) as result:
-                f = product_fidelity(_product_image(job.row.product, job.sha256["product"]), result)
+                f = _product_pixels(job.row.product, job.sha256["product"]).compare(result)
         except (OSError, ValueError) as e:
             return {"error": f"{type(e).__name__}: {e}"}
         if f is None:
