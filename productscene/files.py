@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import struct
-import tempfile
 from typing import TYPE_CHECKING, Iterable
 
 from .errors import ProductSceneError
@@ -116,12 +115,13 @@ def temp_prefix(path) -> str:
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; when the block ends without error it is renamed to
-    ``path`` (``os.replace``), otherwise removed. Readers see the old file or the whole new one."""
+    ``path`` (``os.replace``), otherwise removed. Readers see the old file or the whole new one.
+    The name holds this process's id and a serial number: unique among running processes, so it
+    needs no random name or a file made ahead (what tempfile.mkstemp costs)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f"{temp_prefix(name)}{os.getpid()}.{next(_serial)}{TEMP_SUFFIX}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -133,28 +133,18 @@ def atomic_path(path):
         raise
 
 
+_serial = itertools.count()     # next() on it is atomic under the GIL: safe from several threads
+
+
 def write_bytes_atomic(path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary name beside it, opened once, then renamed.
-    ``durable``: flushed to disk before the rename (callers that sync many files at once pass False)."""
-    path = os.fspath(path)
-    tmp = path[:len(path) - len(os.path.basename(path))] + temp_prefix(path) + f"{os.getpid()}.{next(_serial)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``data`` to ``path`` atomically (temporary name, then renamed). ``durable``: flushed to
+    disk before the rename (a caller that syncs many files at once passes False)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-_serial = itertools.count()     # temporary names unique in this process (next() is atomic under the GIL)
 
 
 def read_header(path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:

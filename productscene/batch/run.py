@@ -256,10 +256,7 @@ class BatchRun:
         names = [job.output] + [f"{stem}-{i + 1}.png" for i in range(1, len(images))]
         files = []
         for name, data in zip(names, images):
-            target = self.out / name
-            if target.parent != self.out:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(target, data, durable=False)
+            write_bytes_atomic(self.out / name, data, durable=False)
             files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
         record["files"] = files
         record["fidelity"] = self._fidelity(job, images[0])
