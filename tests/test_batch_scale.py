@@ -22,6 +22,7 @@ from PIL import Image
 from devkit.sim_server import SimFarm
 from productscene.batch import JOURNAL_NAME, PROVENANCE_NAME, Options, read_provenance, run_batch
 from productscene.client import ComfyClient
+from productscene.errors import ProductSceneError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "category_background.json"
@@ -153,6 +154,23 @@ def test_provenance_carries_the_product_fidelity(farm, tmp_path):
             got = np.asarray(Image.open(out / name).convert("RGB"))
             inside = src[..., 3] == 255
             assert int((got == src[..., :3]).all(-1)[inside].sum()) == fidelity["product_pixels_unchanged"]
+
+
+def test_a_dead_server_is_refused_before_anything_is_queued(farm, tmp_path):
+    """A server that does not answer (killed for good before a --resume) stops the run before any row
+    is queued, with the URL and what to do; without it the same job runs on the others."""
+    live = farm.add(exec_time=0.001)
+    dead = farm.add(exec_time=0.001)
+    dead.kill()
+    manifest = catalogue(tmp_path / "data", 8, images=2)
+    out = tmp_path / "out"
+    with pytest.raises(ProductSceneError) as e:
+        run_batch(Options(workflow=WORKFLOW, servers=[live.url, dead.url], out=out), manifest=manifest)
+    assert dead.url in str(e.value) and "leave it out of --server/--servers-file" in str(e.value)
+    assert live.url not in str(e.value) and live.executed == 0
+    assert not (out / JOURNAL_NAME).exists() and not (out / PROVENANCE_NAME).exists()
+    summary = run_batch(Options(workflow=WORKFLOW, servers=[live.url], out=out), manifest=manifest)
+    assert summary.done == 8 and live.executed == 8
 
 
 def _lines(path: Path) -> list[dict]:

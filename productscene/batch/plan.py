@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .. import graph
-from ..client import ComfyClient
+from ..client import ComfyClient, ServerUnreachable
 from ..errors import ProductSceneError
 from ..images import header
 from .manifest import Row
@@ -312,6 +312,9 @@ def check_job(options: Options, rows: Iterable[Row], source: str) -> Plan:
     for url in o.servers:
         try:
             inventories.append(_Inventory(url))
+        except ServerUnreachable as e:
+            problems.append(f"server {url}: {e} (start it, or leave it out of --server/--servers-file to run on "
+                            f"the others; --resume works with any set of servers)")
         except ProductSceneError as e:
             problems.append(f"server {url}: {e}")
     for role in ("product", "output"):
