@@ -85,9 +85,8 @@ class ProductSceneCategoryTokens(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, library, category, template) -> io.NodeOutput:
-        free_tokens = clip.tokenize(category_free_template(template))
-        tokens, ct = encode_category_prompt(clip, library, category, template, free_tokens)
-        cond, ct = category_conditioning(clip, tokens, free_tokens, ct)
+        tokens, ct = encode_category_prompt(clip, library, category, template)
+        cond, ct = category_conditioning(clip, tokens, clip.tokenize(category_free_template(template)), ct)
         return io.NodeOutput(cond, ct)
 
 

@@ -108,16 +108,20 @@ def _ids(tokens: Tokens, key: str) -> list[int]:
 
 
 def marker_token_ids(tokenize: Callable[[str], Tokens], marker: str) -> dict[str, int]:
-    """Token id of ``marker`` in every encoder, found by tokenizing it alone after a space, as it
-    stands in a prompt (byte-level BPE such as Qwen's gives a word after a space its own token),
-    compared with the empty prompt, whose start/end/pad (and chat-template) tokens are removed.
-    The marker must be one token."""
-    alone = tokenize(" " + marker)
+    """Token id of ``marker`` in every encoder, found by tokenizing it alone (compared with the
+    empty prompt, whose start/end/pad and chat-template tokens are removed). The form after a
+    space, as the marker stands in a prompt, is preferred where it is one token (byte-level BPE
+    such as Qwen's gives a word after a space a token of its own). The marker must be one token."""
+    forms = (tokenize(" " + marker), tokenize(marker))
     empty = tokenize("")
     out = {}
-    for key in alone:
+    for key in forms[1]:
         special = set(_ids(empty, key)) if key in empty else set()
-        extra = [t for t in _ids(alone, key) if t not in special]
+        extra = []
+        for form in forms:
+            extra = [t for t in _ids(form, key) if t not in special] if key in form else []
+            if len(extra) == 1:
+                break
         if len(extra) != 1:
             raise ProductSceneError(
                 f"marker: {marker!r} is not a single token for encoder {key!r} (got {len(extra)} tokens)")
@@ -150,12 +154,16 @@ def _without(template: str, placeholders) -> str:
 
 def choose_marker(tokenize: Callable[[str], Tokens], template: str, placeholders=(PLACEHOLDER,),
                   candidates=MARKERS) -> tuple[str, dict[str, int]]:
-    """First candidate that is one token in every encoder and absent from the template."""
+    """First candidate that is one token in every encoder, that token also where the word follows
+    a space (as in a prompt), and absent from the template."""
     rest = tokenize(_without(template, placeholders))
     for marker in candidates:
         try:
             ids = marker_token_ids(tokenize, marker)
         except ProductSceneError:
+            continue
+        spaced = tokenize(" " + marker)
+        if not all(ids[k] in set(_ids(spaced, k)) for k in ids if k in spaced):
             continue
         if not any(ids[k] in set(_ids(rest, k)) for k in ids if k in rest):
             return marker, ids
