@@ -49,8 +49,9 @@ class ProductSceneCategoryTokens(io.ComfyNode):
                 "Encodes a prompt with a category's learned identifier spliced in at {category}, and the same "
                 "prompt without it, so Masked Category Attention can keep the category off the product."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint (SD1.5, SD2.x or SDXL). "
-                              "It must match the library's base model family."),
+                io.Clip.Input("clip", tooltip="The text encoder: the checkpoint's CLIP (SD1.5, SD2.x or SDXL), Flux.1's "
+                              "(DualCLIPLoader, type flux) or Z-Image's (CLIPLoader, type lumina2). It must match "
+                              "the library's base model family."),
                 io.Combo.Input("library", options=list_libraries(),
                                tooltip="Category library file from models/category_libraries (or a category "
                                        "library placed in models/embeddings)."),
@@ -59,14 +60,14 @@ class ProductSceneCategoryTokens(io.ComfyNode):
                                        "chosen library."),
                 io.String.Input("template", multiline=True, default=DEFAULT_TEMPLATE,
                                 tooltip="The prompt. {category} (exactly once) marks where the category identifier "
-                                        "goes. Weights like (word:1.2) and embedding:name work as usual."),
+                                        "goes. Weights like (word:1.2) and embedding:name work as in CLIPTextEncode."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING",
                                        tooltip="The encoded prompt, with the identifier spliced in. Its global "
-                                               "vector (SDXL's pooled text, which reaches every pixel through the "
-                                               "time embedding) is the prompt's without the identifier, so only "
-                                               "the gated cross-attention carries the category."),
+                                               "vector (SDXL's pooled text, Flux.1's CLIP-L vector: they reach "
+                                               "every pixel through the time embedding) is the prompt's without "
+                                               "the identifier, so only the gated attention carries the category."),
                 CategoryTokensType.Output(display_name="CATEGORY_TOKENS",
                                           tooltip="What Masked Category Attention needs: the same prompt encoded "
                                                   "without the identifier (the category-free context product "
