@@ -13,6 +13,8 @@ import productscene.errors
 from productscene.library import FAMILIES, TokenLibrary
 from productscene.prompt import category_free_template
 from devkit import comfy_env, dit_text
+
+import comfy.sd  # noqa: F401  (a host-level module: every test here runs on each ComfyUI host)
 from tests.test_category_tokens_node import folders, make_library, run  # noqa: F401  (fixture)
 
 Err = productscene.errors.ProductSceneError
