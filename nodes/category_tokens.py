@@ -101,7 +101,7 @@ def check_clip(lib: TokenLibrary, clip, name: str, what: str = "library") -> dic
             raise ProductSceneError(f"clip: text encoder {key!r} is not supported "
                                     f"(ProductScene supports {', '.join(FAMILIES)})")
         clip_encoders[ENCODER_OF_TOKENIZER_KEY[key]] = width
-    if family_of_encoders(clip_encoders) != lib.family or family_of_encoders(lib.encoders) != lib.family:
+    if family_of_encoders(clip_encoders) != lib.family:
         raise ProductSceneError(
             f"{what}: {name!r} was made for {_describe(lib.encoders)}, but the CLIP is "
             f"{_describe(clip_encoders)}; choose a {what} trained for this checkpoint's family")
