@@ -195,3 +195,21 @@ def test_t5_splice_equals_comfyuis_embedding_mechanism(pack, folders, comfy_node
     assert len(ct.rows) == 2 and torch.equal(cond[0][0], ref[0][0])
     (other,) = comfy_nodes.CLIPTextEncode().encode(clip, TEMPLATE.replace("{category}", "chalk"))
     assert not torch.equal(cond[0][0], other[0][0])
+
+
+def test_z_image_row_entries_stay_the_spliced_prompts_when_f_is_shorter(pack, folders, comfy_nodes, dit):  # noqa: F811
+    """Two vectors per identifier: T is one row longer than F (Qwen pads nothing). The attention
+    mask, from which ComfyUI's Z-Image takes the text token count, must be T's; F is still
+    CLIPTextEncode's encode of the category-free prompt, and T's rows before the identifier are F's."""
+    clip = dit["z_image"]
+    libs, _ = folders
+    g = torch.Generator().manual_seed(4)
+    TokenLibrary.write(libs / "two.safetensors", ["tea", "tools"], {"qwen3_4b": torch.randn(2, 2, 2560, generator=g) * 0.02},
+                       "z_image")
+    cond, ct = run(pack, clip=clip, library="two.safetensors", category="tea", template=TEMPLATE)
+    (free,) = comfy_nodes.CLIPTextEncode().encode(clip, category_free_template(TEMPLATE))
+    rows = cond[0][0].shape[1]
+    assert torch.equal(ct.free_context, free[0][0]) and ct.free_context.shape[1] == rows - 1
+    assert cond[0][1]["attention_mask"].shape == (1, rows) and int(cond[0][1]["attention_mask"].sum()) == rows
+    r = ct.rows[0]
+    assert ct.rows == (r, r + 1) and torch.equal(cond[0][0][0, :r], ct.free_context[0, :r])
