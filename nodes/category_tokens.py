@@ -8,12 +8,15 @@ from comfy_api.v0_0_2 import io
 
 from productscene.errors import ProductSceneError
 from productscene.library import FAMILIES, TokenLibrary, family_of_encoders
-from productscene.prompt import (DEFAULT_TEMPLATE, ENCODER_OF_TOKENIZER_KEY, CategoryTokens, category_free_template,
-                                 check_template, library_vectors_by_key, tokenize_with_identifier)
+from productscene.prompt import (DEFAULT_TEMPLATE, ENCODER_OF_TOKENIZER_KEY, CategoryTokens,
+                                 category_free_template, check_template, library_vectors_by_key, only_keys,
+                                 tokenize_with_identifier)
 from .clip_text import clip_widths
 from .paths import list_libraries, open_cached, resolve_library
 
 CategoryTokensType = io.Custom("CATEGORY_TOKENS")
+# conditioning entries that describe the context row by row: kept from the prompt with the identifier
+ROW_KEYS = ("attention_mask",)
 
 
 def _describe(encoders: dict) -> str:
@@ -46,8 +49,9 @@ class ProductSceneCategoryTokens(io.ComfyNode):
                 "Encodes a prompt with a category's learned identifier spliced in at {category}, and the same "
                 "prompt without it, so Masked Category Attention can keep the category off the product."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint (SD1.5, SD2.x or SDXL). "
-                              "It must match the library's base model family."),
+                io.Clip.Input("clip", tooltip="The text encoder: the checkpoint's CLIP (SD1.5, SD2.x or SDXL), Flux.1's "
+                              "(DualCLIPLoader, type flux) or Z-Image's (CLIPLoader, type lumina2). It must match "
+                              "the library's base model family."),
                 io.Combo.Input("library", options=list_libraries(),
                                tooltip="Category library file from models/category_libraries (or a category "
                                        "library placed in models/embeddings)."),
@@ -56,14 +60,14 @@ class ProductSceneCategoryTokens(io.ComfyNode):
                                        "chosen library."),
                 io.String.Input("template", multiline=True, default=DEFAULT_TEMPLATE,
                                 tooltip="The prompt. {category} (exactly once) marks where the category identifier "
-                                        "goes. Weights like (word:1.2) and embedding:name work as usual."),
+                                        "goes. Weights like (word:1.2) and embedding:name work as in CLIPTextEncode."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING",
                                        tooltip="The encoded prompt, with the identifier spliced in. Its global "
-                                               "vector (SDXL's pooled text, which reaches every pixel through the "
-                                               "time embedding) is the prompt's without the identifier, so only "
-                                               "the gated cross-attention carries the category."),
+                                               "vector (SDXL's pooled text, Flux.1's CLIP-L vector: they reach "
+                                               "every pixel through the time embedding) is the prompt's without "
+                                               "the identifier, so only the gated attention carries the category."),
                 CategoryTokensType.Output(display_name="CATEGORY_TOKENS",
                                           tooltip="What Masked Category Attention needs: the same prompt encoded "
                                                   "without the identifier (the category-free context product "
@@ -97,11 +101,11 @@ def check_clip(lib: TokenLibrary, clip, name: str, what: str = "library") -> dic
             raise ProductSceneError(f"clip: text encoder {key!r} is not supported "
                                     f"(ProductScene supports {', '.join(FAMILIES)})")
         clip_encoders[ENCODER_OF_TOKENIZER_KEY[key]] = width
-    if clip_encoders != lib.encoders:
+    if family_of_encoders(clip_encoders) != lib.family:
         raise ProductSceneError(
             f"{what}: {name!r} was made for {_describe(lib.encoders)}, but the CLIP is "
             f"{_describe(clip_encoders)}; choose a {what} trained for this checkpoint's family")
-    return widths
+    return {key: w for key, w in widths.items() if ENCODER_OF_TOKENIZER_KEY[key] in lib.encoders}
 
 
 def open_library(name: str, clip, what: str = "library") -> tuple[str, TokenLibrary, dict[str, int]]:
@@ -111,14 +115,23 @@ def open_library(name: str, clip, what: str = "library") -> tuple[str, TokenLibr
     return path, lib, check_clip(lib, clip, name, what)
 
 
-def encode_category_prompt(clip, library: str, category: str, template: str):
+def encode_category_prompt(clip, library: str, category: str, template: str, free_tokens=None):
     """Validate everything, then tokenize with the identifier spliced in.
-    Returns ``(tokens, CategoryTokens)``; the caller encodes the tokens."""
+    Returns ``(tokens, CategoryTokens)``; the caller encodes the tokens.
+
+    The identifier goes into the encoders the library has vectors for (``widths`` of
+    :func:`check_clip`); a family's global-only encoder (Flux.1's CLIP-L) gets the tokens of the
+    category-free prompt ``free_tokens`` (its output is taken from that prompt anyway)."""
     check_template(template)
     path, lib, widths = open_library(library, clip)
     vectors = lib.vectors(category)  # unknown category -> error naming 'category' with suggestions
     tokens, rows, context_rows = tokenize_with_identifier(
-        clip.tokenize, template, library_vectors_by_key(vectors), widths)
+        only_keys(clip.tokenize, widths), template, library_vectors_by_key(vectors), widths)
+    others = set(clip.tokenize("")) - set(tokens)
+    if others:
+        if free_tokens is None:
+            free_tokens = clip.tokenize(category_free_template(template))
+        tokens = {**{k: free_tokens[k] for k in others}, **tokens}
     ct = CategoryTokens(library_path=path, category=category, family=lib.family, rows=tuple(rows),
                         context_rows=int(context_rows), vectors=vectors)
     return tokens, ct
@@ -132,7 +145,11 @@ def category_conditioning(clip, tokens, free_tokens, ct: CategoryTokens):
     ``free_tokens`` (the prompt without the identifier) gives the category-free context product
     pixels attend AND every global vector of the conditioning (SDXL's pooled output, which joins the
     time embedding and so reaches every position, product included): only the context carries the
-    category, and the gate keeps it off the product."""
+    category, and the gate keeps it off the product.
+
+    Entries that describe the context row by row (:data:`ROW_KEYS`: Z-Image's ``attention_mask``,
+    from which ComfyUI takes the text token count) stay those of ``tokens``; Flux.1's
+    ``pooled_output`` (CLIP-L) is a global vector, taken from ``free_tokens``."""
     spliced = clip.encode_from_tokens_scheduled(tokens)
     free = clip.encode_from_tokens_scheduled(free_tokens)
     rows = spliced[0][0].shape[1]
@@ -141,7 +158,8 @@ def category_conditioning(clip, tokens, free_tokens, ct: CategoryTokens):
             f"clip: the encoded prompt has {rows} rows but the identifier was placed for {ct.context_rows}")
     if len(free) != len(spliced):
         raise ProductSceneError("clip: the prompt with and without the category encode to different schedules")
-    cond = [[context, {**extra, **free_extra}] for (context, extra), (_, free_extra) in zip(spliced, free)]
+    cond = [[context, {**extra, **{k: v for k, v in free_extra.items() if k not in ROW_KEYS}}]
+            for (context, extra), (_, free_extra) in zip(spliced, free)]
     ct = dataclasses.replace(ct, free_context=free[0][0], contexts=tuple(c[0] for c in cond))
     return cond, ct
 

@@ -34,6 +34,16 @@ FAMILIES: dict[str, dict[str, int]] = {
     "sd15": {"clip_l": 768},
     "sd2": {"clip_h": 1024},
     "sdxl": {"clip_l": 768, "clip_g": 1280},
+    # DiT bases: the identifier lives in the input embedding space of the encoder that carries the
+    # prompt (its rows are the joint attention's text tokens)
+    "flux": {"t5xxl": 4096},       # Flux.1: T5-XXL
+    "z_image": {"qwen3_4b": 2560},  # Z-Image: Qwen3-4B (its chat template around the prompt)
+}
+# Encoders of a family's text encoder that give only a global vector (Flux.1's CLIP-L: its pooled
+# output joins the time embedding). A library holds no vectors for them, the identifier is never
+# spliced there, and Category Tokens takes their output from the category-free prompt.
+GLOBAL_ENCODERS: dict[str, dict[str, int]] = {
+    "flux": {"clip_l": 768},
 }
 
 VECTOR_PREFIX = "vectors."
@@ -50,11 +60,17 @@ def check_family(family: str, what: str = "family") -> dict[str, int]:
     return dict(FAMILIES[family])
 
 
+def clip_encoders(family: str) -> dict[str, int]:
+    """Every encoder of the family's text encoder (a ComfyUI CLIP): the library's plus the global-only ones."""
+    return {**check_family(family), **GLOBAL_ENCODERS.get(family, {})}
+
+
 def family_of_encoders(encoders: Mapping[str, int]) -> str | None:
-    """The family whose encoders/widths are exactly ``encoders`` (e.g. from a CLIP), else None."""
+    """The family whose encoders/widths are exactly ``encoders`` (a library's, or a CLIP's with its
+    global-only encoders), else None."""
     enc = {str(k): int(v) for k, v in encoders.items()}
     for fam, spec in FAMILIES.items():
-        if spec == enc:
+        if enc in (spec, clip_encoders(fam)):
             return fam
     return None
 

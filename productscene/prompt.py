@@ -30,10 +30,13 @@ PLACEHOLDER = "{category}"
 # The one default prompt of the category nodes, trainer and command line (use the same wording for
 # training and generation).
 DEFAULT_TEMPLATE = "a product photo on a {category} background"
-# rare single-token words of the CLIP BPE vocabulary; the first one absent from a template is used
-MARKERS = ("olis", "phol", "sks", "ohwx")
+# Marker words: the first one that is a single token in every encoder the identifier goes into and
+# absent from the template is used. Rare single-token words of the CLIP BPE vocabulary, then words
+# that are one token (with their leading space) in T5's SentencePiece and Qwen's byte-level BPE
+# vocabularies as well (Flux.1, Z-Image). A marker's own embedding is replaced, its meaning never used.
+MARKERS = ("olis", "phol", "sks", "ohwx", "renal", "genome", "oxide", "stalk")
 # library encoder name -> key of ComfyUI's tokenizer output
-TOKENIZER_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
+TOKENIZER_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g", "t5xxl": "t5xxl", "qwen3_4b": "qwen3_4b"}
 ENCODER_OF_TOKENIZER_KEY = {v: k for k, v in TOKENIZER_KEYS.items()}
 
 Tokens = dict  # {key: [[(id|tensor, weight[, word_id]), ...], ...]}
@@ -106,13 +109,19 @@ def _ids(tokens: Tokens, key: str) -> list[int]:
 
 def marker_token_ids(tokenize: Callable[[str], Tokens], marker: str) -> dict[str, int]:
     """Token id of ``marker`` in every encoder, found by tokenizing it alone (compared with the
-    empty prompt, whose start/end/pad tokens are removed). The marker must be one token."""
-    alone = tokenize(marker)
+    empty prompt, whose start/end/pad and chat-template tokens are removed). The form after a
+    space, as the marker stands in a prompt, is preferred where it is one token (byte-level BPE
+    such as Qwen's gives a word after a space a token of its own). The marker must be one token."""
+    forms = (tokenize(" " + marker), tokenize(marker))
     empty = tokenize("")
     out = {}
-    for key in alone:
+    for key in forms[1]:
         special = set(_ids(empty, key)) if key in empty else set()
-        extra = [t for t in _ids(alone, key) if t not in special]
+        extra = []
+        for form in forms:
+            extra = [t for t in _ids(form, key) if t not in special] if key in form else []
+            if len(extra) == 1:
+                break
         if len(extra) != 1:
             raise ProductSceneError(
                 f"marker: {marker!r} is not a single token for encoder {key!r} (got {len(extra)} tokens)")
@@ -145,12 +154,16 @@ def _without(template: str, placeholders) -> str:
 
 def choose_marker(tokenize: Callable[[str], Tokens], template: str, placeholders=(PLACEHOLDER,),
                   candidates=MARKERS) -> tuple[str, dict[str, int]]:
-    """First candidate that is one token in every encoder and absent from the template."""
+    """First candidate that is one token in every encoder, that token also where the word follows
+    a space (as in a prompt), and absent from the template."""
     rest = tokenize(_without(template, placeholders))
     for marker in candidates:
         try:
             ids = marker_token_ids(tokenize, marker)
         except ProductSceneError:
+            continue
+        spaced = tokenize(" " + marker)
+        if not all(ids[k] in set(_ids(spaced, k)) for k in ids if k in spaced):
             continue
         if not any(ids[k] in set(_ids(rest, k)) for k in ids if k in rest):
             return marker, ids
@@ -174,6 +187,28 @@ def _occurrences(template: str, counts: Mapping[str, int]) -> list[tuple[int, st
         if b < a + len(na):
             raise ProductSceneError(f"template: placeholders overlap in {template!r}")
     return found
+
+
+def _marker_text(template: str, start: int, end: int, marker: str, n: int) -> str:
+    """The ``n`` markers that stand for the placeholder at ``template[start:end]``: each after one
+    space (the form :func:`marker_token_ids` finds) and no whitespace added beside the template's
+    own, so the tokens before the identifier are those of the category-free prompt also for
+    tokenizers that keep whitespace (Qwen's byte-level BPE); whitespace-blind tokenizers (CLIP,
+    T5) see the same words either way."""
+    lead = "" if start > 0 and template[start - 1] == " " else " "
+    tail = " " if end < len(template) and not template[end].isspace() else ""
+    return lead + " ".join([marker] * n) + tail
+
+
+def only_keys(tokenize: Callable[[str], Tokens], keys) -> Callable[[str], Tokens]:
+    """``tokenize`` restricted to the tokenizer ``keys`` the identifier goes into (Flux.1: T5-XXL,
+    not the CLIP-L whose pooled output is taken from the category-free prompt)."""
+    keys = set(keys)
+
+    def restricted(text: str) -> Tokens:
+        return {k: v for k, v in tokenize(text).items() if k in keys}
+
+    return restricted
 
 
 class PromptTemplate:
@@ -207,7 +242,7 @@ class PromptTemplate:
                     f"remove it or choose another marker")
         text, end = [], 0
         for start, name in occurrences:
-            text += [template[end:start], " " + " ".join([marker] * self.counts[name]) + " "]
+            text += [template[end:start], _marker_text(template, start, start + len(name), marker, self.counts[name])]
             end = start + len(name)
         self.tokens = tokenize("".join(text + [template[end:]]))
         if set(self.tokens) - set(self.widths):
@@ -290,7 +325,7 @@ def tokenize_with_identifier(tokenize: Callable[[str], Tokens], template: str, v
 
 
 def library_vectors_by_key(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Library encoder names (clip_l, clip_g, clip_h) -> tokenizer keys (l, g, h)."""
+    """Library encoder names (clip_l, clip_g, clip_h, t5xxl, qwen3_4b) -> tokenizer keys (l, g, h, t5xxl, qwen3_4b)."""
     out = {}
     for enc, v in vectors.items():
         if enc not in TOKENIZER_KEYS:

@@ -35,7 +35,7 @@ LORA = {
 
 
 # --------------------------------------------------------------------------- round trip
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux", "z_image"])
 def test_round_trip(tmp_path, family):
     names = ["perfume", "tools", "tea"]
     vecs = make_vectors(family, 3, n=2)
@@ -297,8 +297,12 @@ def test_width_mismatch_and_missing_encoder_are_refused(tmp_path):
         TokenLibrary.write(p, ["a", "b"], {"clip_l": torch.zeros(3, 1, 768)}, "sd15")
     with pytest.raises(ProductSceneError, match="same vectors per token"):
         TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768), "clip_g": torch.zeros(1, 2, 1280)}, "sdxl")
-    with pytest.raises(ProductSceneError, match="family"):
-        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "flux")
+    with pytest.raises(ProductSceneError, match="unknown base model family 'sd3'"):
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "sd3")
+    with pytest.raises(ProductSceneError, match=r"family 'flux' needs encoders \['t5xxl'\], got \['clip_l'\]"):
+        TokenLibrary.write(p, ["a"], {"clip_l": torch.zeros(1, 1, 768)}, "flux")  # CLIP-L carries no identifier
+    with pytest.raises(ProductSceneError, match="2560"):
+        TokenLibrary.write(p, ["a"], {"qwen3_4b": torch.zeros(1, 1, 4096)}, "z_image")
     with pytest.raises(ProductSceneError, match="NaN"):
         TokenLibrary.write(p, ["a"], {"clip_l": torch.full((1, 1, 768), float("nan"))}, "sd15")
     assert not p.exists()
@@ -453,3 +457,31 @@ def test_from_words():
     data = TokenLibrary.from_words({"a": "marble", "b": "bamboo12"}, "sd15", tokens_of, n=2)
     assert data.vectors["clip_l"].shape == (2, 2, 768)
     assert data.vectors["clip_l"][1, :, 0].tolist() == [0.0, 1.5]  # 3 tokens -> [t0, mean(t1, t2)]
+
+
+# --------------------------------------------------------------------------- DiT families
+def test_dit_families_hold_the_prompt_encoder_and_are_told_apart():
+    """Flux.1: T5-XXL (its CLIP-L gives only the global vector, no identifier); Z-Image: Qwen3-4B.
+    A text encoder's encoders (with Flux's CLIP-L) and a library's name the same family."""
+    from productscene.library import GLOBAL_ENCODERS, clip_encoders, family_of_encoders
+    assert FAMILIES["flux"] == {"t5xxl": 4096} and FAMILIES["z_image"] == {"qwen3_4b": 2560}
+    assert GLOBAL_ENCODERS == {"flux": {"clip_l": 768}}
+    assert clip_encoders("flux") == {"t5xxl": 4096, "clip_l": 768} and clip_encoders("sdxl") == FAMILIES["sdxl"]
+    assert family_of_encoders({"clip_l": 768, "t5xxl": 4096}) == "flux"
+    assert family_of_encoders({"t5xxl": 4096}) == "flux"
+    assert family_of_encoders({"qwen3_4b": 2560}) == "z_image"
+    assert family_of_encoders({"clip_l": 768}) == "sd15"
+    assert family_of_encoders({"clip_l": 768, "clip_g": 1280, "t5xxl": 4096}) is None  # SD3: not supported
+    assert family_of_encoders({"qwen3_4b": 4096}) is None
+
+
+def test_dit_library_from_embedding_files(tmp_path):
+    """Textual-inversion files for the DiT encoders: a tensor named after the encoder (the key
+    ComfyUI's embedding: reads for T5-XXL / Qwen3-4B) or emb_params."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"t5xxl": torch.ones(2, 4096)}, str(a))
+    save_file({"emb_params": torch.zeros(2, 4096)}, str(b))
+    data = TokenLibrary.from_embedding_files({"a": a, "b": b}, "flux")
+    assert data.vectors["t5xxl"].shape == (2, 2, 4096) and torch.equal(data.vectors["t5xxl"][0], torch.ones(2, 4096))
+    with pytest.raises(ProductSceneError, match="4096 wide, family 'z_image' needs 2560"):
+        TokenLibrary.from_embedding_files({"a": a}, "z_image")

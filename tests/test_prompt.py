@@ -347,3 +347,44 @@ def test_host_two_placeholders_with_rows_per_prompt_through_the_training_host(fa
     for word, vectors in live.items():
         for enc, v in vectors.items():
             assert v.grad is not None and float(v.grad.abs().sum()) > 0, (word, enc)
+
+
+class SpaceKeepingTokenizer:
+    """Like a byte-level BPE (Qwen's): a word after a space is its own token (' olis' != 'olis'),
+    runs of spaces are tokens, a chat template around the text; no padding."""
+
+    def __init__(self):
+        self.vocab = {}
+
+    def __call__(self, text):
+        import re
+        pieces = ["<|im_start|>", "user", "\n"] + re.findall(r" ?[^\s]+|\s+(?!\S)|\s+", text) + ["<|im_end|>"]
+        return {"q": [[(self.vocab.setdefault(p, 10 + len(self.vocab)), 1.0) for p in pieces]]}
+
+
+def test_marker_stands_as_in_a_prompt_for_a_tokenizer_that_keeps_spaces():
+    """For a whitespace-keeping tokenizer the marker is found in its after-a-space form and no
+    whitespace is added beside the template's: the tokens before the identifier are exactly the
+    category-free prompt's, after it too (the identifier takes the whitespace token's place)."""
+    from productscene.prompt import category_free_template
+    tok = SpaceKeepingTokenizer()
+    assert marker_token_ids(tok, "olis") == {"q": tok(" olis")["q"][0][3][0]} != {"q": tok("olis")["q"][0][3][0]}
+    for template in ("a photo on a {category} background", "{category} background", "on a {category}",
+                     "a photo,{category},x"):
+        p = PromptTemplate(tok, template, {PLACEHOLDER: 1}, {"q": 8})
+        t = [x[0] for x in p.tokens["q"][0]]
+        f = [x[0] for x in tok(category_free_template(template))["q"][0]]
+        (r,) = p.rows[PLACEHOLDER]
+        assert t[r] == marker_token_ids(tok, "olis")["q"]
+        assert t[:r] == f[:r], template
+    p = PromptTemplate(tok, "a photo on a {category} background", {PLACEHOLDER: 1}, {"q": 8})
+    f = [x[0] for x in tok("a photo on a   background")["q"][0]]
+    assert len(p.tokens["q"][0]) == len(f) and [x[0] for x in p.tokens["q"][0]][p.rows[PLACEHOLDER][0] + 1:] == f[p.rows[PLACEHOLDER][0] + 1:]
+
+
+def test_only_keys_restricts_the_tokenizer_to_the_encoders_the_identifier_goes_into():
+    from productscene.prompt import only_keys
+    tok = FakeTokenizer(keys=("l", "t5xxl"))
+    tokens, rows, n = tokenize_with_identifier(only_keys(tok, {"t5xxl"}), "a {category} b",
+                                               {"t5xxl": torch.ones(1, 4096)}, {"t5xxl": 4096})
+    assert set(tokens) == {"t5xxl"} and rows == (2,) and torch.equal(tokens["t5xxl"][0][2][0], torch.ones(4096))
