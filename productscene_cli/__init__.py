@@ -6,7 +6,7 @@ Commands
   train-concepts    Break-A-Scene: learn several concept tokens (+ LoRA) from one image and its masks
   evaluate-library  score a category library on held-out images (confusion matrix, top-1 accuracy)
   check-dataset     check a data set and list every problem (nothing is written)
-  build-library     build a category library from textual-inversion embedding files
+  build-library     build a category library from textual-inversion embedding files or from words
   batch             run a workflow over a catalogue (CSV manifest or folder) on ComfyUI servers
 
 This package sits above the host-free core (``productscene``) and the ComfyUI adapters (``nodes/``):
