@@ -53,7 +53,7 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
                              tooltip="Steps training the tokens plus the LoRA (or the full UNet)."),
                 io.Float.Input("lr_phase1", default=5e-4, min=1e-8, max=1.0, step=1e-5, tooltip="Learning rate of phase 1."),
                 io.Float.Input("lr_phase2", default=0.0, min=0.0, max=1.0, step=1e-7,
-                               tooltip="Learning rate of phase 2. 0 = follows 'unet': LORA_LR_TEXT for the LoRA, the "
+                               tooltip="Learning rate of phase 2. 0 = follows 'unet': 1e-4 for the LoRA, the "
                                        "published 2e-6 for the full UNet."),
                 io.Combo.Input("unet", options=["lora", "full"], default="lora",
                                tooltip="Phase 2 trains a LoRA (small file, little memory) or the full UNet (saved as a "
