@@ -313,6 +313,10 @@ def pack_arm(unet: str, steps1: int, steps2: int) -> dict:
     cfg = ConceptConfig(phase1_steps=steps1, phase2_steps=steps2, unet=unet, init_words=("object", "object"),
                         prior_weight=1.0, class_prompt=CLASS_PROMPT)
     stamps, cpu, marks = [time.perf_counter()], [time.process_time()], {}
+    marks["rss0_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # models built, nothing trained
+    marks["params"] = {"unet": sum(p.numel() for p in m.model.model.diffusion_model.parameters()),
+                       "text": sum(p.numel() for p in m.clip.cond_stage_model.parameters()),
+                       "vae": sum(p.numel() for p in m.vae.first_stage_model.parameters())}
 
     def progress(step, total, loss):
         stamps.append(time.perf_counter())
@@ -371,6 +375,9 @@ def main():
                 r = parse(subprocess.run(cmd, capture_output=True, text=True,
                                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")), arm)
             s = summary(r, args.steps, args.warmup)
+            if "rss0_mb" in r:
+                print(f"round {rnd + 1} {arm:>8}: {r['rss0_mb']:.0f} MB before training (ComfyUI, torch, the models: "
+                      f"{r['params']})", flush=True)
             results[arm].append(s)
             print(f"round {rnd + 1} {arm:>8}: phase 1 {s['p1_s']:.3f} s/step ({s['p1_cpu']:.3f} CPU s), peak "
                   f"{s['p1_mb']:.0f} MB; phase 2 {s['p2_s']:.3f} s/step ({s['p2_cpu']:.3f} CPU s), peak "

@@ -12,8 +12,8 @@ than with any other; the masked loss falls. Before training every IoU is below 0
 The run uses the SHIPPED DEFAULTS (``ConceptConfig()``: lr 5e-4 / the LoRA's phase-2 rate
 ``LR_PHASE2['lora']`` = 1e-4, attention-loss weight 0.01, rank 4, flip 0.5, batch 1) for everything
 but the step counts: 150 + 150 steps instead of 400 + 400 (3/8 of each phase, so the proof runs in
-about a minute and a half on one CPU core beside the other learning tests; the rates are constant,
-so fewer steps only learn less). ``resolution=0`` keeps the scene's 128 px, the world base's size
+about a minute and a half on one CPU core beside the other learning tests, as the old proof did
+with raised rates; the schedule is constant-rate, so the cut only removes updates). ``resolution=0`` keeps the scene's 128 px, the world base's size
 (the image is the input, not a training setting).
 
 Measured on this scene, seed 0, 150 + 150 steps, defaults but phase 2's rate (issue 30):
@@ -26,12 +26,15 @@ phase-2 LoRA rate     own IoU (square, disc,   masked loss, first -> last
 the published full-  (the square fails)
 UNet rate)
 1e-4 (the default)    1.000, 0.938, 1.000     0.108 -> 0.073
-1e-3                  LR_1E3_ROW
+1e-3                  0.962, 0.906, 1.000     0.108 -> 0.049
 ====================  ======================  ============================
 
 With 2e-6 the LoRA's up weights (zero at the start) reach a norm of 0.02 after 150 steps, with 1e-4
-0.88: phase 2 had not been learning, and the token of the square never separated in phase 1 alone.
-"""
+0.88, with 1e-3 3.67: at 2e-6 phase 2 had not been learning, and the square's token had not
+separated in phase 1 alone. 1e-4 gives the best own IoUs (1e-3 fits the image's noise harder:
+lower masked loss, no better maps), and it is the usual LoRA rate. The attention-loss weight was
+not what held the maps back: at the start, 0.01 x the attention loss's gradient on the token vectors
+is 2.7 x the masked loss's (median of 12 draws), so it already steers phase 1.
 """
 from __future__ import annotations
 
@@ -97,4 +100,5 @@ def test_each_token_attends_its_own_shape(pack, world, world_models, tmp_path):
         assert row[i] > max(v for j, v in enumerate(row) if j != i), (run.recipe.names[i], row)
     masked = [e["masked_loss"] for e in run.result.logs]
     print("masked loss, first and last 50 steps:", sum(masked[:50]) / 50, sum(masked[-50:]) / 50)
+    # measured: 0.100 -> 0.070 (0.70x); the proof's maps are the bar, the loss only has to fall clearly
     assert sum(masked[-50:]) / 50 < 0.8 * sum(masked[:50]) / 50
