@@ -15,8 +15,12 @@ gets a new token ``<name>``. Every step draws k ~ U{1..N} concepts (union sampli
 Phase 1 trains only the new token vectors (lr 5e-4); phase 2 the vectors plus a LoRA (default) or
 the full UNet. Phase 2's learning rate follows what it trains unless given (:data:`LR_PHASE2`): the
 published 2e-6 for the full UNet, 1e-4 for the LoRA (whose up weights start at zero, so 2e-6 barely
-moves it). Horizontal flip with p = 0.5 (image latent encoded once flipped and once
-not, never a VAE pass per step), batch size >= 1, optional prior preservation on class images.
+moves it). The other defaults hold for both modes (checked for issue 30): AdamW's weight decay
+1e-2 on the UNet side (at 1e-4 it takes 1e-6 of a weight per step), gradient clipping at 1.0, rank 4
+with alpha = rank, attention weight 0.01 (at the start its gradient on the tokens is already 2.7x the
+masked loss's on the world base), phase 1's 5e-4 (tokens only, the same in both modes).
+Horizontal flip with p = 0.5 (image latent encoded once flipped and once not, never a VAE pass per
+step), batch size >= 1, optional prior preservation on class images.
 
 The result is a token library (the category-library format, names = the concept placeholders, so
 Category Tokens and Concept Tokens read it alike), the LoRA as a ComfyUI LoRA file (full-UNet
