@@ -34,7 +34,7 @@ phase 1 and at the end of phase 2 (the official run is stopped right after its l
 saves a pipeline). Medians over rounds.
 
     .venv/bin/python bench/bench_concepts_official.py --prepare          # env + code + model folder
-    .venv/bin/python bench/bench_concepts_official.py --rounds 3 --steps 12 --warmup 3
+    .venv/bin/python bench/bench_concepts_official.py --rounds 2 --steps 6 --warmup 2   # BENCHMARKS.md
 
 The official code comes from ``--official-git`` (a git directory holding commit b142cf2), else a
 clone of https://github.com/google/break-a-scene into ``.cache/break-a-scene/src``. The
