@@ -52,9 +52,9 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
                 io.Int.Input("phase2_steps", default=400, min=0, max=100000,
                              tooltip="Steps training the tokens plus the LoRA (or the full UNet)."),
                 io.Float.Input("lr_phase1", default=5e-4, min=1e-8, max=1.0, step=1e-5, tooltip="Learning rate of phase 1."),
-                io.Float.Input("lr_phase2", default=2e-6, min=1e-8, max=1.0, step=1e-7,
-                               tooltip="Learning rate of phase 2 (the published 2e-6 is for the full UNet; LoRA learns "
-                                       "faster with about 1e-4)."),
+                io.Float.Input("lr_phase2", default=0.0, min=0.0, max=1.0, step=1e-7,
+                               tooltip="Learning rate of phase 2. 0 = follows 'unet': 1e-4 for the LoRA, the "
+                                       "published 2e-6 for the full UNet."),
                 io.Combo.Input("unet", options=["lora", "full"], default="lora",
                                tooltip="Phase 2 trains a LoRA (small file, little memory) or the full UNet (saved as a "
                                        "weight-difference file that LoraLoader applies)."),
@@ -92,7 +92,7 @@ class ProductSceneMultiConceptInversion(io.ComfyNode):
         stem = os.path.splitext(name)[0]
         config = ConceptConfig(names=split_words(names), init_words=split_words(init_words), background=background,
                                phase1_steps=phase1_steps, phase2_steps=phase2_steps, lr_phase1=lr_phase1,
-                               lr_phase2=lr_phase2, unet=unet, rank=lora_rank, resolution=resolution,
+                               lr_phase2=lr_phase2 or None, unet=unet, rank=lora_rank, resolution=resolution,
                                batch_size=batch_size, attention_weight=attention_weight,
                                prior_weight=prior_weight if class_images is not None else 0.0, class_prompt=class_prompt)
         state = os.path.join(work_folder("checkpoints"), stem + ".concepts.checkpoint.safetensors")

@@ -30,7 +30,9 @@ def register(sub) -> None:
     k.add_argument("--phase1-steps", type=int, default=400)
     k.add_argument("--phase2-steps", type=int, default=400)
     k.add_argument("--lr-phase1", type=float, default=5e-4)
-    k.add_argument("--lr-phase2", type=float, default=2e-6)
+    k.add_argument("--lr-phase2", type=float, default=None,
+                   help="phase 2's learning rate (default: follows --unet, 1e-4 for the LoRA, the published "
+                        "2e-6 for the full UNet)")
     k.add_argument("--unet", choices=["lora", "full"], default="lora", help="what phase 2 trains beside the tokens")
     k.add_argument("--rank", type=int, default=4, help="LoRA rank")
     k.add_argument("--resolution", type=int, default=512, help="longer side (0 = keep); sides must be multiples of 64")

@@ -220,3 +220,12 @@ def test_textual_inversion_file_loads_into_a_diffusers_pipeline(trained):
     lib = TokenLibrary.open(pack.nodes.paths.resolve_library(trained[0]))
     row = text_encoder.get_input_embeddings().weight[token_id].detach()
     torch.testing.assert_close(row, lib.vectors("<bottle>")["clip_l"][0], rtol=0, atol=0)
+
+
+def test_node_phase2_rate_zero_follows_the_unet_choice(sd15):
+    """The node's lr_phase2 default (0) trains phase 2 at LR_PHASE2[unet]; the written file says so."""
+    from productscene.train.recipes.concepts import LR_PHASE2
+    for unet in ("lora", "full"):
+        tokens, *_ = _train(sd15, f"node_rate_{unet}", lr_phase2=0.0, unet=unet, phase1_steps=0, phase2_steps=1)
+        lib = TokenLibrary.open(pack.nodes.paths.resolve_library(tokens))
+        assert lib.training["config"]["lr_phase2"] == LR_PHASE2[unet] and lib.training["config"]["unet"] == unet

@@ -229,3 +229,41 @@ def test_prior_preservation_adds_the_class_image_loss(sd15, tmp_path):
         assert entry["loss"] == pytest.approx(entry["masked_loss"] + entry["attention_loss"] + 0.5 * entry["prior_loss"], rel=1e-5)
     plain = train_concepts(host, image, masks, tmp_path / "q.safetensors", small(), seed=2)
     assert all("prior_loss" not in e for e in plain.result.logs)
+
+
+def test_phase2_learning_rate_follows_the_unet_mode_in_config_node_and_cli():
+    """One default, three places: None (config), 0 (node), no --lr-phase2 (CLI) all resolve by the
+    phase-2 mode: the published 2e-6 for the full UNet, LR_PHASE2['lora'] for the LoRA."""
+    import argparse
+
+    from productscene.train.recipes.concepts import LR_PHASE2
+    from productscene_cli import train_concepts as cli
+    assert LR_PHASE2["full"] == 2e-6 and LR_PHASE2["lora"] >= 50 * LR_PHASE2["full"]
+    assert ConceptConfig().lr_phase2 == LR_PHASE2["lora"] and ConceptConfig(unet="full").lr_phase2 == 2e-6
+    assert ConceptConfig(lr_phase2=3e-5).lr_phase2 == 3e-5
+    node_input = {i.id: i for i in pack.nodes.train_concepts.ProductSceneMultiConceptInversion.define_schema().inputs}
+    assert node_input["lr_phase2"].default == 0.0 and node_input["phase2_steps"].default == ConceptConfig().phase2_steps
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli.register(sub)
+    parsed = sub.choices["train-concepts"].parse_args(["--checkpoint", "x", "--image", "i", "--mask", "m", "--out", "o"])
+    assert parsed.lr_phase2 is None and parsed.lr_phase1 == ConceptConfig().lr_phase1
+    assert parsed.attention_weight == ConceptConfig().attention_weight and parsed.rank == ConceptConfig().rank
+    with pytest.raises(ProductSceneError, match="lr_phase2"):
+        ConceptConfig(lr_phase2=0.0)
+
+
+def test_default_phase2_moves_the_lora(sd15, tmp_path):
+    """Evidence 2 (issue 30): at the default settings (only the step counts cut: phase 1 none, phase 2
+    three steps) phase 2 moves the LoRA's up weights (which start at zero) by more than 1e-4 at the
+    largest; at the published full-UNet rate 2e-6 it cannot: AdamW moves a weight by about the
+    learning rate per step, so three steps give at most ~6e-6 (checked below as the control)."""
+    host = th.ComfyTrainingHost(sd15.model, sd15.clip, sd15.vae)
+    image, masks = scene()
+    moved = {}
+    for lr in (None, 2e-6):
+        cfg = ConceptConfig(resolution=0, phase1_steps=0, phase2_steps=3, lr_phase2=lr)
+        run = train_concepts(host, image, masks, tmp_path / f"d{lr}.safetensors", cfg, seed=0)
+        ups = [v for k, v in run.recipe.lora.comfy_state_dict().items() if k.endswith("lora_up.weight")]
+        moved[lr] = max(float(u.float().abs().max()) for u in ups)
+    assert moved[None] > 1e-4, moved
+    assert moved[2e-6] < 1e-5, moved

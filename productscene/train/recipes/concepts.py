@@ -13,8 +13,14 @@ gets a new token ``<name>``. Every step draws k ~ U{1..N} concepts (union sampli
   layers' token columns are captured (``AttentionCapture``), never full probabilities.
 
 Phase 1 trains only the new token vectors (lr 5e-4); phase 2 the vectors plus a LoRA (default) or
-the full UNet (lr 2e-6). Horizontal flip with p = 0.5 (image latent encoded once flipped and once
-not, never a VAE pass per step), batch size >= 1, optional prior preservation on class images.
+the full UNet. Phase 2's learning rate follows what it trains unless given (:data:`LR_PHASE2`): the
+published 2e-6 for the full UNet, 1e-4 for the LoRA (whose up weights start at zero, so 2e-6 barely
+moves it). The other defaults hold for both modes (checked for issue 30): AdamW's weight decay
+1e-2 on the UNet side (at 1e-4 it takes 1e-6 of a weight per step), gradient clipping at 1.0, rank 4
+with alpha = rank, attention weight 0.01 (at the start its gradient on the tokens is already 2.7x the
+masked loss's on the world base), phase 1's 5e-4 (tokens only, the same in both modes).
+Horizontal flip with p = 0.5 (image latent encoded once flipped and once not, never a VAE pass per
+step), batch size >= 1, optional prior preservation on class images.
 
 The result is a token library (the category-library format, names = the concept placeholders, so
 Category Tokens and Concept Tokens read it alike), the LoRA as a ComfyUI LoRA file (full-UNet
@@ -51,6 +57,9 @@ DEFAULT_INIT_WORD = "object"
 NAME_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
 TI_FORMAT = "textual_inversion"
 LORA_FORMAT = "lora"
+# phase 2's learning rate by what it trains (ConceptConfig.lr_phase2 = None): the published rate for
+# the full UNet; for the LoRA the rate measured best on the world base (tests/test_concept_learning.py)
+LR_PHASE2 = {"full": 2e-6, "lora": 1e-4}
 
 
 @dataclass
@@ -65,7 +74,7 @@ class ConceptConfig:
     phase1_steps: int = 400
     phase2_steps: int = 400
     lr_phase1: float = 5e-4
-    lr_phase2: float = 2e-6
+    lr_phase2: float | None = None     # None: follows ``unet`` (LR_PHASE2)
     unet: str = "lora"                 # phase 2 trains a "lora" or the "full" UNet
     rank: int = 4
     alpha: float | None = None
@@ -93,11 +102,13 @@ class ConceptConfig:
         if int(self.phase1_steps) < 0 or int(self.phase2_steps) < 0 or int(self.phase1_steps) + int(self.phase2_steps) < 1:
             raise ProductSceneError(
                 f"steps: expected phase 1 and phase 2 steps >= 0 with at least one step, got {self.phase1_steps}, {self.phase2_steps}")
+        if self.unet not in ("lora", "full"):
+            raise ProductSceneError(f"unet: expected 'lora' or 'full', got {self.unet!r}")
+        if self.lr_phase2 is None:
+            self.lr_phase2 = LR_PHASE2[self.unet]
         for name in ("lr_phase1", "lr_phase2"):
             if not float(getattr(self, name)) > 0:
                 raise ProductSceneError(f"{name}: expected a learning rate > 0, got {getattr(self, name)}")
-        if self.unet not in ("lora", "full"):
-            raise ProductSceneError(f"unet: expected 'lora' or 'full', got {self.unet!r}")
         if not 0.0 <= float(self.flip_p) <= 1.0:
             raise ProductSceneError(f"flip_p: expected a probability from 0 to 1, got {self.flip_p}")
         if float(self.attention_weight) < 0 or float(self.prior_weight) < 0:
@@ -520,6 +531,6 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
     return ConceptRun(path, lora_file, embeddings, history_file, trained.result, recipe, trained.graph)
 
 
-__all__ = ["ConceptConfig", "ConceptRecipe", "ConceptRun", "MAX_CONCEPTS", "prepare_scene", "train_concepts",
+__all__ = ["ConceptConfig", "LR_PHASE2", "ConceptRecipe", "ConceptRun", "MAX_CONCEPTS", "prepare_scene", "train_concepts",
            "check_concept_outputs",
            "write_textual_inversion", "concept_names"]
