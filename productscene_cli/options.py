@@ -81,6 +81,8 @@ def checked_training_inputs(args):
         args.resume = True
     check_model_checkpoint(args.checkpoint)
     ckpt = args.state or (os.path.splitext(args.out)[0] + ".checkpoint.safetensors")
+    if distributed.restarted() and distributed.env_world()[0] == 0:
+        print(f"torchrun restarted this job: {resuming(ckpt)}", file=sys.stderr, flush=True)
     check_outputs(args.out, ckpt, resume=args.resume, overwrite=args.overwrite, out="--out",
                   hint="pass --overwrite, choose another --out, or --resume its training")
     dataset = open_dataset(args.data, args.layout, args.split)
@@ -89,3 +91,13 @@ def checked_training_inputs(args):
         print(report.message(limit=None), file=sys.stderr)
         return None
     return ckpt, dataset, report
+
+
+def resuming(ckpt: str) -> str:
+    """What a restarted job continues from."""
+    from productscene.train.engine import read_checkpoint_info
+    try:
+        info = read_checkpoint_info(ckpt)
+    except (ProductSceneError, OSError):
+        return "no training state yet, starting afresh"
+    return f"resuming from step {info['step']} of {info['total_steps']} in {ckpt}"
