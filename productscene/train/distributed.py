@@ -232,8 +232,13 @@ def init(cpu: bool = False, timeout_s: float | None = None) -> World:
     if not dist.is_initialized():
         if gpu:
             torch.cuda.set_device(device)
+        wait = datetime.timedelta(seconds=timeout)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), rank=rank, world_size=size)
+            # the rendezvous store outlives a torchrun restart: each attempt's keys (the ranks'
+            # addresses) under their own prefix, never a dead rank's from the attempt before
+            store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=wait))
+            store = dist.PrefixStore(f"productscene/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, timeout=wait, rank=rank, world_size=size)
         except Exception as e:  # noqa: BLE001
             raise ProductSceneError(f"distributed: rank {rank} of {size} could not join the process group "
                                     f"({backend}): {' '.join(str(e).split())[:300]}") from None
