@@ -41,7 +41,7 @@ def worker(args) -> None:
     from productscene.train import engine
     from productscene.train.recipes.categories import CategoryConfig, CategoryRecipe, MemorySource
 
-    checkpoint = args.checkpoint or default_model.ensure_defaults(log=lambda *_: None)[0]
+    checkpoint = str(args.checkpoint or default_model.ensure_defaults(log=lambda *_: None)[0])
     host_mod = comfyui.load_host_adapter(None, cpu=not args.gpu)
     model, clip, vae = comfyui.load_checkpoint(checkpoint)
     host = host_mod.ComfyTrainingHost(model, clip, vae)
