@@ -37,8 +37,6 @@ from productscene.library import TokenLibrary
 from productscene.personality import PersonalityAdapter
 from productscene.train.engine import read_checkpoint_info
 
-pytestmark = pytest.mark.host  # every test here loads ComfyUI in its processes
-
 MEAN_TOL, MAX_TOL = 1e-5, 5e-4
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` of this interpreter
 
@@ -354,3 +352,74 @@ def test_the_latent_cache_is_filled_once_across_ranks(catalogue, tmp_path):
     assert sorted(ranks[0]["mine"] + ranks[1]["mine"]) == images  # each image by one rank only
     assert all(r["every_file_there"] for r in ranks)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 6
+
+
+TOY = textwrap.dedent("""
+    import json, sys
+    import torch
+    from productscene.train import distributed
+    from productscene.train.engine import Phase, Trainer
+    from productscene.train.losses import background_weights, weighted_mse
+    from productscene.train.recipes.categories import MemorySource, draw_batch
+
+    class Toy:
+        # one [4,2,2] tensor trained on a weighted MSE whose product masks differ per sample, so the
+        # global normaliser matters
+        def __init__(self, batch):
+            g = torch.Generator().manual_seed(3)
+            masks = (torch.rand(8, 2, 2, generator=g) > 0.5).float()
+            self.source = MemorySource(torch.randn(8, 4, 2, 2, generator=g), masks, ["a"] * 8)
+            self.w = torch.nn.Parameter(torch.zeros(4, 2, 2))
+            self.b = batch
+
+        def parameter_groups(self):
+            return {"w": [self.w]}
+
+        def batch(self, step, generator):
+            return draw_batch(self.source, self.b, (0, 100), generator)
+
+        def loss(self, batch, step):
+            pred = batch["latents"] * self.w + batch["timesteps"].float().view(-1, 1, 1, 1) * 0.01
+            weights = background_weights(batch["masks"], (2, 2), 1.0, 0.1)
+            return weighted_mse(pred, batch["noise"], weights), {}
+
+    def train(world, batch, stop_rank=None, stop_at=None):
+        toy = Toy(batch)
+        trainer = Trainer(toy, [Phase("w", 6, {"w": 0.05})], seed=1, world=world,
+                          should_stop=lambda: world.rank == stop_rank and trainer.step >= stop_at)
+        result = trainer.run()
+        return result, toy.w.detach().clone()
+
+    if __name__ == "__main__":
+        world = distributed.init(cpu=True)
+        result, w = train(world, 2, stop_rank=1, stop_at=3)
+        torch.save({"w": w, "steps": result.steps_done, "cancelled": result.cancelled,
+                    "history": result.history}, f"{sys.argv[1]}/rank{world.rank}.pt")
+""")
+
+
+def test_the_engine_on_two_ranks_matches_one_process_and_a_stop_on_one_rank_stops_both(tmp_path):
+    """The engine alone (no ComfyUI): 2 gloo ranks with batch 2 train a toy weighted-MSE recipe; rank
+    1 alone asks to stop during step 4: both ranks stop after step 4 with bit-identical trainables,
+    which match one process with batch 4 after 4 steps (float32 tolerance 1e-6) and differ from one
+    process with batch 2."""
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    done = subprocess.run(TORCHRUN + ["--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [4, 4] and all(r["cancelled"] for r in ranks)
+    assert torch.equal(ranks[0]["w"], ranks[1]["w"]) and ranks[0]["history"] == ranks[1]["history"]
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("toy_engine", script)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    from productscene.train import distributed
+    one, w_one = toy.train(distributed.SINGLE, 4, stop_rank=0, stop_at=4)
+    assert one.steps_done == 4
+    assert float((w_one - ranks[0]["w"]).abs().max()) <= 1e-6
+    assert one.history == pytest.approx(ranks[0]["history"], abs=1e-6)
+    _, w_half = toy.train(distributed.SINGLE, 2, stop_rank=0, stop_at=4)
+    assert float((w_half - ranks[0]["w"]).abs().max()) > 1e-3  # the tolerance tells batches apart
