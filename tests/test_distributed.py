@@ -62,8 +62,9 @@ def readme_launchers() -> tuple[list[str], list[list[str]]]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
         for command in block.replace("\\\n", " ").splitlines():
-            if command.strip().startswith("torchrun"):
-                commands.append(shlex.split(command))
+            tokens = shlex.split(command)
+            if tokens and os.path.basename(tokens[0]) == "torchrun":
+                commands.append(tokens)
     assert len(commands) == 3, commands
     launchers = []
     for tokens in commands:
