@@ -36,9 +36,9 @@ class TrainingBars:
     """The bars of a training command: ``latents`` (images encoded; only when ``images`` is given)
     and ``training`` (steps, with the loss)."""
 
-    def __init__(self, steps: int, images: int | None = None):
-        self.latents = bar(images, "latents") if images is not None else None
-        self.training = bar(steps, "training")
+    def __init__(self, steps: int, images: int | None = None, shown: bool = True):
+        self.latents = bar(images, "latents") if images is not None and shown else None
+        self.training = bar(steps, "training") if shown else None
         self.latent_progress = advance(self.latents)
 
     def progress(self, step, total, loss):
@@ -53,33 +53,40 @@ class TrainingBars:
                 b.close()
 
 
-def train_interruptibly(train, ckpt: str, steps: int, images: int | None = None):
+def train_interruptibly(train, ckpt: str, steps: int, images: int | None = None, main: bool = True):
     """Run ``train(bars, should_stop)`` (a core training run; ``bars``: its :class:`TrainingBars`)
-    under Ctrl-C: the first Ctrl-C asks the run to stop after its step (``should_stop``), a second
-    stops inside it; either way the engine keeps the last completed step in ``ckpt``. Returns the
-    run, or None when it was cancelled (said on stderr; Ctrl-C then stays ignored while the process
-    winds down)."""
-    bars = TrainingBars(steps, images)
+    under Ctrl-C and SIGTERM: the first Ctrl-C, or SIGTERM (what torchrun forwards), asks the run to
+    stop after its step (``should_stop``; under torchrun every rank stops after the same step), a
+    second Ctrl-C stops inside it; either way the engine keeps the last completed step in ``ckpt``.
+    Returns the run, or None when it was cancelled (said on stderr; Ctrl-C then stays ignored while
+    the process winds down). ``main``: this process shows bars and messages (rank 0 of several)."""
+    bars = TrainingBars(steps, images, shown=main)
     stop = []
 
     def on_sigint(signum, frame):
-        if stop:  # a second Ctrl-C: stop inside the step (the engine keeps the last completed one)
-            raise KeyboardInterrupt
+        if stop and signum == signal.SIGINT:  # a second Ctrl-C: stop inside the step (the engine
+            raise KeyboardInterrupt           # keeps the last completed one)
+        if not stop and main:
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"\nstopping after this step{again} ...", file=sys.stderr)
         stop.append(True)
-        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint)
     try:
         run = train(bars, lambda: bool(stop))
     except KeyboardInterrupt:
         run = None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cancel path below is not cut short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bars.close()
     if run is None or run.cancelled:
-        print("\ncancelled; " + saved_state(ckpt), file=sys.stderr)
+        if main:
+            print("\ncancelled; " + saved_state(ckpt), file=sys.stderr)
         return None
     signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGTERM, previous_term)
     return run
 
 

@@ -53,8 +53,10 @@ def run(args) -> int:
     done = train_interruptibly(lambda bars, should_stop: train_category_library(
         host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, options, layout=args.layout,
         checked=report, cache_dir=args.cache_dir or default_cache(), latent_progress=bars.latent_progress,
-        license=args.license, progress=bars.progress, should_stop=should_stop), ckpt, args.steps, images=len(dataset))
+        license=args.license, progress=bars.progress, should_stop=should_stop), ckpt, args.steps, images=len(dataset), main=options.ranks.is_main)
     if done is None:
         return 130
+    if not options.ranks.is_main:  # rank 0 wrote the file and says so
+        return 0
     print(f"wrote {done.library}: {len(done.recipe.categories)} categories, {trained(done.result, ckpt)}")
     return 0

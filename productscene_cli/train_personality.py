@@ -63,9 +63,11 @@ def run(args) -> int:
         initial=initial,
         layout=args.layout, split=args.split, checked=report, cache_dir=args.cache_dir or default_cache(),
         latent_progress=bars.latent_progress, license=args.license, progress=bars.progress,
-        should_stop=should_stop), ckpt, args.steps, images=len(dataset))
+        should_stop=should_stop), ckpt, args.steps, images=len(dataset), main=options.ranks.is_main)
     if done is None:
         return 130
+    if not options.ranks.is_main:  # rank 0 wrote the file and says so
+        return 0
     tokens = config.tokens if initial is None else initial.n_tokens
     print(f"wrote {done.adapter}: {tokens} reference tokens for {host.family}, {trained(done.result, ckpt)}")
     return 0

@@ -6,6 +6,9 @@ Every trainer (category library, Break-A-Scene, personality adapter) is a *recip
 * phases, each with its own trainable groups and learning rates (``Phase``);
 * AdamW (one optimizer, one param group per named recipe group), grad-norm clip (1.0 by default);
 * autocast (bf16 / fp16 on CUDA where supported; off on the CPU unless asked for);
+* several processes (``world``, :mod:`.distributed`): gradients, loss and stop requests averaged /
+  shared across ranks in one all-reduce per step, every rank stops after the same step, only rank
+  0 writes checkpoints and previews;
 * seeded determinism: ONE ``torch.Generator`` (on the CPU) is handed to the recipe for data order,
   noise and timesteps, and is saved in checkpoints;
 * a progress callback ``(step, total, loss)`` and a ``should_stop()`` callback checked every step;
@@ -45,6 +48,7 @@ from PIL import Image, ImageDraw
 from ..errors import ProductSceneError
 from ..files import check_format, load_tensors, read_header, save_safetensors_atomic
 from ..images import as_tensor
+from . import distributed
 
 CHECKPOINT_FORMAT = "training_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -117,7 +121,7 @@ class Trainer:
                  progress: Callable[[int, int, float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  preview_every: int = 0, on_preview: Callable[[int, torch.Tensor], None] | None = None,
-                 name: str = "training"):
+                 name: str = "training", world: distributed.World | None = None):
         if not isinstance(recipe, Recipe):
             raise ProductSceneError("recipe: expected an object with parameter_groups(), batch(step, generator) and loss(batch, step)")
         self.recipe = recipe
@@ -141,8 +145,10 @@ class Trainer:
         self.preview_every = int(preview_every or 0)
         if self.preview_every < 0:
             raise ProductSceneError(f"preview_every: expected 0 (off) or a number of steps, got {preview_every}")
-        self.on_preview = on_preview if callable(getattr(recipe, "preview", None)) else None
+        self.world = world or distributed.SINGLE
+        self.on_preview = on_preview if callable(getattr(recipe, "preview", None)) and self.world.is_main else None
         self.name = name
+        self._stop_agreed = False  # several ranks: a stop every rank agreed on at the last step
 
         groups = {str(k): list(v) for k, v in recipe.parameter_groups().items()}
         if not groups:
@@ -220,22 +226,25 @@ class Trainer:
         index, _ = self.phase_at(self.step)
         if index != self._phase_index:
             self._activate(index)
-        batch = self.recipe.batch(self.step, self.generator)
-        with self.autocast():
-            loss, logs = self.recipe.loss(batch, self.step)
+        with distributed.activate(self.world):  # the recipe draws the global batch and takes its rows
+            batch = self.recipe.batch(self.step, self.generator)
+            with self.autocast():
+                loss, logs = self.recipe.loss(batch, self.step)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ProductSceneError("recipe: loss() must return a scalar tensor")
         value = float(loss.detach().float())
-        if not math.isfinite(value):
-            raise ProductSceneError(
-                f"training: the loss became {value} at step {self.step + 1}; lower the learning rate "
-                f"(or turn off fp16) and resume from the last checkpoint")
+        if not self.world.distributed:
+            self._check_finite(value)
         params = self.trainable()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.world.distributed:  # mean gradients and loss, and whether any rank asked to stop
+            local_stop = bool(self.should_stop is not None and self.should_stop())
+            value, self._stop_agreed = self.world.sync_step(params, value, local_stop)
+            self._check_finite(value)
         with _deferred_sigint():  # the update is all or nothing, even for Ctrl-C
             grad_norm = None
             if self.clip_grad is not None and self.clip_grad > 0:
@@ -254,6 +263,19 @@ class Trainer:
         entry.update({str(k): float(v) for k, v in dict(logs or {}).items()})
         self.logs.append(entry)
         return value, entry
+
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise ProductSceneError(
+                f"training: the loss became {value} at step {self.step + 1}; lower the learning rate "
+                f"(or turn off fp16) and resume from the last checkpoint")
+
+    def _stop_requested(self) -> bool:
+        """One process: ``should_stop()`` now. Several: what every rank agreed at the last step's
+        all-reduce (so all stop after the same step)."""
+        if self.world.distributed:
+            return self._stop_agreed
+        return self.should_stop is not None and self.should_stop()
 
     def _random_state(self) -> tuple:
         cuda = (torch.cuda.get_rng_state(self.device)
@@ -279,12 +301,13 @@ class Trainer:
         """
         if resume is not None:
             self.load_checkpoint(resume)
+        self._stop_agreed = False
         start = time.perf_counter()
         saved = None
         saved_step = -1
         try:
             while self.step < self.total_steps:
-                if self.should_stop is not None and self.should_stop():
+                if self._stop_requested():
                     saved = self._save_on_stop()
                     return TrainResult(self.step, self.total_steps, list(self.history), True, saved,
                                        time.perf_counter() - start, list(self.logs))
@@ -367,6 +390,7 @@ class Trainer:
             "step": json.dumps(self.step),
             "total_steps": json.dumps(self.total_steps),
             "seed": json.dumps(self.seed),
+            "ranks": json.dumps(self.world.size),
             "phases": json.dumps([{"name": p.name, "steps": int(p.steps), "lr": dict(p.lr)} for p in self.phases]),
             "groups": json.dumps({g: [list(p.shape) for p in self.groups[g]] for g in self.group_names}),
             "history": json.dumps(self.history),
@@ -374,6 +398,9 @@ class Trainer:
         }
 
     def save_checkpoint(self, path) -> str:
+        """Write the training state (rank 0 only: the ranks hold the same state)."""
+        if not self.world.is_main:
+            return os.fspath(path)
         save_safetensors_atomic(self.state_tensors(), path, self.state_metadata(),
                                 kind=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
         return os.fspath(path)

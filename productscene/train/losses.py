@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..errors import ProductSceneError
 from ..masks import resize_to_layer
+from .distributed import global_mean
 
 
 def _mask4(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,10 +54,12 @@ def background_weights(product_mask: torch.Tensor, latent_hw: Sequence[int], bac
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w * (pred - target)^2) / sum(w)`` over channels and pixels (weights ``[B,1,h,w]``)."""
+    """``sum(w * (pred - target)^2) / sum(w)`` over channels and pixels (weights ``[B,1,h,w]``).
+    In a step on several ranks ``sum(w)`` is the ranks' mean, so the mean of the ranks' losses (and
+    gradients) is this loss over the global batch."""
     w = _mask4(weights, pred).float()
     sq = (pred.float() - target.float()).pow(2) * w
-    return sq.sum() / (w.expand_as(sq).sum().clamp_min(1e-8))
+    return sq.sum() / global_mean(w.expand_as(sq).sum()).clamp_min(1e-8)
 
 
 def per_sample_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ProductSceneError
 from ..files import check_writable, refuse_overwrite
+from .distributed import SINGLE, World
 from .datasets import BG60K_LICENSE, Dataset, DatasetReport, LatentCache, check, open_dataset
 from .engine import Phase, Trainer, TrainResult, loss_graph, read_checkpoint_info, resolve_autocast, resume_source
 
@@ -45,6 +46,7 @@ class RunOptions:
     should_stop: Callable[[], bool] | None = None     # asked before every step (and while caching): True cancels
     preview_every: int = 0                            # a preview every N steps and after the last (0: none)
     on_preview: Callable[[int, torch.Tensor], None] | None = None
+    world: World | None = None                        # several processes (distributed.init); None: this one only
 
     def __post_init__(self):
         for name in ("checkpoint_every", "preview_every"):
@@ -67,6 +69,11 @@ class RunOptions:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; a run takes its config, "
                             f"its data and RunOptions fields")
         return dataclasses.replace(options or cls(), **fields)
+
+    @property
+    def ranks(self) -> World:
+        """The processes the run spans (:data:`.distributed.SINGLE` for one)."""
+        return self.world or SINGLE
 
     def resume_from(self) -> str | os.PathLike | None:
         """The training state to continue from (None: a fresh start); a resume path that does not
@@ -134,18 +141,22 @@ class _Stopped(Exception):
 
 
 def warm_latents(cache: LatentCache, progress: Callable[[int, int], None] | None,
-                 should_stop: Callable[[], bool] | None) -> bool:
-    """Encode every latent once, before the model is loaded to train; False when stopped."""
+                 should_stop: Callable[[], bool] | None, world: World | None = None) -> bool:
+    """Encode every latent once, before the model is loaded to train; False when stopped. Several
+    ranks: each encodes its shard into the shared cache folder (no image twice), then they meet; a
+    stop on any rank stops them all."""
+    world = world or SINGLE
     def done(n, total):
         if progress is not None:
             progress(n, total)
         if should_stop is not None and should_stop():
             raise _Stopped
+    stopped = False
     try:
-        cache.warm(progress=done)
+        cache.warm(world.shard(len(cache.dataset)) if world.distributed else None, progress=done)
     except _Stopped:
-        return False
-    return True
+        stopped = True
+    return not world.agree(stopped)
 
 
 def license_of(license: str | None, layout: str) -> str | None:
@@ -171,6 +182,7 @@ class Trained:
     result: TrainResult
     graph: torch.Tensor          # the loss graph as an IMAGE tensor
     kept: Any = None             # what ``keep`` took from the session (a finished run only)
+    ranks: int = 1               # processes the run spanned (each with the config's batch)
 
     @property
     def cancelled(self) -> bool:
@@ -178,9 +190,13 @@ class Trained:
 
     def summary(self, recipe: str, seed: int, config: Mapping, **facts) -> dict:
         """The training summary a written file carries: the recipe, steps, seed, the run's own
-        ``facts``, its :func:`loss_span` and the config."""
+        ``facts``, its :func:`loss_span` and the config; a config's ``batch_size`` is per rank,
+        ``ranks`` and ``total_batch`` say what one step saw."""
         first, final = loss_span(self.result.history)
-        return {"recipe": recipe, "steps": self.result.steps_done, "seed": int(seed), **facts,
+        batch = {}
+        if "batch_size" in config:
+            batch = {"ranks": int(self.ranks), "total_batch": int(config["batch_size"]) * int(self.ranks)}
+        return {"recipe": recipe, "steps": self.result.steps_done, "seed": int(seed), **batch, **facts,
                 "first_loss": first, "final_loss": final, "config": dict(config)}
 
 
@@ -198,7 +214,8 @@ def run_recipe(host, recipe, phases: Sequence[Phase], options: RunOptions, *, na
             trainer = Trainer(recipe, phases, seed=options.seed, device=host.device, autocast=options.autocast,
                               checkpoint_path=options.checkpoint_path, checkpoint_every=options.checkpoint_every,
                               progress=options.progress, should_stop=options.should_stop,
-                              preview_every=options.preview_every, on_preview=options.on_preview, name=name)
+                              preview_every=options.preview_every, on_preview=options.on_preview, name=name,
+                              world=options.ranks)
             result = trainer.run(resume=resume)
             kept = keep() if keep is not None and not result.cancelled else None
-    return Trained(result, loss_graph(result.history), kept)
+    return Trained(result, loss_graph(result.history), kept, options.ranks.size)

@@ -11,6 +11,7 @@ licence, summary, library file) shared by the node and the command line; hosts o
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from ...attention import AttentionCapture, CategoryGate, SceneAttention
 from ...errors import ProductSceneError
 from ...library import TokenLibrary, check_family
 from ...prompt import DEFAULT_TEMPLATE, PLACEHOLDER, Prompt, category_free_template, check_template, init_vectors
+from .. import distributed
 from ..datasets import DatasetReport, LatentCache
 from ..engine import Phase, TrainResult, loss_graph, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
@@ -109,13 +111,15 @@ class CachedSource:
 
 def draw_batch(source, b: int, t_range: tuple[int, int], generator: torch.Generator) -> dict:
     """``b`` items of ``source`` drawn with ``generator``, their noise and timesteps in ``t_range``:
-    ``{"index", "latents", "masks", "noise", "timesteps"}`` (what the recipes' ``batch`` starts from)."""
-    idx = torch.randint(len(source), (b,), generator=generator)
+    ``{"index", "latents", "masks", "noise", "timesteps"}`` (what the recipes' ``batch`` starts from).
+    Several ranks (:mod:`..distributed`): the global batch is drawn and this rank's ``b`` rows kept."""
+    n = distributed.global_rows(b)
+    idx = distributed.local_rows(torch.randint(len(source), (n,), generator=generator), b)
     items = [source.get(int(i)) for i in idx]
     latents = torch.stack([it[0] for it in items])
     masks = torch.stack([it[1] for it in items])
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(t_range[0], t_range[1], (b,), generator=generator)
+    noise = distributed.local_rows(torch.randn((n,) + tuple(latents.shape[1:]), generator=generator), b)
+    t = distributed.local_rows(torch.randint(t_range[0], t_range[1], (n,), generator=generator), b)
     return {"index": idx, "latents": latents, "masks": masks, "noise": noise, "timesteps": t}
 
 
@@ -374,7 +378,7 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
     ds, report = checked_inputs(data, out_path, options, layout=layout, split=split, checked=checked)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        if not warm_latents(cache, latent_progress, options.should_stop):
+        if not warm_latents(cache, latent_progress, options.should_stop, options.ranks):
             return CategoryRun(None, None, report, None, loss_graph([]))
         recipe = CategoryRecipe(host, CachedSource(cache), ds.categories, config, seed=options.seed)
         trained = run_recipe(host, recipe, config.phases(), options, name="categories", lora=recipe.lora,
@@ -384,5 +388,7 @@ def train_category_library(host: DiffusionHost, data, out_path, config: Category
     summary = trained.summary("categories", options.seed, recipe.describe()["config"], images=len(ds),
                               categories=len(ds.categories), layout=layout, resolution=int(config.resolution),
                               latent_cache={"hits": cache.hits, "misses": cache.misses})
-    path = recipe.write_library(out_path, training=summary, license=license_of(license, layout))
+    path = os.fspath(out_path)
+    if options.ranks.is_main:  # the other ranks hold the same identifiers and LoRA
+        path = recipe.write_library(out_path, training=summary, license=license_of(license, layout))
     return CategoryRun(path, trained.result, report, recipe, trained.graph)

@@ -13,6 +13,7 @@ and small beside the UNet), so no feature cache grows with the data set.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from ...attention import SceneAttention
 from ...errors import ProductSceneError
 from ...personality import DEFAULT_TOKENS, PersonalityAdapter, neutral_fill, patch_keep
 from ...prompt import Prompt
+from .. import distributed
 from ..datasets import DatasetReport, LatentCache
 from ..engine import Phase, TrainResult, loss_graph, training_mode
 from ..losses import background_weights, per_sample_weighted_mse, weighted_mse
@@ -146,7 +148,7 @@ class PersonalityRecipe:
         cfg = self.config
         b = int(cfg.batch_size)
         batch = draw_batch(self.source, b, self.t_range, generator)
-        u = torch.rand(b, 6, generator=generator)
+        u = distributed.local_rows(torch.rand(distributed.global_rows(b), 6, generator=generator), b)
         params = torch.stack([cfg.crop_scale + (1 - cfg.crop_scale) * u[:, 0], u[:, 1], u[:, 2],
                               (u[:, 3] < cfg.flip).float(), 1 + cfg.jitter * (2 * u[:, 4] - 1),
                               1 + cfg.jitter * (2 * u[:, 5] - 1)], dim=1)
@@ -263,7 +265,7 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
     ds, _ = checked_inputs(data, out_path, options, layout=layout, split=split, checked=checked)
     with training_mode():
         cache = LatentCache(cache_dir, ds, host.encode_images, int(config.resolution), namespace=host.latent_namespace)
-        if not warm_latents(cache, latent_progress, options.should_stop):
+        if not warm_latents(cache, latent_progress, options.should_stop, options.ranks):
             return PersonalityRun(None, None, None, loss_graph([]))
         adapter = initial if initial is not None else PersonalityAdapter.for_layers(
             host.family, int(vision_width), layers, tokens=int(config.tokens), seed=options.seed)
@@ -277,5 +279,5 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
                               resolution=int(config.resolution))
     if license is not None:
         summary["license"] = license
-    path = adapter.save(out_path, training=summary)
+    path = adapter.save(out_path, training=summary) if options.ranks.is_main else os.fspath(out_path)
     return PersonalityRun(path, trained.result, recipe, trained.graph)
