@@ -12,6 +12,7 @@ from productscene.library import TokenLibrary
 from productscene.masks import check_background_left
 from productscene.prompt import CategoryTokens
 from .category_tokens import CategoryTokensType
+from .dit_host import dit_family, install_dit
 from .host import install
 
 
@@ -73,7 +74,9 @@ class MaskedCategoryAttention(io.ComfyNode):
         gate = CategoryGate(product_mask, category_tokens.free_context, strength=strength,
                             grow_latent_px=grow_latent_px, contexts=category_tokens.contexts)
         check_background_left(gate.region.mask, grow_latent_px)
-        patched = install(model, SceneAttention().with_gate(gate))
+        family = dit_family(model)
+        scene = SceneAttention().with_gate(gate)
+        patched = install(model, scene) if family is None else install_dit(model, scene, family)
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
 
 
