@@ -39,12 +39,13 @@ class MaskedCategoryAttention(io.ComfyNode):
             node_id="ProductSceneMaskedCategoryAttention",
             display_name="Masked Category Attention (ProductScene)",
             category="ProductScene",
-            description="Patches every cross-attention layer so the category cannot reach product pixels: "
-                        "product positions attend the prompt encoded without the category identifier (at "
-                        "strength 1 their attention output does not depend on the category at all), the "
-                        "background attends the full prompt.",
+            description="Patches every cross-attention layer (SD1.5/SD2.x/SDXL) or every joint attention "
+                        "(Flux.1, Z-Image) so the category cannot reach product pixels: product positions "
+                        "attend the prompt encoded without the category identifier (at strength 1 their "
+                        "attention output does not depend on the category at all), the background attends "
+                        "the full prompt. On Flux.1 and Z-Image both prompts are carried through every block.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x or SDXL)."),
+                io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x, SDXL, Flux.1 or Z-Image)."),
                 io.Mask.Input("product_mask", tooltip="1 = product. One mask, or one per image of the batch; "
                               "same aspect ratio as the image being generated."),
                 CategoryTokensType.Input("category_tokens", tooltip="From Category Tokens: the prompt without "
@@ -52,7 +53,8 @@ class MaskedCategoryAttention(io.ComfyNode):
                                          "reach the sampler's positive input."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 = product pixels attend only the prompt without the category; lower "
-                                       "values blend linearly towards the full prompt (0 = no gate)."),
+                                       "values blend linearly towards the full prompt (0 = no gate). Flux.1 "
+                                       "and Z-Image take 1 or 0 only."),
                 io.Int.Input("grow_latent_px", default=1, min=0, max=16,
                              tooltip="Grow the protected area by this many LATENT pixels (8 image pixels "
                                      "each) so the category does not colour the product's edge. (Product "
