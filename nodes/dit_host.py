@@ -99,10 +99,13 @@ def _zimage_streams(executor, x, timesteps, context, num_tokens, attention_mask=
     x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
     t = net.t_embedder((1.0 - timesteps) * net.time_scale, dtype=x.dtype)
     cap_t = _pad_stream(net, net.cap_embedder(context))
-    cap_f = _pad_stream(net, net.cap_embedder(free.to(context)))
+    cap_f = net.cap_embedder(free.to(context))
+    short = torch.arange(free.shape[1], device=cap_f.device)[None, :] >= valid.to(cap_f.device)[:, None]
+    if short.any():  # a row whose gate's F is shorter (several gates): the model's pad token, as alone
+        cap_f = torch.where(short[:, :, None], net.cap_pad_token.to(cap_f)[None], cap_f)
+    cap_f = _pad_stream(net, cap_f)
     text, nf = cap_t.shape[1], cap_f.shape[1]
-    valid = valid + (nf - free.shape[1])  # the model's pad tokens after a row's F are F's own
-    valid = torch.where(valid > nf, torch.full_like(valid, nf), valid)
+    valid = torch.full_like(valid, nf)
     pos_t, pos_f = text_positions(dit_family_entry("zimage"), text, nf)
     b, c, hp, wp = x.shape
     ht, wt = hp // p, wp // p
