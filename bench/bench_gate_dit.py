@@ -62,6 +62,47 @@ def arms(family: str, text: int, latent: int):
     return [[t, extra]], f, t, mask
 
 
+def attention_only(heads: int, text: int, image: int, product: float, repeats: int) -> None:
+    """The kernel alone, one joint attention at real width: vanilla ``[T | image]`` unmasked; the
+    gate's one call over ``[T | F | image]`` with the block mask; and the alternative tried, two
+    unmasked calls (``[T | image]`` for T and background queries, then F and the gathered product
+    queries against ``[F | image]``). ComfyUI's CPU default (sub-quadratic) and torch SDPA."""
+    import comfy.ldm.modules.attention as ca
+    from productscene.dit import joint_mask
+    g = torch.Generator().manual_seed(0)
+    d, free = 128, text - 1
+    prod = torch.zeros(1, image, dtype=torch.bool)
+    prod[:, : int(image * product)] = True
+    pcount = int(prod.sum())
+
+    def qkv(n):
+        return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
+
+    plain, both, split_q = qkv(text + image), qkv(text + free + image), torch.randn(1, heads, free + pcount, d, generator=g)
+    fk = both[1][:, :, text:]  # [F | image] keys
+    fv = both[2][:, :, text:]
+    mask = joint_mask(text, free, image, prod, torch.tensor([True]))
+    arms = {}
+    for kernel in (ca.optimized_attention, ca.attention_pytorch):
+        name = "comfy-default" if kernel is ca.optimized_attention else "sdpa"
+        arms[f"{name} vanilla"] = lambda k=kernel: k(*plain, heads, skip_reshape=True)
+        arms[f"{name} gate (mask)"] = lambda k=kernel: k(*both, heads, skip_reshape=True, mask=mask)
+        arms[f"{name} two calls"] = lambda k=kernel: (k(*plain, heads, skip_reshape=True),
+                                                    k(split_q, fk, fv, heads, skip_reshape=True))
+    times = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    print(f"attention only: heads={heads} text={text} free={free} image={image} product tokens={pcount} "
+          f"mask={mask.numel() * mask.element_size() / 2**20:.0f} MiB")
+    for name, ts in times.items():
+        base = None if name.endswith("vanilla") else times[name.split(" ")[0] + " vanilla"]
+        ratio = "" if base is None else f"  / vanilla {statistics.median(a / b for a, b in zip(ts, base)):.3f}"
+        print(f"  {name:>26}: median {statistics.median(ts):.2f} s{ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["flux", "zimage", "both"], default="both")
@@ -69,9 +110,16 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time the joint-attention kernel alone (vanilla, gate mask, two calls)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attention_only:
+        for family in (["flux", "zimage"] if args.family == "both" else [args.family]):
+            for text in (int(n) for n in args.text.split(",")):
+                attention_only({"flux": 24, "zimage": 30}[family], text, (args.latent // 2) ** 2, 1 / 6, args.repeats)
+        return
     pack = comfy_env.import_pack()
     install_dit = pack.nodes.dit_host.install_dit
     device = comfy.model_management.get_torch_device()

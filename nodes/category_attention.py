@@ -77,6 +77,11 @@ class MaskedCategoryAttention(io.ComfyNode):
                             grow_latent_px=grow_latent_px, contexts=category_tokens.contexts)
         check_background_left(gate.region.mask, grow_latent_px)
         family = dit_family(model)
+        net = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if family is None and net is not None and not hasattr(net, "input_blocks"):
+            raise ProductSceneError(
+                f"model: Masked Category Attention works on SD1.5, SD2.x, SDXL, Flux.1 and Z-Image; this model is "
+                f"a {type(net).__name__} (docs/design.md, 'DiT bases', says what other DiTs need)")
         scene = SceneAttention().with_gate(gate)
         patched = install(model, scene) if family is None else install_dit(model, scene, family)
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))

@@ -298,3 +298,15 @@ def test_node_patches_dits_and_refuses_a_blend(fam):
     assert not BUILD[fam]().model_options.get("transformer_options", {}).get("productscene")
     with pytest.raises(ProductSceneError, match="strength"):
         gate_node.execute(BUILD[fam](), product_mask(), tokens, 0.5, 0, 0.0)
+
+
+def test_node_names_a_dit_it_does_not_know():
+    """Flux.2-style global modulation is another family: refused by name, not patched as a UNet."""
+    t, f = prompts("flux", 0)
+    tokens = CategoryTokens(library_path="", category="c0", family="flux", rows=(IDENT_ROW,), context_rows=t.shape[1],
+                            vectors={}, free_context=f, contexts=(t,))
+    model = dm.tiny_flux(seed=99)  # its own instance: the params are changed in place
+    model.model.diffusion_model.params = type(model.model.diffusion_model.params)(
+        **dict(vars(model.model.diffusion_model.params), global_modulation=True))
+    with pytest.raises(ProductSceneError, match="this model is a Flux"):
+        gate_node.execute(model, product_mask(), tokens, 1.0, 0, 0.0)
