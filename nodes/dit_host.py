@@ -45,7 +45,8 @@ def dit_family(model_patcher) -> str | None:
     if type(net) is flux.Flux and getattr(net.params, "vec_in_dim", None) is not None \
             and not getattr(net.params, "global_modulation", False):
         return "flux"
-    if type(net) is lumina.NextDiT and getattr(net, "pad_tokens_multiple", None) is not None:
+    if type(net) is lumina.NextDiT and getattr(net, "pad_tokens_multiple", None) is not None \
+            and getattr(net, "clip_text_pooled_proj", None) is None:
         return "zimage"
     return None
 
@@ -66,9 +67,9 @@ def _flux_streams(executor, x, timestep, context, y=None, guidance=None, ref_lat
     if plan is None:
         return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
     free, valid, product, gated = plan
-    h, w = token_grid(latent_hw, net.patch_size)
-    image = h * w + sum(token_grid(tuple(r.shape[-2:]), net.patch_size)[0] * token_grid(tuple(r.shape[-2:]), net.patch_size)[1]
-                        for r in (ref_latents or ()))
+    grids = [token_grid(latent_hw, net.patch_size)] + [token_grid(tuple(r.shape[-2:]), net.patch_size)
+                                                       for r in (ref_latents or ())]
+    image = sum(h * w for h, w in grids)  # the latent's tokens, then reference latents' (Kontext)
     text = context.shape[1]
     transformer_options[STREAMS_KEY] = (text, free.shape[1], image)
     kwargs["attention_mask"] = joint_mask(text, free.shape[1], image, product, gated, valid, dtype=x.dtype)
