@@ -12,6 +12,7 @@ from productscene.library import TokenLibrary
 from productscene.masks import check_background_left
 from productscene.prompt import CategoryTokens
 from .category_tokens import CategoryTokensType
+from .dit_host import dit_family, install_dit
 from .host import install
 
 
@@ -38,12 +39,13 @@ class MaskedCategoryAttention(io.ComfyNode):
             node_id="ProductSceneMaskedCategoryAttention",
             display_name="Masked Category Attention (ProductScene)",
             category="ProductScene",
-            description="Patches every cross-attention layer so the category cannot reach product pixels: "
-                        "product positions attend the prompt encoded without the category identifier (at "
-                        "strength 1 their attention output does not depend on the category at all), the "
-                        "background attends the full prompt.",
+            description="Patches every cross-attention layer (SD1.5/SD2.x/SDXL) or every joint attention "
+                        "(Flux.1, Z-Image) so the category cannot reach product pixels: product positions "
+                        "attend the prompt encoded without the category identifier (at strength 1 their "
+                        "attention output does not depend on the category at all), the background attends "
+                        "the full prompt. On Flux.1 and Z-Image both prompts are carried through every block.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x or SDXL)."),
+                io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5, SD2.x, SDXL, Flux.1 or Z-Image)."),
                 io.Mask.Input("product_mask", tooltip="1 = product. One mask, or one per image of the batch; "
                               "same aspect ratio as the image being generated."),
                 CategoryTokensType.Input("category_tokens", tooltip="From Category Tokens: the prompt without "
@@ -51,7 +53,8 @@ class MaskedCategoryAttention(io.ComfyNode):
                                          "reach the sampler's positive input."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 = product pixels attend only the prompt without the category; lower "
-                                       "values blend linearly towards the full prompt (0 = no gate)."),
+                                       "values blend linearly towards the full prompt (0 = no gate). Flux.1 "
+                                       "and Z-Image take 1 or 0 only."),
                 io.Int.Input("grow_latent_px", default=1, min=0, max=16,
                              tooltip="Grow the protected area by this many LATENT pixels (8 image pixels "
                                      "each) so the category does not colour the product's edge. (Product "
@@ -73,7 +76,14 @@ class MaskedCategoryAttention(io.ComfyNode):
         gate = CategoryGate(product_mask, category_tokens.free_context, strength=strength,
                             grow_latent_px=grow_latent_px, contexts=category_tokens.contexts)
         check_background_left(gate.region.mask, grow_latent_px)
-        patched = install(model, SceneAttention().with_gate(gate))
+        family = dit_family(model)
+        net = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if family is None and net is not None and not hasattr(net, "input_blocks"):
+            raise ProductSceneError(
+                f"model: Masked Category Attention works on SD1.5, SD2.x, SDXL, Flux.1 and Z-Image; this model is "
+                f"a {type(net).__name__} (docs/design.md, 'DiT bases', says what other DiTs need)")
+        scene = SceneAttention().with_gate(gate)
+        patched = install(model, scene) if family is None else install_dit(model, scene, family)
         return io.NodeOutput(apply_library_lora(patched, category_tokens, lora_strength))
 
 

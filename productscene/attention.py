@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .dit import patch_tokens
 from .errors import ProductSceneError
 from .masks import grow, resize_to_layer, validate_mask
 
@@ -117,6 +118,15 @@ class ProductRegion:
             m = grow(resize_to_layer(self.mask, *latent_hw), self.grow_latent_px)
             cached = (resize_to_layer(m, *hw) > 0.5).flatten(1).to(device)
             self._queries[key] = cached
+        return cached
+
+    def dit_tokens(self, latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
+        """[Bm, tokens] bool: the product image tokens of a DiT's patch grid (``dit.patch_tokens``),
+        computed once per latent size and patch."""
+        key = ("dit", tuple(latent_hw), int(patch))
+        cached = self._queries.get(key)
+        if cached is None:
+            cached = self._queries[key] = patch_tokens(self.mask, tuple(latent_hw), patch, self.grow_latent_px)
         return cached
 
     def for_rows(self, rows: torch.Tensor, per_chunk: int, hw, latent_hw, device) -> torch.Tensor:
@@ -460,6 +470,53 @@ class SceneAttention:
             rows = cond if contexts is None or not gate.contexts else [r for r in cond if gate.matches(contexts[r])]
             out.append(torch.tensor(rows, dtype=torch.long))
         return tuple(out)
+
+    def check_dit(self) -> None:
+        """Raise before sampling what this object cannot do on a DiT yet: personality injection and
+        attention capture have their place here (``dit_streams`` would hand them the image rows of
+        each joint attention) but are not built; a gate strength between 0 and 1 has no single-call
+        form in joint attention (the block mask chooses one stream per query)."""
+        if self.injections or self.capture is not None:
+            raise ProductSceneError("model: Apply Personality and attention capture are not available on DiT models "
+                                    "(Flux, Z-Image) yet; only Masked Category Attention is")
+        for gate in self.gates:
+            if gate.strength not in (0.0, 1.0):
+                raise ProductSceneError(f"strength: on DiT models (Flux, Z-Image) the gate is on (1) or off (0), got "
+                                        f"{gate.strength:g}; a blend has no exact form in joint attention")
+
+    def dit_streams(self, context: torch.Tensor, chunks: Sequence[int], latent_hw: tuple[int, int], patch: int):
+        """What one DiT call needs for the two text streams (``productscene.dit``), or None when
+        no gate acts on any row of this call: ``(free [B, Nf, C], free_valid [B], product [B, P],
+        gated [B] bool)``. ``context``: the call's T ``[B, Nt, C]``; each row is matched to the gate
+        whose conditioning it carries (every cond row when the gate names none); rows of no gate
+        carry the first gate's F, unseen by their image tokens."""
+        self.check_dit()
+        b = context.shape[0]
+        chunks = tuple(chunks) if chunks and b % len(chunks) == 0 else (0,)
+        per_chunk = b // len(chunks)
+        self.check_batch(per_chunk)
+        owner = [-1] * b
+        for g, rows in enumerate(self.gated_rows(chunks, b, context)):
+            if self.gates[g].strength == 0.0:
+                continue
+            for r in rows.tolist():
+                owner[r] = g if owner[r] < 0 else owner[r]
+        if all(o < 0 for o in owner):
+            return None
+        width = max(g.free_context.shape[1] for g in self.gates)
+        free = context.new_zeros(b, width, context.shape[-1])
+        valid = torch.zeros(b, dtype=torch.long)
+        product = torch.zeros(b, *(-(-int(s) // patch) for s in latent_hw), dtype=torch.bool).flatten(1)
+        for r in range(b):
+            gate = self.gates[max(owner[r], 0)]
+            rows = gate.free_context.shape[1]
+            free[r, :rows] = gate.free_context[0].to(device=context.device, dtype=context.dtype)
+            valid[r] = rows
+            if owner[r] >= 0:
+                tokens = gate.region.dit_tokens(latent_hw, patch)
+                product[r] = tokens[0 if tokens.shape[0] == 1 else r % per_chunk].cpu()
+        gated = torch.tensor([o >= 0 for o in owner])
+        return free, valid, product.to(context.device), gated
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerInfo,
                  kernel: Kernel = sdpa, project: Projector | None = None) -> torch.Tensor:
