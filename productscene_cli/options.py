@@ -69,7 +69,7 @@ def run_options(args, ckpt: str, resume=None) -> RunOptions:
                       autocast=args.autocast, gradient_checkpoint=args.gradient_checkpointing, world=world)
 
 
-DISTRIBUTED = ("train-categories", "train-personality")  # the commands that run on several ranks
+DISTRIBUTED = ("train-categories", "train-personality", "train-concepts")  # the commands that run on several ranks
 
 
 def checked_training_inputs(args):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from productscene.errors import ProductSceneError
 from productscene.images import alpha, as_tensor, luminance, open_image, rgb
+from productscene.train import distributed
 from productscene.train.recipes.concepts import (ConceptConfig, check_concept_outputs, concept_names, prepare_scene,
                                                  train_concepts)
 
@@ -104,6 +105,8 @@ def prior_options(args, size: tuple[int, int]) -> dict:
 
 
 def run(args) -> int:
+    if distributed.restarted() and not args.resume:  # torchrun restarted the job: it resumes by itself
+        args.resume = True
     check_model_checkpoint(args.checkpoint)
     image, masks = read_scene(args.image, args.mask)
     prior = prior_options(args, (image.shape[2], image.shape[1]))
@@ -128,9 +131,12 @@ def run(args) -> int:
     done = train_interruptibly(lambda bars, should_stop: train_concepts(
         host_mod.ComfyTrainingHost(model, clip, vae), image, masks, args.out, config, options,
         history_path=args.history or stem + ".loss.json", class_images=prior.get("class_images"),
-        progress=bars.progress, should_stop=should_stop, **files), ckpt, config.phase1_steps + config.phase2_steps)
+        progress=bars.progress, should_stop=should_stop, **files), ckpt, config.phase1_steps + config.phase2_steps,
+        main=options.ranks.is_main)
     if done is None:
         return 130
+    if not options.ranks.is_main:  # rank 0 wrote the files and says so
+        return 0
     print(f"wrote {done.tokens}: {', '.join(done.recipe.names)}; LoRA {done.lora}; embeddings "
           f"{', '.join(os.path.basename(p) for p in done.embeddings.values())}; {trained(done.result, ckpt)}")
     return 0

@@ -1,5 +1,5 @@
 """The command-line trainers under PyTorch's ``torchrun`` on the CPU (gloo): two ranks with batch b
-each train what one process with batch 2b trains, a SIGTERM stops both after the same step and one
+each train what one process with batch 2b trains (categories, personality, concepts), a SIGTERM stops both after the same step and one
 process resumes to the same end, a killed rank stops the other with an error naming it, the
 latent cache encodes every image once across ranks, and the README's one-node and two-node
 commands run (two nodes simulated on loopback with two ``torchrun`` invocations).
@@ -8,7 +8,8 @@ Float tolerance: the ranks' gradients are summed in a different order than one p
 batch, so the trained tensors match within float32 rounding, which AdamW's division by sqrt(v)
 turns into a visible step where a gradient entry is near zero (an update there is lr x the sign of
 rounding noise). Measured after 3-4 steps: mean absolute difference over every trainable element
-~1e-6, largest ~5e-5 (categories, identifier lr 5e-3) and ~9e-5 (personality, lr 1e-3). The tests
+~1e-6, largest ~5e-5 (categories, identifier lr 5e-3) and ~9e-5 (personality, lr 1e-3); concepts
+(token lr 5e-3, LoRA lr 1e-3, 3 steps): mean ~2e-9, largest ~1.3e-5. The tests
 allow a mean of MEAN_TOL = 1e-5 (1% of one step at lr 1e-3) and a largest of MAX_TOL = 5e-4, and
 show the tolerance tells runs apart: a run with other data or more steps is over 10 x MEAN_TOL off.
 """
@@ -263,6 +264,61 @@ def test_two_ranks_train_the_personality_adapter_one_process_trains_with_the_tot
     assert _gap(one, _params(_state(alone))) > 10 * MEAN_TOL
 
 
+@pytest.fixture
+def scene(tmp_path):
+    """One 64 px image with two coloured squares and their masks (white = the concept)."""
+    img = np.full((64, 64, 3), 128, np.uint8)
+    masks = []
+    for i, (box, colour) in enumerate((((8, 32, 8, 32), (220, 30, 30)), ((36, 60, 30, 58), (30, 30, 220)))):
+        y0, y1, x0, x1 = box
+        img[y0:y1, x0:x1] = colour
+        m = np.zeros((64, 64), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        Image.fromarray(m).save(tmp_path / f"mask{i}.png")
+        masks.append(tmp_path / f"mask{i}.png")
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    return tmp_path / "scene.png", masks
+
+
+def test_two_ranks_train_the_concepts_one_process_trains_with_the_total_batch(scene, tmp_path, default_model_files):
+    """Break-A-Scene: 2 ranks with batch 1 (the README's one-node command) against one process with
+    batch 2, same seed: the same concept tokens and LoRA after 1 phase-1 step and 2 phase-2 steps
+    (concept subsets, flips, noise and timesteps drawn alike; tolerance MEAN_TOL / MAX_TOL as above;
+    learning rates raised 10x so 3 steps move the tokens and LoRA well beyond it: one process with
+    batch 1 ends 1.3e-3 away, over 100 x MEAN_TOL). Rank 0 alone writes, and the files say 2 ranks of
+    batch 1 made a total batch of 2."""
+    image, masks = scene
+
+    def args(out, batch):
+        return ["train-concepts", "--checkpoint", default_model_files[0], "--image", image, "--mask", masks[0],
+                "--mask", masks[1], "--names", "red,blue", "--out", out, "--phase1-steps", 1, "--phase2-steps", 2,
+                "--resolution", 64, "--batch-size", batch, "--lr-phase1", 5e-3, "--lr-phase2", 1e-3, "--cpu"]
+    single, pair = tmp_path / "single.safetensors", tmp_path / "pair.safetensors"
+    done = cli(*args(single, 2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = cli(*args(pair, 1), launcher=one_node(2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "training on 2 ranks (gloo): batch 1 per rank, 2 per step" in two.stderr, two.stderr[-2000:]
+    assert two.stdout.count("wrote") == 1 and f"wrote {pair}" in two.stdout
+    summary = TokenLibrary.open(pair).training
+    assert summary["ranks"] == 2 and summary["total_batch"] == 2 and summary["config"]["batch_size"] == 1
+    assert TokenLibrary.open(single).training["total_batch"] == 2
+    one, both = _params(_state(single)), _params(_state(pair))
+    assert any("lora" in k for k in one) and any("lora" not in k for k in one), sorted(one)
+    assert _gap(one, both) <= MEAN_TOL
+    # the written files too: the token vectors and the LoRA file
+    a, b = TokenLibrary.open(single), TokenLibrary.open(pair)
+    assert _gap({n: a.vectors(n)["clip_l"] for n in a.names}, {n: b.vectors(n)["clip_l"] for n in b.names}) <= MEAN_TOL
+    lora_a, lora_b = (load_file(str(tmp_path / f"{s}.lora.safetensors")) for s in ("single", "pair"))
+    assert _gap(lora_a, lora_b) <= MEAN_TOL
+    # ranks that did not split the global batch (each training on its own first row) would end where
+    # one process with batch 1 ends: far outside the tolerance
+    alone = tmp_path / "alone.safetensors"
+    done = cli(*args(alone, 1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _gap(one, _params(_state(alone))) > 10 * MEAN_TOL
+
+
 def _rank_pids(parent: int) -> dict[int, int]:
     """``{rank: pid}`` of the workers torchrun (process ``parent``) started."""
     out = {}
@@ -413,10 +469,9 @@ def test_the_engine_on_two_ranks_matches_one_process_and_a_stop_on_one_rank_stop
     assert [r["steps"] for r in ranks] == [4, 4] and all(r["cancelled"] for r in ranks)
     assert torch.equal(ranks[0]["w"], ranks[1]["w"]) and ranks[0]["history"] == ranks[1]["history"]
 
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("toy_engine", script)
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
+    toy = {"__name__": "toy_engine"}  # the same source in this process (TOY itself, not the file)
+    exec(compile(TOY, "toy_engine", "exec"), toy)
+    toy = type("Toy", (), {"train": staticmethod(toy["train"])})
     from productscene.train import distributed
     one, w_one = toy.train(distributed.SINGLE, 4, stop_rank=0, stop_at=4)
     assert one.steps_done == 4

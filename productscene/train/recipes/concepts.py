@@ -22,6 +22,14 @@ masked loss's on the world base), phase 1's 5e-4 (tokens only, the same in both 
 Horizontal flip with p = 0.5 (image latent encoded once flipped and once not, never a VAE pass per
 step), batch size >= 1, optional prior preservation on class images.
 
+Several ranks (``torchrun``, :mod:`..distributed`): ``batch_size`` is per rank; every rank draws the
+whole global batch (concept subsets, flips, noise, timesteps) from the same seeded generator and
+keeps its own rows, so the draws are those of one process with the total batch. Both losses are
+means over the rank's rows and every rank has as many rows, so the mean of the ranks' losses (and
+gradients, which the engine averages) is the one-process loss over the global batch. The prior
+sample is one per step, drawn alike on every rank (the same term on each, so its mean is itself).
+Only rank 0 writes the token library, the LoRA, the textual-inversion files and the loss history.
+
 The result is a token library (the category-library format, names = the concept placeholders, so
 Category Tokens and Concept Tokens read it alike), the LoRA as a ComfyUI LoRA file (full-UNet
 training: a ``.diff`` file LoraLoader applies), one textual-inversion file per token and the loss
@@ -44,6 +52,7 @@ from ...errors import ProductSceneError
 from ...files import save_safetensors_atomic, write_bytes_atomic
 from ...library import TokenLibrary
 from ...prompt import Prompt, init_vectors
+from .. import distributed
 from ..engine import Phase, TrainResult, training_mode
 from ..lora import DEFAULT_TARGETS, LoRA
 from ..losses import attention_loss, masked_diffusion_loss
@@ -290,12 +299,13 @@ class ConceptRecipe:
 
     def batch(self, step: int, generator: torch.Generator):
         b = int(self.config.batch_size)
-        drawn = [draw_concepts(len(self.names), generator) for _ in range(b)]
-        flips = (torch.rand(b, generator=generator) < float(self.config.flip_p)).long()
-        shape = (b,) + tuple(self.data.latents.shape[1:])
-        noise = torch.randn(shape, generator=generator)
-        t = torch.randint(self.t_range[0], self.t_range[1], (b,), generator=generator)
-        out = {"drawn": drawn, "flips": flips, "noise": noise, "timesteps": t}
+        n = distributed.global_rows(b)  # several ranks: the global batch is drawn, this rank's rows kept
+        drawn = distributed.local_rows([draw_concepts(len(self.names), generator) for _ in range(n)], b)
+        flips = (torch.rand(n, generator=generator) < float(self.config.flip_p)).long()
+        noise = torch.randn((n,) + tuple(self.data.latents.shape[1:]), generator=generator)
+        t = torch.randint(self.t_range[0], self.t_range[1], (n,), generator=generator)
+        out = {"drawn": drawn, "flips": distributed.local_rows(flips, b), "noise": distributed.local_rows(noise, b),
+               "timesteps": distributed.local_rows(t, b)}
         if self.data.prior_latents is not None and self.config.prior_weight > 0:
             pi = torch.randint(len(self.data.prior_latents), (1,), generator=generator)
             out["prior"] = (pi, torch.randn((1,) + tuple(self.data.prior_latents.shape[1:]), generator=generator),
@@ -510,6 +520,10 @@ def train_concepts(host: DiffusionHost, image: torch.Tensor, masks: torch.Tensor
     summary = trained.summary("concepts", options.seed, recipe.describe()["config"], concepts=names,
                               image_size=list(img.shape[1:3]))
     vectors = recipe.token_vectors()
+    if not options.ranks.is_main:  # the other ranks hold the same tokens and LoRA; rank 0 writes
+        return ConceptRun(os.fspath(out_path), os.fspath(lora_path) if lora_path is not None and unet_sd else None,
+                          dict(ti_paths), os.fspath(history_path) if history_path is not None else None,
+                          trained.result, recipe, trained.graph)
     lora_file = None
     if lora_path is not None and unet_sd:
         save_safetensors_atomic(unet_sd, lora_path, {"concepts": json.dumps(names), "base_family": json.dumps(host.family),
