@@ -17,7 +17,8 @@ from importlib import import_module
 import pytest
 import torch
 
-from productscene.personality import PersonalityAdapter, neutral_fill
+from productscene.ipadapter import load_adapter
+from productscene.personality import neutral_fill
 from productscene.train.datasets import open_dataset
 from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
 from devkit.clip_vision import build_clip_vision
@@ -65,7 +66,7 @@ def style_losses(world, host, run, tmp):
     from productscene.train.datasets import LatentCache
 
     recipe = run.recipe
-    recipe.adapter = PersonalityAdapter.load(run.adapter).to(host.device).eval()  # the file, as a user gets it
+    recipe.adapter = load_adapter(run.adapter).to(host.device).eval()  # the file, as a user gets it
     train = open_dataset(world.data, "bg60k", "train")
     held = open_dataset(world.data, "bg60k", "test")
     cats = list(world.categories)
