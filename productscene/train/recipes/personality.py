@@ -250,8 +250,9 @@ def initial_from_ipadapter(path, family: str, layers: Mapping[tuple, torch.nn.Mo
     """The IP-Adapter file at ``path`` as the adapter a run fine-tunes (``initial`` of
     :func:`train_personality_adapter`), its pairs mapped onto the model's cross-attention ``layers``
     in IP-Adapter's processor order; raises (naming ``what``) for a file that is no IP-Adapter, one
-    for another family or layout, or one for another CLIP vision width."""
-    adapter = IPAdapterPersonality.load(path, {k: m.to_k.weight.shape[0] for k, m in layers.items()}, family, what)
+    for another family or layout, or one for another CLIP vision width. Call it before any work."""
+    with training_mode():  # trainable tensors even inside a host's inference mode
+        adapter = IPAdapterPersonality.load(path, {k: m.to_k.weight.shape[0] for k, m in layers.items()}, family, what)
     check_initial(adapter, family, layers, vision_width, what)
     return adapter
 
