@@ -39,7 +39,10 @@ SEED = 0
 # 1000 steps at lr 1.5e-3: +15.0/+34.7/+13.9/+32.0%; at 3e-3: +14.6/+34.6/+14.2/+30.3%;
 # 600 steps at 3e-3: +2.7/+27.3/+12.6/+17.6% (the meadow reference then helps every style)
 STEPS = 1000
-STEPS_IPA = 1000  # from the IP-Adapter file (measured: see the module docstring)
+# from the IP-Adapter file: the same run as from scratch. NOT YET MEASURED to completion (the shared
+# 2-core machine ran ~3 steps a minute when this was written; a step costs about 1.2x a from-scratch
+# step there, the resampler being small beside the UNet); fewer steps only once measured
+STEPS_IPA = 1000
 LR = 1.5e-3
 T_MIN, T_MAX = 200, 900
 MARGIN = 0.05
