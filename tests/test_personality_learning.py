@@ -40,8 +40,7 @@ SEED = 0
 # 600 steps at 3e-3: +2.7/+27.3/+12.6/+17.6% (the meadow reference then helps every style)
 STEPS = 1000
 # from the IP-Adapter file: the same run as from scratch. NOT YET MEASURED to completion (the shared
-# 2-core machine ran ~3 steps a minute when this was written; a step costs about 1.2x a from-scratch
-# step there, the resampler being small beside the UNet); fewer steps only once measured
+# 2-core machine ran about 3 steps a minute when this was written); fewer steps only once measured
 STEPS_IPA = 1000
 LR = 1.5e-3
 T_MIN, T_MAX = 200, 900
