@@ -154,3 +154,32 @@ def apply(model, ipadapter, weight: float = 1.0, seed: int = 0, start_at: float 
     pos, neg = states if states is not None else clip_vision_states(seed)
     node = nodes.NODE_CLASS_MAPPINGS["IPAdapterEmbeds"]()
     return node.apply_ipadapter(model, ipadapter, pos, weight, "linear", start_at, end_at, neg_embed=neg)[0]
+
+
+def write_training_start(path, layers: dict, vision_width: int, *, tokens: int = 16, dim: int = 768, depth: int = 4,
+                         heads: int = 12, ff_mult: int = 4, seed: int = 0) -> Path:
+    """A 'plus' IP-Adapter file for ANY UNet as IP-Adapter's own training starts one (its
+    tutorial_train_plus.py): a perceiver resampler of torch's default initialisation with latents
+    ``randn / sqrt(dim)``, and each cross-attention layer's ``to_k_ip``/``to_v_ip`` copied from that
+    layer's own text ``to_k``/``to_v``; ``layers`` is ``{attn2 key: attn2 module}`` of the model.
+    The keys and format are the released files' (``image_proj.*``, ``ip_adapter.<2i+1>.to_k_ip`` in
+    IP-Adapter's processor order, fp16, no metadata). The defaults are ip-adapter-plus_sd15's sizes
+    (16 tokens, dim 768, depth 4, 12 heads); ``vision_width`` is the CLIP-vision states' width.
+    Written with our own projection class, whose keys the loader checks against IPAdapter_plus's."""
+    from productscene.ipadapter import ResamplerProjection, processor_order
+
+    modules = {tuple(k): m for k, m in layers.items()}
+    context_dim = next(iter(modules.values())).to_k.weight.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projection = ResamplerProjection(vision_width, dim, tokens, context_dim, depth, heads, 64, ff_mult)
+        with torch.no_grad():
+            projection.latents.copy_(torch.randn(1, tokens, dim) / dim ** 0.5)
+    tensors = {f"image_proj.{k}": v for k, v in projection.state_dict().items()}
+    for i, key in enumerate(processor_order(modules)):
+        tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = modules[key].to_k.weight.detach()
+        tensors[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = modules[key].to_v.weight.detach()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+    return path

@@ -68,14 +68,19 @@ def _safetensors(folder: str) -> list[str]:
         return []
 
 
+def ipadapter_files(folder: str) -> list[str]:
+    """The IP-Adapter files of a model folder (by their keys)."""
+    names = []
+    for name in _safetensors(folder):
+        path = folder_paths.get_full_path(folder, name)
+        if path and is_ipadapter(path):
+            names.append(name)
+    return names
+
+
 def list_adapters() -> list[str]:
     """Files of models/personality_adapters, and the IP-Adapter files of models/ipadapter (by their keys)."""
-    names = set(_safetensors(PERSONALITY_FOLDER))
-    for name in _safetensors(IPADAPTER_FOLDER):
-        path = folder_paths.get_full_path(IPADAPTER_FOLDER, name)
-        if name not in names and path and is_ipadapter(path):
-            names.add(name)
-    return sorted(names)
+    return sorted(set(_safetensors(PERSONALITY_FOLDER)) | set(ipadapter_files(IPADAPTER_FOLDER)))
 
 
 def adapter_path(name: str) -> str:

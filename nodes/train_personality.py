@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
+from productscene.errors import ProductSceneError
+from productscene.ipadapter import inspect_file
+from productscene.train.recipes.personality import PersonalityConfig, initial_from_ipadapter, train_personality_adapter
 from .host import cross_attention_layers
-from .paths import PERSONALITY_FOLDER
+from .paths import IPADAPTER_FOLDER, PERSONALITY_FOLDER
+from .personality import adapter_path, ipadapter_files
 from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, run_options, work_folder
 from .training_host import ComfyProgress, ComfyTrainingHost
 
@@ -28,6 +31,30 @@ def vision_encoder(clip_vision, output: str = "penultimate_hidden_states"):
 
 def vision_width(clip_vision, output: str = "penultimate_hidden_states") -> int:
     return int(clip_vision.encode_image(torch.zeros(1, 64, 64, 3), crop=False)[output].shape[-1])
+
+
+NONE = "none"
+
+
+def start_files() -> list[str]:
+    """What the node can fine-tune: "none" (a new adapter), then the IP-Adapter files of
+    models/personality_adapters (fine-tuned ones) and models/ipadapter."""
+    return [NONE] + sorted(set(ipadapter_files(PERSONALITY_FOLDER)) | set(ipadapter_files(IPADAPTER_FOLDER)))
+
+
+def start_file(name: str) -> tuple[str, str] | None:
+    """``(path, kind)`` of the IP-Adapter file ``name`` to fine-tune (None for "none"), from its
+    header: raises for a file that is missing or no IP-Adapter, before any work."""
+    if name in (None, "", NONE):
+        return None
+    if not isinstance(name, str):
+        raise ProductSceneError(f"from_ipadapter: expected a file name or {NONE!r}, got {type(name).__name__}")
+    try:
+        path = adapter_path(name)
+    except ProductSceneError:
+        raise ProductSceneError(f"from_ipadapter: {name!r} is in neither models/personality_adapters nor "
+                                f"models/ipadapter; pick an IP-Adapter file or {NONE!r}") from None
+    return path, inspect_file(path, "from_ipadapter")[1]
 
 
 class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
@@ -65,6 +92,12 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
                                 tooltip="The one training prompt. Name no style: the reference is what should carry it."),
                 *run_inputs("my_personality", "Adapter file name written to models/personality_adapters (.safetensors added).",
                             "data order, augmentation", "the training prompt with the first image's background as reference"),
+                io.Combo.Input("from_ipadapter", options=start_files(), default=NONE, optional=True,
+                               tooltip="Fine-tune this IP-Adapter file (from models/ipadapter, or one fine-tuned before "
+                                       "in models/personality_adapters) on your data instead of starting a new adapter: "
+                                       "ip-adapter_sd15 / ip-adapter-plus_sd15 for an SD1.5 model, the SDXL files for "
+                                       "SDXL. The result keeps the IP-Adapter layout and its token count (tokens is "
+                                       "ignored). Use the CLIP vision model the file was made for. none: a new adapter."),
             ],
             outputs=[
                 io.String.Output(display_name="adapter", tooltip="File name of the written adapter in models/personality_adapters."),
@@ -74,17 +107,20 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, data_folder, layout, steps, lr, tokens, resolution, batch_size,
-                prompt, output_name, checkpoint_every, resume, seed, preview_every=0) -> io.NodeOutput:
+                prompt, output_name, checkpoint_every, resume, seed, preview_every=0, from_ipadapter=NONE) -> io.NodeOutput:
+        start = start_file(from_ipadapter)  # the file to fine-tune, checked before anything else
         name, out, state = node_outputs(PERSONALITY_FOLDER, output_name, ".personality-checkpoint.safetensors", resume)
         data = resolve_data(data_folder)
         config = PersonalityConfig(tokens=tokens, prompt=prompt, batch_size=batch_size, resolution=resolution,
                                    steps=steps, lr=lr)
         host = ComfyTrainingHost(model, clip, vae)
+        output = "image_embeds" if start is not None and start[1] == "linear" else "penultimate_hidden_states"
+        layers, width = cross_attention_layers(host.model), vision_width(clip_vision, output)
+        initial = None if start is None else initial_from_ipadapter(start[0], host.family, layers, width)
         run = train_personality_adapter(
             host, data, out, config, run_options(steps, state, checkpoint_every, resume, seed, preview_every),
-            encode_vision=vision_encoder(clip_vision), vision_width=vision_width(clip_vision),
-            layers=cross_attention_layers(host.model), layout=layout, cache_dir=work_folder("latent_cache"),
-            latent_progress=ComfyProgress(1))
+            encode_vision=vision_encoder(clip_vision, output), vision_width=width, layers=layers, initial=initial,
+            layout=layout, cache_dir=work_folder("latent_cache"), latent_progress=ComfyProgress(1))
         return io.NodeOutput(name, finished(run).graph)
 
 

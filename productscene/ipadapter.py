@@ -16,7 +16,14 @@ Kinds (recognised by their keys, not their names):
   ``depth`` blocks. Patches of the reference's own product are masked out of that attention.
 
 The ``ip_adapter.<2i+1>.to_k_ip`` pairs are numbered in the order diffusers lists the attention
-processors: down blocks, up blocks, then the middle block (:func:`layer_order`).
+processors (each transformer block's self-attention is the even number before its cross-attention):
+down blocks, up blocks, then the middle block (:func:`processor_order`). The file does not say which
+UNet layout it was made for; the pairs map onto the model's own cross-attention layers in that
+order (``layers`` of :meth:`IPAdapterPersonality.load`), so a file fits exactly the UNets with its
+number of cross-attention layers of its widths (ip-adapter_sd15: SD1.5's 16; the SDXL files: SDXL's
+70). Without the model the released layout of the file's family is assumed (:func:`layer_order`).
+A fine-tuned file we write also names its layers in the metadata ``layers`` (JSON ``{key: inner
+width}`` in processor order), so it loads without the model whatever its layout.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 from .errors import ProductSceneError
 from .files import load_tensors, read_header, save_safetensors_atomic
 from .library import FAMILIES
-from .personality import PersonalityAdapter, layer_name
+from .personality import PersonalityAdapter, layer_key, layer_name
 
 UNSUPPORTED = {  # key present -> the IP-Adapter variant it marks, which needs more than CLIP vision
     "image_proj.proj.3.weight": "'full' (MLP projection, ip-adapter-full-face)",
@@ -40,8 +47,21 @@ UNSUPPORTED = {  # key present -> the IP-Adapter variant it marks, which needs m
 }
 
 
+def processor_order(keys) -> list[tuple]:
+    """Cross-attention layer keys (``("input", 4, 0)``, ...) in IP-Adapter's attention-processor
+    order: down (input) blocks, up (output) blocks, then the middle block, each by block and
+    transformer index. The i-th key is the file's ``ip_adapter.<2i+1>`` pair."""
+    rank = {"input": 0, "output": 1, "middle": 2}
+    keys = [tuple(k) for k in keys]
+    unknown = [k for k in keys if k[0] not in rank]
+    if unknown:
+        raise ProductSceneError(f"model: cross-attention layer {unknown[0]} is in no input, output or middle block")
+    return sorted(keys, key=lambda k: (rank[k[0]], int(k[1]), int(k[2])))
+
+
 def layer_order(family: str) -> list[tuple]:
-    """Our layer keys in the order of the file's ``ip_adapter.<2i+1>`` pairs."""
+    """The layer keys of the family's released IP-Adapter files (the full SD1.5 / SDXL UNet), in
+    the order of the file's ``ip_adapter.<2i+1>`` pairs."""
     if family in ("sd15", "sd2"):
         return ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("output", i, 0) for i in range(3, 12)]
                 + [("middle", 0, 0)])
@@ -167,33 +187,46 @@ class IPAdapterPersonality(PersonalityAdapter):
         tensors = {f"image_proj.{k}": v.detach().float().contiguous().cpu()
                    for k, v in self.projection.state_dict().items()}
         projections = self.projections()
-        for i, key in enumerate(layer_order(self.family)):
+        order = processor_order(projections)
+        for i, key in enumerate(order):
             to_k, to_v = projections[key]
             tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = to_k.weight.detach().float().contiguous().cpu()
             tensors[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = to_v.weight.detach().float().contiguous().cpu()
         meta = {"family": self.family, "kind": self.kind,
+                "layers": json.dumps({layer_name(k): self.layer_widths[layer_name(k)] for k in order}),
                 "training": json.dumps(training if training is not None else self.training_summary)}
         save_safetensors_atomic(tensors, path, meta, kind="ipadapter_personality", version=1)
         return os.fspath(path)
 
     @classmethod
-    def load(cls, path) -> "IPAdapterPersonality":
+    def load(cls, path, layers: Mapping[tuple, int] | None = None, family: str | None = None,
+             what: str = "adapter") -> "IPAdapterPersonality":
+        """The file as an adapter. ``layers``: ``{key: inner width}`` of the model it will act on;
+        the file's pairs then map onto those layers in processor order, and a file with another
+        number of pairs is refused. ``family``: the model's family (a file for another is refused
+        first). ``what``: the input named in errors."""
         base = os.path.basename(os.fspath(path))
-        meta, index = read_header(path)
-        for key, what in UNSUPPORTED.items():
-            if key in index:
-                raise ProductSceneError(f"adapter: {base} is an IP-Adapter {what} file; Personality Reference takes "
-                                        "the plain and the 'plus' IP-Adapter files (CLIP vision only)")
-        if "ip_adapter.1.to_k_ip.weight" not in index:
-            raise ProductSceneError(f"adapter: {base} is not an IP-Adapter file (no ip_adapter.1.to_k_ip.weight)")
+        file_family, _ = inspect_file(path, what)
+        if family is not None and family != file_family:
+            raise ProductSceneError(f"{what}: {base} is an IP-Adapter for {file_family}, but the model is {family}")
+        meta, _ = read_header(path)
         tensors = load_tensors(path)
         context_dim = tensors["ip_adapter.1.to_k_ip.weight"].shape[1]
-        family = _family_of(context_dim, base)
-        order = layer_order(family)
         pairs = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("ip_adapter.")})
+        if layers is not None:
+            order, layout = processor_order(layers), "the model has"
+        elif meta.get("layers"):
+            try:
+                order, layout = processor_order(layer_key(n) for n in json.loads(meta["layers"])), "its metadata names"
+            except (ValueError, TypeError, AttributeError):
+                raise ProductSceneError(f"{what}: {base} has malformed 'layers' metadata") from None
+        else:
+            order, layout = layer_order(file_family), f"{file_family}'s released IP-Adapters have"
         if pairs != [2 * i + 1 for i in range(len(order))]:
-            raise ProductSceneError(f"adapter: {base} holds {len(pairs)} to_k_ip/to_v_ip pairs; an {family} IP-Adapter "
-                                    f"has {len(order)}")
+            raise ProductSceneError(
+                f"{what}: {base} holds {len(pairs)} to_k_ip/to_v_ip pairs, but {layout} {len(order)} cross-attention "
+                f"layers; an IP-Adapter fits only a UNet of the layout it was made for (ip-adapter_sd15: SD1.5's "
+                f"16 layers, the SDXL files: SDXL's 70)")
         widths = {layer_name(key): tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"].shape[0]
                   for i, key in enumerate(order)}
         proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
@@ -211,15 +244,15 @@ class IPAdapterPersonality(PersonalityAdapter):
             tokens = proj["proj.weight"].shape[0] // context_dim
             projection = LinearProjection(vision_width, tokens, context_dim)
         else:
-            raise ProductSceneError(f"adapter: {base} has an image projection of an unknown IP-Adapter kind")
+            raise ProductSceneError(f"{what}: {base} has an image projection of an unknown IP-Adapter kind")
         try:
             training = json.loads(meta.get("training") or "null") or {"source": "ip-adapter", "kind": kind, "file": base}
         except ValueError:
             raise ProductSceneError(f"{base}: malformed 'training' metadata") from None
-        adapter = cls(family, kind, projection, int(vision_width), widths, int(tokens), training)
+        adapter = cls(file_family, kind, projection, int(vision_width), widths, int(tokens), training)
         expected = projection.state_dict()
         if set(expected) != set(proj) or any(proj[k].shape != v.shape for k, v in expected.items()):
-            raise ProductSceneError(f"adapter: {base}'s image projection does not have the shapes of an IP-Adapter "
+            raise ProductSceneError(f"{what}: {base}'s image projection does not have the shapes of an IP-Adapter "
                                     f"{kind} projection")
         projection.load_state_dict({k: v.float() for k, v in proj.items()})
         with torch.no_grad():
@@ -228,6 +261,23 @@ class IPAdapterPersonality(PersonalityAdapter):
                 to_k.weight.copy_(tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"].float())
                 to_v.weight.copy_(tensors[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"].float())
         return adapter
+
+
+def inspect_file(path, what: str = "adapter") -> tuple[str, str]:
+    """``(family, kind)`` of an IP-Adapter file from its header alone; raises for a file that is no
+    IP-Adapter, a variant that needs more than CLIP vision, or a context width of no family."""
+    base = os.path.basename(os.fspath(path))
+    _, index = read_header(path)
+    for key, variant in UNSUPPORTED.items():
+        if key in index:
+            raise ProductSceneError(f"{what}: {base} is an IP-Adapter {variant} file; Personality Reference takes "
+                                    "the plain and the 'plus' IP-Adapter files (CLIP vision only)")
+    if "ip_adapter.1.to_k_ip.weight" not in index or not any(k.startswith("image_proj.") for k in index):
+        raise ProductSceneError(f"{what}: {base} is not an IP-Adapter file (no ip_adapter.1.to_k_ip.weight and "
+                                "image_proj.* tensors)")
+    shape = index["ip_adapter.1.to_k_ip.weight"][1]
+    family = _family_of(int(shape[-1]), f"{what}: {base}")
+    return family, "plus" if "image_proj.latents" in index else "linear"
 
 
 def load_adapter(path) -> PersonalityAdapter:

@@ -1,8 +1,8 @@
 """``train-personality``: learn a personality adapter self-supervised from a data set."""
 from __future__ import annotations
 
-from productscene.ipadapter import IPAdapterPersonality
-from productscene.train.recipes.personality import PersonalityConfig, train_personality_adapter
+from productscene.ipadapter import inspect_file
+from productscene.train.recipes.personality import PersonalityConfig, initial_from_ipadapter, train_personality_adapter
 
 from . import comfyui
 from .model_files import check_clip_vision, check_ipadapter
@@ -41,9 +41,9 @@ def run(args) -> int:
     background is its reference): the command-line twin of the Train Personality Adapter node, on
     the same core run. Only the adapter trains; the model and both encoders stay frozen."""
     check_clip_vision(args.clip_vision)
-    initial = None
-    if args.from_ipadapter is not None:
-        initial = IPAdapterPersonality.load(check_ipadapter(args.from_ipadapter))
+    kind = None
+    if args.from_ipadapter is not None:  # its kind and family from the header, before any model loads
+        _, kind = inspect_file(check_ipadapter(args.from_ipadapter), "from-ipadapter")
     config = PersonalityConfig(tokens=args.tokens, prompt=args.prompt, batch_size=args.batch_size,
                                resolution=args.resolution, steps=args.steps, lr=args.lr)
     checked = checked_training_inputs(args)  # every data problem before any model work
@@ -56,11 +56,13 @@ def run(args) -> int:
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     clip_vision = comfyui.load_clip_vision(args.clip_vision)
     host = pack.nodes.training_host.ComfyTrainingHost(model, clip, vae)
-    output = "penultimate_hidden_states" if initial is None else initial.vision_output
+    output = "image_embeds" if kind == "linear" else "penultimate_hidden_states"
+    layers, width = pack.nodes.host.cross_attention_layers(host.model), node.vision_width(clip_vision, output)
+    initial = None if kind is None else initial_from_ipadapter(args.from_ipadapter, host.family, layers, width,
+                                                               "from-ipadapter")
     done = train_interruptibly(lambda bars, should_stop: train_personality_adapter(
         host, dataset, args.out, config, options, encode_vision=node.vision_encoder(clip_vision, output),
-        vision_width=node.vision_width(clip_vision, output), layers=pack.nodes.host.cross_attention_layers(host.model),
-        initial=initial,
+        vision_width=width, layers=layers, initial=initial,
         layout=args.layout, split=args.split, checked=report, cache_dir=args.cache_dir or default_cache(),
         latent_progress=bars.latent_progress, license=args.license, progress=bars.progress,
         should_stop=should_stop), ckpt, args.steps, images=len(dataset), main=options.ranks.is_main)

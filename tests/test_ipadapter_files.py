@@ -20,7 +20,7 @@ import torch
 
 from productscene.attention import LayerInfo, ProductRegion, sdpa
 from productscene.errors import ProductSceneError
-from productscene.ipadapter import IPAdapterPersonality, layer_order
+from productscene.ipadapter import IPAdapterPersonality, layer_order, load_adapter, processor_order
 from devkit import comfy_env, ipadapter
 from devkit.clip_vision import build_clip_vision
 from devkit.models import encode, full_layout_unet, tiny
@@ -80,6 +80,7 @@ def test_an_ipadapter_file_computes_what_ipadapter_plus_computes_off_the_product
     g = torch.Generator().manual_seed(0)
     their_keys, our_keys = ipadapter.patched_keys(family), layer_order(family)
     assert set(our_keys) == set(layers) and len(their_keys) == len(our_keys) == (16 if family == "sd15" else 70)
+    assert processor_order(reversed(list(layers))) == our_keys  # the model's layers in processor order
     for index, (their_key, our_key) in enumerate(zip(their_keys, our_keys)):
         attn2 = layers[our_key]
         q = torch.randn(2, hw[0] * hw[1], attn2.to_k.out_features, generator=g)
@@ -167,3 +168,45 @@ def test_with_an_ipadapter_file_the_references_product_is_left_out_and_reference
                                                              negative_reference=negative).result[0]
     injection = model.model_options["transformer_options"][host.SCENE_KEY].injections[0]
     assert torch.equal(injection.tokens, ref.tokens) and torch.equal(injection.negative, negative.tokens)
+
+
+def test_an_ipadapter_file_maps_onto_any_models_layers_in_processor_order_and_refuses_another_layout(tmp_path):
+    """A file of the released format for another UNet (the tiny SD1.5 layout) loads onto that model's
+    cross-attention layers in IP-Adapter's processor order (pair 2i+1 -> the i-th layer: each
+    to_k_ip here is its layer's own to_k); fine-tuned and written, it names its layers and loads
+    without the model. A released SD1.5-layout file is refused on that model, and without a model
+    the released layout is assumed, naming the counts."""
+    from productscene.train.recipes.personality import initial_from_ipadapter
+
+    tm = tiny("sd15")
+    layers = host.cross_attention_layers(tm.model)
+    assert len(layers) != 16
+    path = ipadapter.write_training_start(tmp_path / "ipa_tiny.safetensors", layers, 64, tokens=4, dim=64, depth=1,
+                                          heads=1)
+    adapter = initial_from_ipadapter(path, "sd15", layers, 64)
+    assert set(adapter.projections()) == set(layers)
+    for i, key in enumerate(processor_order(layers)):  # input blocks, output blocks, then the middle
+        to_k, to_v = adapter.projections()[key]
+        torch.testing.assert_close(to_k.weight, layers[key].to_k.weight.half().float(), atol=0, rtol=0)
+        torch.testing.assert_close(to_v.weight, layers[key].to_v.weight.half().float(), atol=0, rtol=0)
+    assert processor_order(layers)[-1][0] == "middle" and processor_order(layers)[0][0] == "input"
+
+    saved = adapter.save(tmp_path / "tuned.safetensors")
+    again = load_adapter(saved)  # no model: its metadata names the layers
+    assert isinstance(again, IPAdapterPersonality) and again.layer_widths == adapter.layer_widths
+    for key, (to_k, _) in again.projections().items():
+        assert torch.equal(to_k.weight, adapter.projections()[key][0].weight)
+
+    with pytest.raises(ProductSceneError, match=r"^adapter: ipa_tiny.safetensors holds %d to_k_ip/to_v_ip pairs, "
+                                                r"but sd15's released IP-Adapters have 16" % len(layers)):
+        IPAdapterPersonality.load(path)
+    released = ipadapter.write_plus_model("sd15", host.cross_attention_layers(full_layout_unet("sd15")),
+                                          "ipa_released_layout.safetensors", seed=1, kind="plus", vision_width=64)
+    import folder_paths
+    released_path = folder_paths.get_full_path("ipadapter", released)
+    with pytest.raises(ProductSceneError, match=r"^from_ipadapter: ipa_released_layout.safetensors holds 16 "
+                                                r"to_k_ip/to_v_ip pairs, but the model has %d" % len(layers)):
+        initial_from_ipadapter(released_path, "sd15", layers, 64)
+    with pytest.raises(ProductSceneError, match=r"^from_ipadapter: ipa_released_layout.safetensors is an IP-Adapter "
+                                                r"for sd15, but the model is sdxl"):
+        initial_from_ipadapter(released_path, "sdxl", layers, 64)

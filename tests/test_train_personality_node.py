@@ -80,3 +80,66 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes(pack, sd15, tmp
     with torch.inference_mode():
         name = node.execute(**_kwargs(sd15, data, steps=5, output_name="cancel_personality", resume=True)).args[0]
     assert PersonalityAdapter.load(os.path.join(tp.adapter_folder(), name)).training_summary["steps"] == 5
+
+
+def _write_start(pack, layers, name, **size):
+    """An IP-Adapter file (released key names, IP-Adapter's training initialisation) for ``layers``
+    in models/ipadapter; returns its path."""
+    import folder_paths
+    from devkit import ipadapter
+
+    folder = folder_paths.get_folder_paths(pack.nodes.paths.IPADAPTER_FOLDER)[0]
+    path = ipadapter.write_training_start(os.path.join(folder, name), layers, 64, **size)
+    folder_paths.filename_list_cache.clear()
+    return str(path)
+
+
+def test_node_fine_tunes_an_ipadapter_file_from_its_weights(pack, sd15, tmp_path):
+    """from_ipadapter: the run starts from the file's weights (after one AdamW step every tensor is
+    within one learning rate of the file's; a new adapter's start would be far off) and the result
+    keeps the IP-Adapter layout and its token count; the combo offers the file and "none". A file
+    that is no IP-Adapter, one for another family and one of another layout are refused before any
+    work (nothing written)."""
+    from safetensors.torch import load_file
+    from productscene.ipadapter import IPAdapterPersonality, load_adapter
+
+    node = pack.nodes.train_personality.ProductSceneTrainPersonalityAdapter
+    tp = pack.nodes.train_personality
+    layers = pack.nodes.host.cross_attention_layers(sd15.model)
+    start = _write_start(pack, layers, "node_start_ipa.safetensors", tokens=8, dim=128, depth=2, heads=2)
+    combo = next(i for i in node.define_schema().inputs if i.id == "from_ipadapter")
+    assert combo.options[0] == "none" and "node_start_ipa.safetensors" in combo.options and combo.tooltip
+    data = write_data(tmp_path / "data")
+    lr = 1e-3
+    with torch.inference_mode():
+        name = node.execute(**_kwargs(sd15, data, steps=1, lr=lr, output_name="node_from_ipa",
+                                      from_ipadapter="node_start_ipa.safetensors")).args[0]
+    out = os.path.join(tp.adapter_folder(), name)
+    tuned = load_adapter(out)
+    assert isinstance(tuned, IPAdapterPersonality) and tuned.kind == "plus" and tuned.n_tokens == 8  # not tokens=4
+    assert tuned.training_summary["steps"] == 1
+    before = {k: v.float() for k, v in load_file(start).items()}
+    after = load_file(out)
+    assert set(after) == set(before)  # still an IP-Adapter file
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    assert max(moved.values()) <= 1.1 * lr, max(moved.items(), key=lambda kv: kv[1])
+    assert max(moved.values()) > 0.1 * lr  # and it trained
+    # a fine-tuned file is offered as a start too
+    assert name in tp.start_files()
+
+    class Layer:  # an SDXL-wide layer: 2048-wide context
+        to_k = to_v = torch.nn.Linear(2048, 640, bias=False)
+
+    _write_start(pack, {("input", 4, 0): Layer()}, "node_sdxl_ipa.safetensors", tokens=4, dim=64, depth=1, heads=1)
+    other_layout = dict(list(layers.items())[:-1])
+    _write_start(pack, other_layout, "node_layout_ipa.safetensors", tokens=4, dim=64, depth=1, heads=1)
+    PersonalityAdapter.for_layers("sd15", 64, layers, tokens=4).save(
+        os.path.join(tp.adapter_folder(), "node_not_ipa.safetensors"))
+    for start_name, said in (("node_not_ipa.safetensors", "node_not_ipa.safetensors is not an IP-Adapter file"),
+                             ("node_sdxl_ipa.safetensors", "is an IP-Adapter for sdxl, but the model is sd15"),
+                             ("node_layout_ipa.safetensors",
+                              f"holds {len(layers) - 1} to_k_ip/to_v_ip pairs, but the model has {len(layers)}"),
+                             ("nope.safetensors", "in neither models/personality_adapters nor models/ipadapter")):
+        with torch.inference_mode(), pytest.raises(ProductSceneError, match="^from_ipadapter: .*" + said):
+            node.execute(**_kwargs(sd15, data, steps=1, output_name="node_refused", from_ipadapter=start_name))
+        assert not os.path.exists(os.path.join(tp.adapter_folder(), "node_refused.safetensors"))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ...attention import SceneAttention
 from ...errors import ProductSceneError
+from ...ipadapter import IPAdapterPersonality
 from ...personality import DEFAULT_TOKENS, PersonalityAdapter, neutral_fill, patch_keep
 from ...prompt import Prompt
 from .. import distributed
@@ -236,14 +237,26 @@ class PersonalityRun:
 
 
 def check_initial(adapter: PersonalityAdapter, family: str, layers: Mapping[tuple, torch.nn.Module],
-                  vision_width: int) -> None:
+                  vision_width: int, what: str = "from_ipadapter") -> None:
     """Raise unless ``adapter`` fits the model (family, every layer and width) and the CLIP vision width."""
     if adapter.family != family:
-        raise ProductSceneError(f"from_ipadapter: the file is for {adapter.family}, but the model is {family}")
-    adapter.check_layers({k: m.to_k.weight.shape[0] for k, m in layers.items()}, "from_ipadapter")
+        raise ProductSceneError(f"{what}: the file is for {adapter.family}, but the model is {family}")
+    adapter.check_layers({k: m.to_k.weight.shape[0] for k, m in layers.items()}, what)
     if adapter.vision_width != vision_width:
-        raise ProductSceneError(f"from_ipadapter: the file expects {adapter.vision_width}-wide CLIP vision features, "
+        raise ProductSceneError(f"{what}: the file expects {adapter.vision_width}-wide CLIP vision features, "
                                 f"the CLIP vision model gives {vision_width}; use the CLIP vision model it was made for")
+
+
+def initial_from_ipadapter(path, family: str, layers: Mapping[tuple, torch.nn.Module], vision_width: int,
+                           what: str = "from_ipadapter") -> PersonalityAdapter:
+    """The IP-Adapter file at ``path`` as the adapter a run fine-tunes (``initial`` of
+    :func:`train_personality_adapter`), its pairs mapped onto the model's cross-attention ``layers``
+    in IP-Adapter's processor order; raises (naming ``what``) for a file that is no IP-Adapter, one
+    for another family or layout, or one for another CLIP vision width. Call it before any work."""
+    with training_mode():  # trainable tensors even inside a host's inference mode
+        adapter = IPAdapterPersonality.load(path, {k: m.to_k.weight.shape[0] for k, m in layers.items()}, family, what)
+    check_initial(adapter, family, layers, vision_width, what)
+    return adapter
 
 
 def train_personality_adapter(host: DiffusionHost, data, out_path, config: PersonalityConfig,
