@@ -283,18 +283,16 @@ def test_train_personality_refuses_bad_input_before_loading_a_model(
     clip_vision = tmp_path / "nope.safetensors" if bad == "missing clip-vision" else clip_vision_file
     data = _broken_image(dataset) if bad == "broken image" else dataset
     out = tmp_path / "brand.safetensors"
-    t0 = time.monotonic()
     done = run_cli(*_personality_args(data, library if bad == "library as checkpoint" else checkpoint,
                                       clip_vision, out, tmp_path))
     assert done.returncode == code, done.stderr[-3000:]
     for text in said:
         assert text in done.stderr, done.stderr[-2000:]
     # no model was loaded: nothing but the refusal on stderr (ComfyUI's start-up warnings come first
-    # otherwise), no latent encoded, nothing written, and quickly
+    # otherwise), no latent encoded, nothing written
     assert "Traceback" not in done.stderr and "WARNING" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "cache").exists() and not out.exists()
     assert not (tmp_path / "brand.checkpoint.safetensors").exists()
-    assert time.monotonic() - t0 < 60
 
 
 def test_train_personality_ctrl_c_keeps_the_last_completed_step_and_resume_finishes(
