@@ -120,7 +120,8 @@ def atomic_path(path):
     needs no random name or a file made ahead (what tempfile.mkstemp costs)."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):       # one stat where the folder exists (the batch's many outputs)
+        os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f"{temp_prefix(name)}{os.getpid()}.{next(_serial)}{TEMP_SUFFIX}")
     try:
         yield tmp
