@@ -177,6 +177,12 @@ def foreign_after_walker(options: dict, family: str) -> list[str]:
     return found
 
 
+def _masks_rows(mask) -> bool:
+    """An attention mask that hides some text rows. Z-Image's encoder always adds one, all ones for
+    a plain prompt; ComfyUI itself passes it on only when it hides something (numel != sum)."""
+    return mask is not None and torch.numel(mask) != float(mask.sum())
+
+
 def _check_dit_before_sampling(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
     """Before the first step: masks against the latent, the gate's conditioning among the positive
     ones, no attention mask in the conditioning (it would be replaced), nothing the walker skips."""
@@ -190,7 +196,7 @@ def _check_dit_before_sampling(executor, noise, latent_image, sampler, sigmas, *
         conds = getattr(guider, "conds", None) or {}
         scene.check_contexts([c.get("cross_attn") for c in conds.get("positive", [])])
         for name, cs in conds.items():
-            if any(c.get("attention_mask") is not None for c in cs):
+            if any(_masks_rows(c.get("attention_mask")) for c in cs):
                 raise ProductSceneError(
                     f"conditioning: the {name} conditioning carries an attention mask (a regional or masked "
                     "prompt); Masked Category Attention on a DiT sets the attention mask itself. Remove the "

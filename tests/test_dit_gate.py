@@ -278,9 +278,14 @@ def test_refused_before_sampling_what_would_lose_its_effect():
         run(m, conditioning("zimage", t, f), conditioning("zimage", f * 0.5, f))
     t, f = prompts("flux", 0)
     m = gated_model("flux", CategoryGate(product_mask(), f, contexts=[t]))
-    masked = [[t, dict(conditioning("flux", t, f)[0][1], attention_mask=torch.ones(1, 8, 8))]]
+    hides = torch.ones(1, 8, 8)
+    hides[..., -2:] = 0      # a regional prompt's mask hides some rows: it would be replaced
+    masked = [[t, dict(conditioning("flux", t, f)[0][1], attention_mask=hides)]]
     with pytest.raises(ProductSceneError, match="attention mask"):
         run(m, masked, conditioning("flux", f * 0.5, f))
+    # an all-ones mask hides nothing (Z-Image's encoder adds one to every prompt): accepted
+    plain = [[t, dict(conditioning("flux", t, f)[0][1], attention_mask=torch.ones(1, 8, 8))]]
+    assert torch.isfinite(run(m, plain, conditioning("flux", f * 0.5, f))).all()
     other, _ = prompts("flux", 1)
     with pytest.raises(ProductSceneError, match="Category Tokens"):
         run(m, conditioning("flux", other * 2.0, f), conditioning("flux", f * 0.5, f))
