@@ -22,9 +22,8 @@ import math
 import torch
 
 from . import comfy_env  # noqa: F401  (sys.path, CPU, quiet logging)
-from .models import _quiet, init_weights
+from .models import _patcher
 
-import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models as sm
 
@@ -53,17 +52,6 @@ def zimage_config(dim: int = 256, heads: int = 4, layers: int = 2, refiners: int
                 n_refiner_layers=refiners, qk_norm=True, n_heads=heads, n_kv_heads=heads,
                 axes_dims=[a, rest, head - a - rest], axes_lens=[1536, 512, 512], rope_theta=256.0,
                 ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
-
-
-def _patcher(config_class, cfg: dict, seed: int, dtype=torch.float32):
-    mc = config_class(cfg)
-    mc.set_inference_dtype(dtype, None)
-    with _quiet():
-        model = mc.get_model({}, "", device=mm.unet_offload_device())
-    init_weights(model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
 
 
 @functools.cache

@@ -264,9 +264,11 @@ SD2_FULL_UNET = dict(SD15_FULL_UNET, use_linear_in_transformer=True, context_dim
 _FULL_UNETS = {"sd15": SD15_FULL_UNET, "sd2": SD2_FULL_UNET, "sdxl": SDXL_FULL_UNET}
 
 
-def _patcher(family: str, cfg: dict, seed: int) -> "comfy.model_patcher.ModelPatcher":
-    mc = {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family](cfg)
-    mc.set_inference_dtype(torch.float32, None)
+def _patcher(family, cfg: dict, seed: int, dtype=torch.float32) -> "comfy.model_patcher.ModelPatcher":
+    """A model of ComfyUI's ``family`` (a UNet family name, or a supported_models class) with seeded weights."""
+    config_class = {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}.get(family, family)
+    mc = config_class(cfg)
+    mc.set_inference_dtype(dtype, None)
     with _quiet():
         model = mc.get_model({}, "", device=mm.unet_offload_device())
     init_weights(model, seed)

@@ -37,6 +37,7 @@ from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
 from productscene.library import TokenLibrary
 from productscene.personality import PersonalityAdapter
 from productscene.train.engine import read_checkpoint_info
+from tests.support.cli_progress import read_until_step
 
 MEAN_TOL, MAX_TOL = 1e-5, 5e-4
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` of this interpreter
@@ -219,18 +220,11 @@ def test_two_ranks_train_what_one_process_trains_with_the_total_batch_and_sigter
 
 
 def _wait_for_step(proc, min_step: int) -> str:
-    seen = b""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-        steps = [int(m) for m in re.findall(rb"training:\s+\d+%\|[^|]*\|\s*(\d+)/", seen)]
-        if steps and steps[-1] >= min_step:
-            return seen.decode(errors="replace")
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(seen.decode(errors="replace")[-3000:])
+    reached, seen = read_until_step(proc, min_step)
+    if not reached:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(seen.decode(errors="replace")[-3000:])
+    return seen.decode(errors="replace")
 
 
 @pytest.fixture(scope="module")

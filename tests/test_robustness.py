@@ -22,6 +22,7 @@ from productscene.errors import ProductSceneError
 from productscene.library import TokenLibrary
 from productscene.train.engine import read_checkpoint_info
 from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
+from tests.support.cli_progress import read_until_step
 from tests.test_workflows import _link_into
 
 TRAIN_API = REPO_ROOT / "workflows" / "api" / "category_library_training.json"
@@ -185,19 +186,11 @@ def test_cli_refuses_a_library_given_as_the_model_checkpoint(tmp_path, default_m
 
 def _start_training(args, tmp_path, min_step: int):
     """Start the command line; return (process, stderr so far) once training passed ``min_step``."""
-    import re
     proc = subprocess.Popen([sys.executable, "-m", "productscene", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_cli_env(PRODUCTSCENE_PROGRESS="1"), cwd=REPO_ROOT)
-    seen = b""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-        steps = [int(m) for m in re.findall(rb"training:\s+\d+%\|[^|]*\|\s*(\d+)/", seen)]
-        if steps and steps[-1] >= min_step:
-            return proc, seen
+    reached, seen = read_until_step(proc, min_step)
+    if reached:
+        return proc, seen
     proc.kill()
     raise AssertionError(seen.decode(errors="replace")[-3000:])
 
