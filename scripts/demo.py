@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from devkit import default_model  # noqa: E402
 from productscene.batch import PROVENANCE_NAME, BatchRun, Options, Row, check_job, read_provenance  # noqa: E402
-from productscene.batch.fidelity import product_fidelity  # noqa: E402
+from productscene.batch.fidelity import ProductPixels  # noqa: E402
 from productscene.client import ComfyClient  # noqa: E402
 from productscene.errors import ProductSceneError  # noqa: E402
 from productscene.files import read_header  # noqa: E402
@@ -305,7 +305,7 @@ def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, 
 
 def _check(path: Path, uploaded: Image.Image, label: str, seconds: float) -> tuple[Image.Image, str, bool]:
     result = Image.open(path)
-    same, total, changed = product_fidelity(uploaded, result)
+    same, total, changed = ProductPixels(uploaded).compare(result)
     note = f"product pixels unchanged {same}/{total}; background changed {changed:.0%}"
     log(f"  {label:<40} -> {path}  ({note}; {seconds:.1f} s on the server)")
     return result, note, same == total and total > 0
