@@ -136,3 +136,14 @@ def test_no_run_of_six_lines_is_written_twice_in_the_core_or_the_adapters():
             seen[tuple(window)].append(f"{path.relative_to(ROOT)}:{lines[k][0]}")
     repeats = {places[0]: places[1:] for places in seen.values() if len(places) > 1}
     assert not repeats, "\n".join(f"{first} again at {', '.join(rest)}" for first, rest in repeats.items())
+
+
+def test_every_script_imports():
+    """Each script's imports resolve (``--help`` runs them and exits): a name the scripts use can
+    not be removed from the core unnoticed (the demo once called a deleted fidelity function)."""
+    import subprocess
+    import sys
+    for script in ("demo.py",):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
