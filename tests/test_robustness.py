@@ -155,12 +155,10 @@ def _train_args(data, checkpoint, out, tmp_path, steps=2):
 def test_cli_out_that_cannot_be_written_is_refused_before_any_model_work(tmp_path, default_model_files):
     data = _cutouts(tmp_path / "data")
     (tmp_path / "afile").write_text("x")
-    t0 = time.monotonic()
     done = run_cli(*_train_args(data, default_model_files[0], tmp_path / "afile" / "lib.safetensors", tmp_path))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--out" in done.stderr and "'afile' on its way is a file" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "cache").exists()  # no latent was encoded
-    assert time.monotonic() - t0 < 60
 
 
 def test_cli_never_replaces_an_existing_library_without_overwrite(tmp_path, default_model_files):
