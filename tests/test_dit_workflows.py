@@ -1,0 +1,96 @@
+"""The Flux.1 and Z-Image category-background workflows (workflows/api/category_background_flux.json,
+category_background_z_image.json) through a real ComfyUI server, run AS SHIPPED: the loaders
+(UNETLoader, DualCLIPLoader / CLIPLoader, VAELoader), their file names (flux1-dev.safetensors,
+clip_l.safetensors + t5xxl_fp16.safetensors, z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors,
+ae.safetensors) and the family's sampler settings are the file's; the test binds only the product,
+the category, the seed and the step count (2, to keep the CPU run short).
+
+How tiny files go through ComfyUI's loaders: ComfyUI's detection fixes the real widths (Flux: 24
+heads of 128 whatever img_in holds; Z-Image: recognised at width 3840 only) and builds T5-XXL and
+Qwen3-4B from fixed configs (4.7B / 4B parameters), so neither the real sizes (many GB, minutes per
+step on CPU; a 3072-wide one-block Flux alone is a ~1 GB file) nor small files unchanged can run
+here. devkit/dit_files.py writes the tiny files (ComfyUI's own classes, devkit/dit_models.py and
+devkit/dit_text.py) with their small config in the safetensors metadata
+(``productscene.devkit.tiny_config``); this test's server also loads devkit/tiny_dit_loaders, a
+TEST-ONLY custom node folder (never in the pack) whose import makes ComfyUI's UNet detection and
+CLIP loader honour that marker, for marked files only. The VAE needs no help: a full-size VAE of
+Flux's ``ae`` layout (random weights) is detected by its keys. Everything else is ComfyUI's own
+code: the nodes, the tokenizers, the encoders, sampling.
+
+Evidence: every product pixel of the output equals the input's (bit-identical), the background is
+generated anew, and two categories give two backgrounds. Also the marker changes nothing for
+unmarked files (the shim passes them to ComfyUI's own functions)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devkit import comfy_env, dit_files
+from tests.test_workflows import ROOT, SAMPLE, _run, _upload
+
+pytestmark = pytest.mark.host
+
+API = {"flux": ROOT / "workflows" / "api" / "category_background_flux.json",
+       "z_image": ROOT / "workflows" / "api" / "category_background_z_image.json"}
+LOADERS = ROOT / "devkit" / "tiny_dit_loaders"
+
+
+@pytest.fixture(scope="module")
+def dit_model_files():
+    """The tiny files of both families, built once and cached (.cache/productscene/dit-files-<v>/)."""
+    dit_files.ensure(log=lambda *_: None)
+    return {family: dit_files.files(family) for family in dit_files.FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def dit_server(dit_model_files):
+    """A real ComfyUI server with the pack, the test-only loader shim and both families' files."""
+    from devkit.launcher import ComfyServer
+    from tests.conftest import TORCH_THREADS
+
+    models: dict[str, list] = {}
+    for per_family in dit_model_files.values():
+        for folder, paths in per_family.items():
+            models.setdefault(folder, [])
+            models[folder] += [p for p in paths if p not in models[folder]]
+    threads = str(TORCH_THREADS)
+    with ComfyServer(comfy_env.COMFYUI_DIR, models=models, extra_custom_nodes=[LOADERS],
+                     cpu=True if comfy_env.FORCE_CPU else None,
+                     env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as server:
+        yield server, server.client()
+
+
+def test_shipped_file_names_are_the_tiny_files_names(dit_model_files):
+    """The test runs the workflows' own file names: the tiny files carry them."""
+    for family, api_path in API.items():
+        api = json.loads(api_path.read_text())
+        names = {v for n in api.values() for k, v in n["inputs"].items()
+                 if k in ("unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "library")}
+        have = {p.name for paths in dit_model_files[family].values() for p in paths}
+        assert names == have, family
+
+
+@pytest.mark.parametrize("family", list(API))
+def test_dit_workflow_end_to_end(dit_server, family, tmp_path):
+    server, client = dit_server
+    product = Image.open(SAMPLE).convert("RGBA").resize((96, 96), Image.LANCZOS)
+    uploaded = _upload(client, product, tmp_path / f"ps_test_{family}_product.png")
+    rgba = np.asarray(product)
+    rgb, inside, outside = rgba[..., :3], rgba[..., 3] == 255, rgba[..., 3] == 0
+    assert inside.sum() > 100 and outside.sum() > 100
+
+    api = json.loads(API[family].read_text())
+    results = {c: _run(client, api, {"product": uploaded, "category": c, "Sampler.steps": 2, "seed": 7})
+               for c in ("perfume", "tools")}
+    for category, out in results.items():
+        assert out.shape == rgb.shape, category
+        assert np.array_equal(out[inside], rgb[inside]), f"{family}/{category}: product pixels changed"
+        changed = (out[outside] != rgb[outside]).any(-1).mean()
+        assert changed > 0.5, f"{family}/{category}: only {changed:.0%} of the background changed"
+    a, b = results["perfume"], results["tools"]
+    assert (a[outside] != b[outside]).any(-1).mean() > 0.1, f"{family}: two categories gave one background"
+    assert np.array_equal(a[inside], b[inside])
