@@ -208,7 +208,7 @@ def category_background_flux() -> Image.Image:
 
 
 def category_background_z_image() -> Image.Image:
-    return category_background("Category background (Z-Image)", "Z-Image", "perfume_bottle.png", "perfume",
+    return category_background("Category background (ZImage)", "Z-Image", "perfume_bottle.png", "perfume",
                                ((236, 226, 206), (190, 160, 120)))
 
 
