@@ -18,8 +18,9 @@ Flux's ``ae`` layout (random weights) is detected by its keys. Everything else i
 code: the nodes, the tokenizers, the encoders, sampling.
 
 Evidence: every product pixel of the output equals the input's (bit-identical), the background is
-generated anew, and two categories give two backgrounds. Also the marker changes nothing for
-unmarked files (the shim passes them to ComfyUI's own functions)."""
+generated anew, and two categories give two backgrounds. The shim itself: a marked file gets its
+config, an unmarked one goes to ComfyUI's own function unchanged (and the unmarked VAE loads in
+the same server)."""
 from __future__ import annotations
 
 import json
@@ -94,3 +95,35 @@ def test_dit_workflow_end_to_end(dit_server, family, tmp_path):
     a, b = results["perfume"], results["tools"]
     assert (a[outside] != b[outside]).any(-1).mean() > 0.1, f"{family}: two categories gave one background"
     assert np.array_equal(a[inside], b[inside])
+
+
+def test_loader_shim_teaches_marked_files_only(dit_model_files, monkeypatch):
+    """ComfyUI's own detection fixes the real widths (why the shim exists); the shim gives a marked
+    file its own config and family class and hands an unmarked one to ComfyUI's function as is.
+    Called directly here (``devkit.tiny_dit_loaders`` installs nothing when imported by the tests)."""
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.utils
+    from devkit import dit_text, tiny_dit_loaders as shim
+
+    assert comfy.model_detection.model_config_from_unet is not shim.model_config_from_unet  # not installed here
+    for family, cls, width in (("flux", "Flux", ("hidden_size", 64)), ("z_image", "ZImage", ("dim", 256))):
+        sd, meta = comfy.utils.load_torch_file(str(dit_model_files[family]["diffusion_models"][0]), return_metadata=True)
+        own = comfy.model_detection.model_config_from_unet(sd, "", metadata=meta)
+        mine = shim.model_config_from_unet(sd, "", metadata=meta)
+        plain = shim.model_config_from_unet(sd, "", metadata={k: v for k, v in meta.items() if k != shim.MARKER})
+        assert type(mine).__name__ == cls and mine.unet_config[width[0]] == width[1], family
+        assert type(plain) is type(own) and plain.unet_config == own.unet_config, family
+        if family == "flux":  # 24 heads of 128 whatever the file's width: a 64-wide file cannot be built
+            assert own.unet_config["num_heads"] == 24 and own.unet_config["hidden_size"] == 64
+            assert mine.unet_config["num_heads"] == 2
+        else:  # recognised as Z-Image only at width 3840
+            assert type(own).__name__ != "ZImage"
+
+    seen = []
+    monkeypatch.setattr(shim, "_load_clip", lambda paths, *a, **kw: seen.append(kw.get("model_options")))
+    vae = dit_model_files["flux"]["vae"][0]
+    shim.load_clip([*dit_model_files["flux"]["text_encoders"], vae], clip_type=comfy.sd.CLIPType.FLUX,
+                   model_options={"dtype": "kept"})
+    shim.load_clip([vae], clip_type=comfy.sd.CLIPType.FLUX, model_options={"dtype": "kept"})
+    assert seen == [{"dtype": "kept", **dit_text.FLUX_OPTIONS}, {"dtype": "kept"}]

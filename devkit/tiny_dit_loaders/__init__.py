@@ -17,6 +17,7 @@ devkit/dit_files.py)::
 * ``comfy.sd.load_clip`` (CLIPLoader, DualCLIPLoader): for marked files, their ``model_options``
   (ComfyUI's own config-override options) are added; otherwise unchanged.
 
+Imported as ``devkit.tiny_dit_loaders`` (tests) it installs nothing: call :func:`install`.
 Everything after that is ComfyUI's own code path (weights loading, the encoders' classes and
 tokenizers, sampling). Files without the marker load exactly as before.
 """
@@ -91,5 +92,13 @@ def load_clip(ckpt_paths, *args, model_options=None, **kwargs):
     return _load_clip(ckpt_paths, *args, model_options=options, **kwargs)
 
 
-comfy.model_detection.model_config_from_unet = model_config_from_unet
-comfy.sd.load_clip = load_clip
+def install() -> None:
+    """Put the two wrappers in ComfyUI's modules (what ComfyUI's import of this folder does)."""
+    comfy.model_detection.model_config_from_unet = model_config_from_unet
+    comfy.sd.load_clip = load_clip
+
+
+# ComfyUI imports this folder under its path; the tests import ``devkit.tiny_dit_loaders`` to call
+# the wrappers directly, without changing the test process's ComfyUI
+if __name__ != "devkit.tiny_dit_loaders":
+    install()
