@@ -1,7 +1,7 @@
 """The files a Flux.1 or Z-Image user puts in ComfyUI's model folders, tiny, for the DiT workflows'
 server test (tests/test_dit_workflows.py) and the demo's family detection.
 
-ComfyUI's file loaders fix the real widths (Flux detection: 24 heads of 128; Z-Image: width 3840;
+ComfyUI's file loaders fix the real widths (Flux detection: heads of 128, 24 of them on 0.3.75; Z-Image: width 3840;
 the T5-XXL and Qwen3-4B encoders from fixed JSON configs, 4.7B / 4B parameters), so a small model
 cannot go through them unchanged. Each small file therefore carries its small config in its
 safetensors metadata under ``productscene.devkit.tiny_config`` (see devkit/tiny_dit_loaders: a

@@ -1,8 +1,8 @@
 """TEST-ONLY ComfyUI custom node folder (never shipped in the pack; devkit.launcher links it into a
 test server's custom_nodes/ when asked: ``ComfyServer(..., extra_custom_nodes=[FOLDER])``).
 
-ComfyUI's file loaders fix the real widths of the DiT families: Flux detection sets 24 heads of 128
-whatever the file holds, Z-Image is recognised only at width 3840, and the T5-XXL, CLIP-L and
+ComfyUI's file loaders fix the real widths of the DiT families: Flux detection sets heads of 128 (24 of
+them on ComfyUI 0.3.75 whatever the file holds), Z-Image is recognised only at width 3840, and the T5-XXL, CLIP-L and
 Qwen3-4B text encoders are built from fixed JSON configs (4.7B and 4B parameters). Importing this
 folder teaches ComfyUI's loaders the small configs of devkit's tiny files, and only of those: a
 file carries them in its safetensors metadata under :data:`MARKER` (JSON, written by
