@@ -127,3 +127,53 @@ def test_loader_shim_teaches_marked_files_only(dit_model_files, monkeypatch):
                    model_options={"dtype": "kept"})
     shim.load_clip([vae], clip_type=comfy.sd.CLIPType.FLUX, model_options={"dtype": "kept"})
     assert seen == [{"dtype": "kept", **dit_text.FLUX_OPTIONS}, {"dtype": "kept"}]
+
+
+def test_demo_picks_the_workflow_by_the_detected_family(dit_model_files, default_model_files, tmp_path, capsys):
+    """scripts/demo.py reads a model file's weight names (header only, no model loads) and runs the
+    family's workflow: the tiny files and the default SD checkpoint, and small fake key sets for
+    what no file here holds (Flux.1 schnell, Flux.2, a checkpoint with the text encoder inside)."""
+    from scripts import demo
+    from productscene.files import save_safetensors_atomic
+    import torch
+
+    assert demo.family_of_model_file(dit_model_files["flux"]["diffusion_models"][0]) == "flux"
+    assert demo.family_of_model_file(dit_model_files["z_image"]["diffusion_models"][0]) == "z_image"
+    assert demo.family_of_model_file(Path(default_model_files[0])) == "sd"
+    for family in ("sd", "flux", "z_image"):
+        assert json.loads(demo.FAMILY_WORKFLOWS[family].read_text())  # the shipped twin
+    assert demo.FAMILY_WORKFLOWS["flux"] == API["flux"] and demo.FAMILY_WORKFLOWS["z_image"] == API["z_image"]
+    # the settings the demo binds by title exist in the family's workflow
+    from productscene.graph import target
+    for family, inputs in demo.TEXT_ENCODER_INPUTS.items():
+        api = json.loads(demo.FAMILY_WORKFLOWS[family].read_text())
+        for key in (*inputs, "Diffusion model.unet_name", "VAE.vae_name", "Category prompt.library",
+                    "Sampler.steps", "Sampler.cfg"):
+            target(api, key)
+    assert (demo.FAMILY_SETTINGS["flux"], demo.FAMILY_SETTINGS["z_image"]) == ({"steps": 20, "cfg": 1.0},
+                                                                                 {"steps": 8, "cfg": 1.0})
+
+    flux = {"img_in.weight": (3072, 64), "double_blocks.0.img_attn.norm.key_norm.scale": (128,),
+            "guidance_in.in_layer.weight": (3072, 256)}
+    assert demo.family_of_keys(flux) == "flux"
+    assert demo.family_of_keys({k: v for k, v in flux.items() if not k.startswith("guidance")}) == "flux_schnell"
+    assert demo.family_of_keys({f"model.diffusion_model.{k}": v for k, v in flux.items()}) == "flux"
+    assert demo.family_of_keys({**flux, "double_stream_modulation_img.lin.weight": (1,)}) is None  # Flux.2
+    assert demo.family_of_keys({"cap_embedder.1.weight": (3840, 2560), "cap_pad_token": (3840,)}) == "z_image"
+    assert demo.family_of_keys({"cap_embedder.1.weight": (2304, 2304)}) is None  # Lumina 2
+    assert demo.family_of_keys({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}) == "sd"
+
+    allinone = tmp_path / "flux1-dev-fp8.safetensors"
+    save_safetensors_atomic({f"model.diffusion_model.{k}": torch.zeros(1) for k in flux}
+                            | {"text_encoders.t5xxl.x": torch.zeros(1)}, allinone)
+    with pytest.raises(demo.DemoError, match="separate"):
+        demo.family_of_model_file(allinone)
+    other = tmp_path / "other.safetensors"
+    save_safetensors_atomic({"foo.weight": torch.zeros(1)}, other)
+    with pytest.raises(demo.DemoError, match="neither"):
+        demo.family_of_model_file(other)
+    # a DiT model without its text encoders: the demo says what to give before starting anything
+    assert demo.main(["--checkpoint", str(dit_model_files["z_image"]["diffusion_models"][0]),
+                      "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a z_image diffusion model" in err and "qwen_3_4b.safetensors" in err, err
