@@ -177,3 +177,18 @@ def test_demo_picks_the_workflow_by_the_detected_family(dit_model_files, default
                       "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "is a z_image diffusion model" in err and "qwen_3_4b.safetensors" in err, err
+
+
+def test_launcher_links_extra_custom_node_folders(tmp_path):
+    """``ComfyServer(extra_custom_nodes=...)``: each folder linked into custom_nodes/ under its own
+    name beside the pack; a folder that is no custom node (no __init__.py) is refused up front."""
+    from devkit.launcher import ComfyServer
+    from productscene.errors import ProductSceneError
+
+    server = ComfyServer(comfy_env.COMFYUI_DIR, extra_custom_nodes=[LOADERS], base_dir=tmp_path / "base")
+    server._prepare()
+    nodes = tmp_path / "base" / "custom_nodes"
+    assert (nodes / "tiny_dit_loaders").resolve() == LOADERS
+    assert (nodes / "productscene_pack_under_test").resolve() == comfy_env.REPO_ROOT
+    with pytest.raises(ProductSceneError, match="extra_custom_nodes"):
+        ComfyServer(comfy_env.COMFYUI_DIR, extra_custom_nodes=[tmp_path])
