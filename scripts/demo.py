@@ -396,7 +396,9 @@ def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, 
         raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
     summary = BatchRun(job, log=log).run()
     if summary.failed:
-        raise DemoError(f"{workflow.name} failed in ComfyUI (is the checkpoint a usable SD1.5 checkpoint?):\n"
+        hint = "a usable SD1.5 checkpoint" if workflow == WORKFLOW or workflow == BRAND_WORKFLOW else \
+            "the family's diffusion model, with its text encoders and VAE"
+        raise DemoError(f"{workflow.name} failed in ComfyUI (is the checkpoint {hint}?):\n"
                         + summary.message())
     return {rec["output"]: rec["timings"] for rec in read_provenance(out_dir / PROVENANCE_NAME)}
 
