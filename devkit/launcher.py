@@ -100,12 +100,15 @@ class ComfyServer:
       timeout: seconds to wait until ``GET /object_info`` answers.
       base_dir: use this (existing or new) directory as base instead of a temporary one (kept).
       env: extra environment variables for the server.
+      extra_custom_nodes: more custom node folders linked into ``custom_nodes/`` under their own
+        names (test-only ones such as devkit/tiny_dit_loaders, never part of the pack).
     """
 
     def __init__(self, comfyui_dir, *, pack_dir=PACK_ROOT, pack_name: str = DEFAULT_PACK_NAME,
                  models: dict | None = None, inputs=(), python: str | None = None, cpu: bool | None = None,
                  extra_args=(), timeout: float = 180.0, host: str = "127.0.0.1",
-                 base_dir=None, env: dict | None = None, disable_api_nodes: bool = True):
+                 base_dir=None, env: dict | None = None, disable_api_nodes: bool = True,
+                 extra_custom_nodes=()):
         self.comfyui_dir = Path(comfyui_dir).resolve()
         if not (self.comfyui_dir / "main.py").is_file():
             raise ProductSceneError(f"comfyui_dir: expected a ComfyUI tree with main.py, got {self.comfyui_dir}")
@@ -117,6 +120,10 @@ class ComfyServer:
                 "pack is tested the way users install it")
         self.models = {k: [Path(p) for p in v] for k, v in (models or {}).items()}
         self.inputs = [Path(p) for p in inputs]
+        self.extra_custom_nodes = [Path(p).resolve() for p in extra_custom_nodes]
+        for folder in self.extra_custom_nodes:
+            if not (folder / "__init__.py").is_file():
+                raise ProductSceneError(f"extra_custom_nodes: expected a custom node folder with __init__.py, got {folder}")
         self.python = python or sys.executable
         self.cpu = cpu
         self._use_cpu: bool | None = None if cpu is None else bool(cpu)
@@ -160,6 +167,9 @@ class ComfyServer:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         if self.pack_dir is not None and not self.pack_path.exists():
             _place(self.pack_dir, self.pack_path)
+        for folder in self.extra_custom_nodes:
+            if not (self.custom_nodes_dir / folder.name).exists():
+                _place(folder, self.custom_nodes_dir / folder.name)
         for folder, files in self.models.items():
             for f in files:
                 if not f.exists():

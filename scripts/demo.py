@@ -12,6 +12,12 @@ writes ``<out>/<product>.png``, ``<out>/provenance.jsonl`` and ``<out>/contact_s
 reference image (``samples/references/``), into ``<out>/brand/``, and adds those results to the
 contact sheet (brand reference | category + brand style).
 
+``--checkpoint`` may also be a Flux.1 or Z-Image diffusion model (what ComfyUI's UNETLoader loads):
+the demo reads the file's keys (no model loads) and runs that family's workflow
+(``workflows/api/category_background_flux.json`` / ``category_background_z_image.json``) with
+``--text-encoder`` (clip_l + t5xxl for Flux, qwen_3_4b for Z-Image), ``--vae`` (ae.safetensors) and a
+``--library`` built for the family, at the family's sampler settings (:data:`FAMILY_SETTINGS`).
+
 With no ``--checkpoint`` it builds (once, cached in ``.cache/productscene``) and uses the embedded
 default model: a reduced SD1.5-architecture checkpoint with random weights, a random-weight CLIP vision
 model and an untrained personality adapter. See ``DEFAULT_NOTICE``.
@@ -40,6 +46,18 @@ from productscene.files import read_header  # noqa: E402
 WORKFLOW = ROOT / "workflows" / "api" / "category_background.json"
 BRAND_WORKFLOW = ROOT / "workflows" / "api" / "category_brand_background.json"
 SAMPLES = ROOT / "samples" / "products"
+# the category-background workflow of each base family (family_of_model_file tells them apart)
+FAMILY_WORKFLOWS = {"sd": WORKFLOW,
+                    "flux": ROOT / "workflows" / "api" / "category_background_flux.json",
+                    "flux_schnell": ROOT / "workflows" / "api" / "category_background_flux.json",
+                    "z_image": ROOT / "workflows" / "api" / "category_background_z_image.json"}
+# default sampler settings per family (the workflows' own; Flux.1 [schnell]: 4 steps, no guidance)
+FAMILY_SETTINGS = {"sd": {"steps": 20, "cfg": 7.0}, "flux": {"steps": 20, "cfg": 1.0},
+                   "flux_schnell": {"steps": 4, "cfg": 1.0}, "z_image": {"steps": 8, "cfg": 1.0}}
+# the text encoder files each DiT family's loader node takes, by node title and input
+TEXT_ENCODER_INPUTS = {"flux": ("Text encoders.clip_name1", "Text encoders.clip_name2"),
+                       "flux_schnell": ("Text encoders.clip_name1", "Text encoders.clip_name2"),
+                       "z_image": ("Text encoder.clip_name",)}
 REFERENCES = ROOT / "samples" / "references"
 
 DEFAULT_NOTICE = """\
@@ -131,6 +149,42 @@ def is_safetensors_sd15(path: Path) -> tuple[bool, str]:
         if k in keys:
             return index[k][1][-1] == 768, k
     return False, ""
+
+
+def family_of_keys(shapes: dict) -> str | None:
+    """The base family of a model file from its tensor names and shapes (``{name: shape}``), the
+    way ComfyUI's detection tells them apart: ``"sd"`` (a UNet checkpoint), ``"flux"`` (Flux.1
+    [dev]: guidance embedding), ``"flux_schnell"``, ``"z_image"`` (Lumina 2 layout with Z-Image's
+    caption pad token), or None. Diffusion-model files may carry ComfyUI's checkpoint prefix."""
+    prefix = "model.diffusion_model."
+    keys = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
+    if "input_blocks.0.0.weight" in keys:
+        return "sd"
+    if "double_blocks.0.img_attn.norm.key_norm.scale" in keys and "img_in.weight" in keys:
+        if "double_stream_modulation_img.lin.weight" in keys:
+            return None  # Flux.2: not a Flux.1 workflow
+        return "flux" if "guidance_in.in_layer.weight" in keys else "flux_schnell"
+    if "cap_embedder.1.weight" in keys and "cap_pad_token" in keys:
+        return "z_image"
+    return None
+
+
+def family_of_model_file(path: Path) -> str:
+    """:func:`family_of_keys` of a safetensors file (its header only); DemoError when unknown."""
+    try:
+        _, index = read_header(path)
+    except ProductSceneError as e:
+        raise DemoError(f"--checkpoint {e}") from None
+    family = family_of_keys({k: v[1] for k, v in index.items()})
+    if family is None:
+        raise DemoError(f"--checkpoint {path}: neither an SD checkpoint nor a Flux.1 or Z-Image diffusion model "
+                        "(by its weight names)")
+    if family != "sd" and any(k.startswith(("text_encoders.", "cond_stage_model.", "vae.", "first_stage_model."))
+                              for k in index):
+        raise DemoError(f"--checkpoint {path}: a {family} checkpoint with its text encoder and VAE inside; the "
+                        f"demo's {family} workflow loads the diffusion model, text encoders and VAE as separate "
+                        "files (UNETLoader, CLIPLoader, VAELoader): give those")
+    return family
 
 
 def library_for_checkpoint(ckpt: Path, words: dict[str, str]) -> Path:
@@ -247,6 +301,8 @@ def run(args) -> int:
             log(f"default model ready in {time.time() - t0:.1f} s: {ckpt_file}")
         else:
             ckpt_file = _model_file(args.checkpoint, "checkpoint")
+            if args.family != "sd":
+                return _run_dit(args, ckpt_file, products, references, out_dir, t_start)
             if ckpt_file.suffix.lower() == ".safetensors":
                 is_safetensors_sd15(ckpt_file)   # clear error for files that are no checkpoint
             if args.library:
@@ -288,6 +344,48 @@ def run(args) -> int:
         server.stop()
 
 
+def _run_dit(args, model_file: Path, products, references, out_dir: Path, t_start: float) -> int:
+    """A Flux.1 or Z-Image diffusion model: that family's workflow, its text encoders, VAE and library."""
+    family = args.family
+    want = len(TEXT_ENCODER_INPUTS[family])
+    encoders = [_model_file(f, "text-encoder") for f in args.text_encoder or []]
+    if len(encoders) != want or args.vae is None or args.library is None:
+        files = {"flux": "clip_l.safetensors and t5xxl_fp16.safetensors", "z_image": "qwen_3_4b.safetensors"}
+        raise DemoError(f"--checkpoint {model_file.name} is a {family} diffusion model: give --text-encoder "
+                        f"{files.get(family.split('_schnell')[0])} ({want} --text-encoder), --vae ae.safetensors and "
+                        f"--library (a category library built for {family.split('_schnell')[0]}, e.g. productscene "
+                        "build-library --family ...)")
+    vae, lib = _model_file(args.vae, "vae"), _model_file(args.library, "library")
+    if args.clip_vision or args.adapter:
+        log(f"no brand-style run on {family}: the brand workflows are SD's")
+    names = {"workflow": FAMILY_WORKFLOWS[family], "Diffusion model.unet_name": model_file.name,
+             "VAE.vae_name": vae.name, "Category prompt.library": lib.name,
+             **{k: f.name for k, f in zip(TEXT_ENCODER_INPUTS[family], encoders)}}
+    from devkit import dit_files
+    from devkit.launcher import ComfyServer
+    models = {"diffusion_models": [model_file], "text_encoders": encoders, "vae": [vae], "category_libraries": [lib]}
+    extra = []
+    if dit_files.MARKER in read_header(model_file)[0]:  # devkit's tiny files (tests/test_dit_workflows.py)
+        extra = [ROOT / "devkit" / "tiny_dit_loaders"]
+        log("devkit tiny files: the server also loads devkit/tiny_dit_loaders (test-only) for their small configs")
+    try:
+        server = ComfyServer(default_model.COMFYUI_DIR, models=models, cpu=None if args.gpu else True,
+                             extra_custom_nodes=extra)
+        server.start()
+    except ProductSceneError as e:
+        raise DemoError(f"ComfyUI could not be started: {e}") from None
+    try:
+        log(f"ComfyUI ready at {server.url} ({family}: {names['workflow'].relative_to(ROOT)})")
+        return _run_with(server.url, args, products, references,
+                         {"checkpoint": None, "library": lib.name, "adapter": None, "dit": names}, out_dir, t_start)
+    except BaseException:
+        log("last lines of the ComfyUI log:")
+        log(server.log_tail(40))
+        raise
+    finally:
+        server.stop()
+
+
 def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, what: str) -> dict:
     """Run ``rows`` through ``workflow`` as one batch job (productscene.batch); the timings per output."""
     options = Options(workflow=workflow, servers=[url], out=out_dir, overwrite=True, seed=str(args.seed),
@@ -298,7 +396,9 @@ def _job(url: str, args, workflow: Path, rows: list, sets: dict, out_dir: Path, 
         raise DemoError(f"the ComfyUI server did not answer as expected: {e}") from None
     summary = BatchRun(job, log=log).run()
     if summary.failed:
-        raise DemoError(f"{workflow.name} failed in ComfyUI (is the checkpoint a usable SD1.5 checkpoint?):\n"
+        hint = "a usable SD1.5 checkpoint" if workflow == WORKFLOW or workflow == BRAND_WORKFLOW else \
+            "the family's diffusion model, with its text encoders and VAE"
+        raise DemoError(f"{workflow.name} failed in ComfyUI (is the checkpoint {hint}?):\n"
                         + summary.message())
     return {rec["output"]: rec["timings"] for rec in read_provenance(out_dir / PROVENANCE_NAME)}
 
@@ -324,8 +424,13 @@ def _run_with(url, args, products, references, names, out_dir, t_start) -> int:
                               reference=references[i % len(references)], output=f"{p['name']}.png"))
     sets = {"Checkpoint.ckpt_name": names["checkpoint"], "Category prompt.library": names["library"],
             "Sampler.steps": str(args.steps), "Sampler.cfg": str(args.cfg)}
-    log("category background (workflows/api/category_background.json):")
-    timings = _job(url, args, WORKFLOW, rows, sets, out_dir, "the sample products")
+    workflow = WORKFLOW
+    if names.get("dit"):  # a Flux.1 / Z-Image run: that family's workflow and loaders
+        dit = dict(names["dit"])
+        workflow = dit.pop("workflow")
+        sets = {**dit, "Sampler.steps": str(args.steps), "Sampler.cfg": str(args.cfg)}
+    log(f"category background ({workflow.relative_to(ROOT)}):")
+    timings = _job(url, args, workflow, rows, sets, out_dir, "the sample products")
     brand_dir = out_dir / "brand"
     brand_timings = None
     if names["adapter"] is not None:
@@ -365,7 +470,8 @@ def _run_with(url, args, products, references, names, out_dir, t_start) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="New category backgrounds for the sample products, through a "
                                              "real ComfyUI (headless, loopback).")
-    ap.add_argument("--checkpoint", help="SD1.5 checkpoint file (.safetensors). Default: the embedded "
+    ap.add_argument("--checkpoint", help="SD1.5 checkpoint file (.safetensors), or a Flux.1 / Z-Image diffusion model "
+                                         "(then give --text-encoder, --vae and --library). Default: the embedded "
                                          "random-weight default model (proves the pipeline, no real backgrounds). "
                                          "With --server: the checkpoint's name as that server lists it.")
     ap.add_argument("--library", help="category library file (default: an untrained one for the sample "
@@ -376,20 +482,38 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", help="personality adapter file trained for the checkpoint and --clip-vision "
                                       "(default: an untrained one with the default model). With --server: its "
                                       "name as that server lists it.")
+    ap.add_argument("--text-encoder", action="append", help="with a Flux.1 / Z-Image --checkpoint: a text encoder "
+                                                             "file (Flux: clip_l then t5xxl; Z-Image: qwen_3_4b)")
+    ap.add_argument("--vae", help="with a Flux.1 / Z-Image --checkpoint: the VAE file (ae.safetensors)")
+    ap.add_argument("--family", choices=sorted(FAMILY_WORKFLOWS),
+                    help="the base family (default: read from --checkpoint's weight names; sd without one)")
     ap.add_argument("--server", help="URL of a running ComfyUI with ProductScene installed "
                                      "(default: start one on loopback)")
     ap.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder (default output/demo)")
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 for the default model, 20 otherwise)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 for the default model, "
+                                                            "else the family's: SD 20, Flux.1 [dev] 20, [schnell] 4, Z-Image 8)")
     ap.add_argument("--size", type=int, default=None,
                     help="longest image side in px, rounded to multiples of 16 (default 256 for the default model, 512 otherwise)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: SD 7, Flux.1 and Z-Image 1)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each image")
     ap.add_argument("--gpu", action="store_true", help="let the started ComfyUI use a GPU (default: --cpu)")
     args = ap.parse_args(argv)
     default = args.checkpoint is None
+    try:
+        if args.family is None:
+            local = not args.server and not default and Path(args.checkpoint).expanduser().is_file()
+            args.family = family_of_model_file(Path(args.checkpoint).expanduser()) \
+                if local and args.checkpoint.lower().endswith(".safetensors") else "sd"
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.server and args.family != "sd":
+        ap.error("--server runs SD checkpoints only; the Flux.1 / Z-Image demo starts its own ComfyUI")
+    if args.cfg is None:
+        args.cfg = FAMILY_SETTINGS[args.family]["cfg"]
     if args.steps is None:
-        args.steps = 4 if default else 20
+        args.steps = 4 if default else FAMILY_SETTINGS[args.family]["steps"]
     if args.size is None:
         args.size = 256 if default else 512
     if args.steps < 1:

@@ -95,20 +95,22 @@ def header(canvas: Image.Image, title: str, subtitle: str) -> None:
     d.text((28, 92), subtitle, font=font(17), fill=DIM)
 
 
-def category_background() -> Image.Image:
+def category_background(title: str = "Category background", base: str = "",
+                        sample: str = "perfume_bottle.png", category: str = "perfume",
+                        colours: tuple = ((250, 222, 228), (214, 160, 176))) -> Image.Image:
     canvas = Image.new("RGB", (SIZE, SIZE), PANEL)
-    header(canvas, "Category background", "your cut-out, a new background,\nthe product untouched")
+    header(canvas, title, (f"on {base}: " if base else "your cut-out, ") + "a new background,\nthe product untouched")
     tile = (196, 240)
-    cut = product("perfume_bottle.png", 170)
+    cut = product(sample, 170)
     left = checkerboard(tile)
     left.paste(cut, ((tile[0] - cut.width) // 2, (tile[1] - cut.height) // 2), cut)
-    right = on_background(cut, studio(tile, (250, 222, 228), (214, 160, 176)))
+    right = on_background(cut, studio(tile, *colours))
     frame(canvas, left, (28, 180))
     frame(canvas, right, (SIZE - 28 - tile[0], 180))
     arrow(canvas, 236, 276, 300)
     d = ImageDraw.Draw(canvas)
     d.text((28, 436), "cut-out PNG (alpha)", font=font(16), fill=DIM)
-    d.text((SIZE - 28 - tile[0], 436), "category: perfume", font=font(16), fill=DIM)
+    d.text((SIZE - 28 - tile[0], 436), f"category: {category}", font=font(16), fill=DIM)
     return canvas
 
 
@@ -200,7 +202,18 @@ def concept_recompose() -> Image.Image:
     return canvas
 
 
-PICTURES = {"category_background": category_background, "category_library_training": category_training,
+def category_background_flux() -> Image.Image:
+    return category_background("Category background (Flux)", "Flux.1", "gift_box.png", "cosmetics",
+                               ((226, 236, 214), (150, 178, 132)))
+
+
+def category_background_z_image() -> Image.Image:
+    return category_background("Category background (ZImage)", "Z-Image", "perfume_bottle.png", "perfume",
+                               ((236, 226, 206), (190, 160, 120)))
+
+
+PICTURES = {"category_background": category_background, "category_background_flux": category_background_flux,
+            "category_background_z_image": category_background_z_image, "category_library_training": category_training,
             "concept_extraction": concept_extraction, "concept_recompose": concept_recompose,
             "category_brand_background": category_brand_background,
             "category_brand_background_ipadapter": category_brand_background}

@@ -81,6 +81,15 @@ def site(comfy_server, default_model_files, reference_model_files):
             os.symlink(path, models / folder / name)
     (models / "ipadapter").mkdir(exist_ok=True)
     write_ipadapter_file(models / "ipadapter" / "ip-adapter-plus_sd15.safetensors")
+    # the Flux.1 and Z-Image templates open with those users' file names: devkit's tiny files carry them
+    from devkit import dit_files
+    dit_files.ensure(log=lambda *_: None)
+    for family in dit_files.FAMILIES:
+        for folder, paths in dit_files.files(family).items():
+            for path in paths:
+                (models / folder).mkdir(exist_ok=True)
+                if not (models / folder / path.name).exists():
+                    os.symlink(path, models / folder / path.name)
     return server, client, Path(ckpt).name, Path(lib).name
 
 

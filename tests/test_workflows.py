@@ -145,7 +145,8 @@ def api_graph(api: dict) -> set:
 def test_every_workflow_has_its_twin():
     assert CANVAS_FILES, "no workflows found"
     assert sorted(api_twin(p) for p in CANVAS_FILES) == API_FILES, "canvas and API files do not pair up"
-    assert {workflow_id(p) for p in CANVAS_FILES} >= {"category_background", "category_library_training"}
+    assert {workflow_id(p) for p in CANVAS_FILES} >= {"category_background", "category_library_training",
+                                                     "category_background_flux", "category_background_z_image"}
 
 
 @workflow_params
