@@ -23,6 +23,10 @@ Files (atomic; rebuilt when missing or when :data:`BUILDER_VERSION` or the world
 
     <repo>/.cache/productscene/dit-world-<BUILDER_VERSION>/dit-world-base.safetensors
     (the world data is the SD world base's: .cache/productscene/world-<version>/data)
+
+Usage (the venv python, from the repository root): ``python -m devkit.dit_world [--force]`` builds
+it; ``python -m devkit.dit_world cli evaluate-library --checkpoint <dit-world-base> ...`` runs a
+``productscene`` command with this module's loader for the file (:func:`cli`).
 """
 from __future__ import annotations
 
@@ -51,6 +55,15 @@ PRETRAIN_LR = 1e-3
 SETTLE_STEPS = 80
 SETTLE_LR = 2e-4
 EVAL_EVERY = 40
+# T5-XXL pads every prompt to 256 tokens by default; the world's prompts are about 12 tokens, so the
+# world base's text encoder pads to 16 (ComfyUI's own tokenizer option ``t5xxl_min_length``): the
+# same encoder, 16x less text to carry through the T5 and every joint attention
+T5_MIN_LENGTH = 16
+# Of T5-XXL's 24 blocks (ComfyUI tells T5-XXL by its block 23) only the first T5_LAYERS compute:
+# the others have zero output projections (``SelfAttention.o``, ``DenseReluDense.wo``), so each is
+# exactly the identity, and the loader builds the encoder with T5_LAYERS blocks (the same
+# encodings, twelve times less work: the SD world base does the same with its CLIP)
+T5_LAYERS = 2
 UNET_KEY = "model.diffusion_model."
 TE_KEYS = ("text_encoders.clip_l.", "text_encoders.t5xxl.")
 VAE_KEY = "vae."
@@ -100,7 +113,6 @@ def load_dit_world_base(path):
     """(model, clip, vae) of a DiT world base file (the module doc's own loader path)."""
     import torch
     from safetensors import safe_open
-    from . import dit_text
     import comfy.sd
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
@@ -109,9 +121,46 @@ def load_dit_world_base(path):
     unet = {k[len(UNET_KEY):]: v for k, v in tensors.items() if k.startswith(UNET_KEY)}
     model = flux_model(unet, cfg)
     tes = [{k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in TE_KEYS]
-    clip = dit_text.load("flux", tes)
+    clip = load_text_encoder(tes)
     vae = comfy.sd.VAE(sd={k[len(VAE_KEY):]: v.float() for k, v in tensors.items() if k.startswith(VAE_KEY)})
     return model, clip, vae
+
+
+def _t5_identity_key(key: str) -> bool:
+    """Keys that make T5 block >= T5_LAYERS the identity when zero (its two residual outputs)."""
+    if not key.startswith("encoder.block."):
+        return False
+    block = int(key.split(".")[2])
+    return block >= T5_LAYERS and (key.endswith("SelfAttention.o.weight") or key.endswith("DenseReluDense.wo.weight"))
+
+
+def text_state_dicts() -> tuple:
+    """(CLIP-L, T5-XXL) weights of the world base: devkit.dit_text's, T5's later blocks the identity."""
+    from . import dit_text
+    clip_l, t5 = dit_text.state_dicts("flux")
+    return clip_l, {k: (v * 0 if _t5_identity_key(k) else v) for k, v in t5.items()}
+
+
+def load_text_encoder(state_dicts):
+    """The world base's text encoder through ComfyUI's loader: T5 built with :data:`T5_LAYERS`
+    blocks (the identity blocks' keys are left unused), float32, prompts padded to
+    :data:`T5_MIN_LENGTH` tokens (ComfyUI's tokenizer option ``t5xxl_min_length``)."""
+    import logging
+    import torch
+    import comfy.sd
+    from . import dit_text
+    options = {k: dict(v) for k, v in dit_text.FLUX_OPTIONS.items()}
+    options["t5xxl_model_config"]["num_layers"] = T5_LAYERS
+    options["dtype"] = torch.float32
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)   # the identity blocks' keys are "unexpected" to the short encoder
+    try:
+        clip = comfy.sd.load_text_encoder_state_dicts([dict(sd) for sd in state_dicts], clip_type=comfy.sd.CLIPType.FLUX,
+                                                      model_options=options)
+    finally:
+        logging.disable(prev)
+    clip.set_tokenizer_option("t5xxl_min_length", T5_MIN_LENGTH)
+    return clip
 
 
 @dataclass(frozen=True)
@@ -137,7 +186,6 @@ def build(folder: Path, data: Path, *, seed: int = SEED, steps: int = PRETRAIN_S
     from productscene.files import save_safetensors_atomic
     from productscene.train.datasets import open_dataset
     from productscene.train.engine import Phase, Trainer
-    from . import dit_text
     from .denoising import DenoisingRecipe
 
     th = host_adapter or _host_adapter()
@@ -145,7 +193,8 @@ def build(folder: Path, data: Path, *, seed: int = SEED, steps: int = PRETRAIN_S
     folder.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
     model = flux_model()
-    clip = dit_text.tiny_text_encoder("flux")
+    text = text_state_dicts()
+    clip = load_text_encoder(text)
     vae = tiny_flux_vae()
     host = th.training_host(model, clip, vae)
     train = open_dataset(data, "bg60k", "train")
@@ -177,7 +226,7 @@ def build(folder: Path, data: Path, *, seed: int = SEED, steps: int = PRETRAIN_S
         result = trainer.run()
         train_s = time.time() - t1
     tensors = {UNET_KEY + k: v.detach().float().cpu().contiguous() for k, v in host.unet.state_dict().items()}
-    for prefix, sd in zip(TE_KEYS, dit_text.state_dicts("flux")):
+    for prefix, sd in zip(TE_KEYS, text):
         tensors.update({prefix + k: v.contiguous() for k, v in sd.items()})
     tensors.update({VAE_KEY + k: v.contiguous() for k, v in flux_taesd_state_dict().items()})
     h = result.history
@@ -225,8 +274,31 @@ def ensure_dit_world(cache_dir: Path | None = None, force: bool = False, host_ad
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def is_dit_world_base(path) -> bool:
+    meta = dm._header_meta(Path(path)) if Path(path).is_file() else None
+    return bool(meta and "productscene.dit_world_base" in meta)
+
+
+def cli(argv) -> int:
+    """``python -m productscene <argv>`` with this module's loader for DiT world base files: the
+    command line's ``--checkpoint`` takes a DiT world base (ComfyUI's checkpoint detection does not
+    take the reduced Flux.1 and T5), any other file goes to the command line's own loader."""
+    import productscene_cli
+    from productscene_cli import comfyui
+    own = comfyui.load_checkpoint
+
+    def load_checkpoint(path):
+        return load_dit_world_base(path) if is_dit_world_base(path) else own(path)
+
+    comfyui.load_checkpoint = load_checkpoint
+    return productscene_cli.main(list(argv))
+
+
 def main(argv=None) -> int:
     import argparse
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cli"]:
+        return cli(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--cache-dir", type=Path, default=dm.CACHE_DIR)
