@@ -49,12 +49,12 @@ LATENT_CHANNELS = 16
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611     # comfy.latent_formats.Flux
 HIDDEN, HEADS, DEPTH, SINGLE = 64, 2, 2, 2
 PROMPTS = world_model.PROMPTS
-PRETRAIN_STEPS = 240
+PRETRAIN_STEPS = 1000
 PRETRAIN_BATCH = 8
 PRETRAIN_LR = 1e-3
-SETTLE_STEPS = 80
+SETTLE_STEPS = 200
 SETTLE_LR = 2e-4
-EVAL_EVERY = 40
+EVAL_EVERY = 100
 # T5-XXL pads every prompt to 256 tokens by default; the world's prompts are about 12 tokens, so the
 # world base's text encoder pads to 16 (ComfyUI's own tokenizer option ``t5xxl_min_length``): the
 # same encoder, 16x less text to carry through the T5 and every joint attention
