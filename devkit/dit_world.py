@@ -111,7 +111,6 @@ def flux_model(unet: dict | None = None, cfg: dict | None = None, seed: int = SE
 
 def load_dit_world_base(path):
     """(model, clip, vae) of a DiT world base file (the module doc's own loader path)."""
-    import torch
     from safetensors import safe_open
     import comfy.sd
     with safe_open(str(path), "pt") as f:
@@ -183,7 +182,6 @@ def _host_adapter():
 def build(folder: Path, data: Path, *, seed: int = SEED, steps: int = PRETRAIN_STEPS, host_adapter=None,
           log=world_model.say) -> DitWorld:
     import torch
-    from productscene.files import save_safetensors_atomic
     from productscene.train.datasets import open_dataset
     from productscene.train.engine import Phase, Trainer
     from .denoising import DenoisingRecipe
@@ -225,28 +223,42 @@ def build(folder: Path, data: Path, *, seed: int = SEED, steps: int = PRETRAIN_S
         t1 = time.time()
         result = trainer.run()
         train_s = time.time() - t1
-    tensors = {UNET_KEY + k: v.detach().float().cpu().contiguous() for k, v in host.unet.state_dict().items()}
-    for prefix, sd in zip(TE_KEYS, text):
-        tensors.update({prefix + k: v.contiguous() for k, v in sd.items()})
-    tensors.update({VAE_KEY + k: v.contiguous() for k, v in flux_taesd_state_dict().items()})
     h = result.history
-    meta = {
-        "productscene.dit_world_base": "ProductScene DiT world base: a tiny Flux.1 model pretrained on the "
-                                       "synthetic world of devkit.world (see devkit/dit_world.py)",
-        "productscene.builder_version": BUILDER_VERSION,
-        "productscene.seed": str(seed),
+    path = write_base(folder / CHECKPOINT_NAME, host.unet, seed, {
         "productscene.world": json.dumps(world_mod.describe()),
-        "productscene.unet_config": json.dumps(unet_config()),
         "productscene.pretrain": json.dumps({
             "steps": result.steps_done, "batch": PRETRAIN_BATCH, "lr": [PRETRAIN_LR, SETTLE_LR],
             "settle_steps": settle, "prompts": list(PROMPTS),
             "train_loss_first20": sum(h[:20]) / 20, "train_loss_last20": sum(h[-20:]) / 20,
             "heldout_curve": curve, "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
-            "cpu_seconds": round(time.process_time() - c0, 1)}),
+            "cpu_seconds": round(time.process_time() - c0, 1)})})
+    return DitWorld(path, Path(data), tuple(world_mod.CATEGORIES), dm._header_meta(path))
+
+
+def write_base(path, net, seed: int = SEED, extra: dict | None = None) -> Path:
+    """A DiT world base file (:func:`load_dit_world_base` reads it) of the Flux model ``net``
+    (``diffusion_model``), with the world base's text encoder and VAE; atomic."""
+    from productscene.files import save_safetensors_atomic
+    tensors = {UNET_KEY + k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+    for prefix, sd in zip(TE_KEYS, text_state_dicts()):
+        tensors.update({prefix + k: v.contiguous() for k, v in sd.items()})
+    tensors.update({VAE_KEY + k: v.contiguous() for k, v in flux_taesd_state_dict().items()})
+    meta = {
+        "productscene.dit_world_base": "ProductScene DiT world base: a tiny Flux.1 model pretrained on the "
+                                       "synthetic world of devkit.world (see devkit/dit_world.py)",
+        "productscene.builder_version": BUILDER_VERSION,
+        "productscene.seed": str(seed),
+        "productscene.unet_config": json.dumps(unet_config()),
+        **(extra or {}),
     }
-    path = folder / CHECKPOINT_NAME
-    save_safetensors_atomic(tensors, path, meta, kind="dit_world_base", version=1)
-    return DitWorld(path, Path(data), tuple(world_mod.CATEGORIES), meta)
+    save_safetensors_atomic(tensors, Path(path), meta, kind="dit_world_base", version=1)
+    return Path(path)
+
+
+def write_untrained(path, seed: int = SEED) -> Path:
+    """The DiT world base's format with the model's seeded weights, not pretrained (seconds): for
+    tests of the command line's DiT path that need a file, not learning."""
+    return write_base(path, flux_model(seed=seed).model.diffusion_model, seed, {"productscene.pretrain": "null"})
 
 
 def ensure_dit_world(cache_dir: Path | None = None, force: bool = False, host_adapter=None,

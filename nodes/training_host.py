@@ -69,12 +69,28 @@ def _t5_ff_forward(self, x):
     return x + self.DenseReluDense(self.layer_norm(x))
 
 
+def _llama_block_forward(self, x, attention_mask=None, freqs_cis=None, optimized_attention=None,
+                         past_key_value=None):
+    """comfy.text_encoders.llama.TransformerBlock.forward of the ComfyUI versions that write the
+    second residual into the block's input (``torch.add(..., out=x)``, no autograd), out of place."""
+    h, present = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=attention_mask,
+                                freqs_cis=freqs_cis, optimized_attention=optimized_attention,
+                                past_key_value=past_key_value)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
 def _out_of_place_forwards() -> dict:
     """The text-encoder layers whose forward adds in place, and an out-of-place forward for each
-    (CLIP for every family; T5-XXL for Flux.1; Qwen3's layers add out of place already)."""
+    (CLIP for every family; T5-XXL for Flux.1; Qwen3's blocks where ComfyUI adds into the input)."""
+    import inspect
+    import comfy.text_encoders.llama as llama
     import comfy.text_encoders.t5 as t5
-    return {comfy.clip_model.CLIPLayer: _clip_layer_forward, t5.T5LayerSelfAttention: _t5_attention_forward,
-            t5.T5LayerFF: _t5_ff_forward}
+    out = {comfy.clip_model.CLIPLayer: _clip_layer_forward, t5.T5LayerSelfAttention: _t5_attention_forward,
+           t5.T5LayerFF: _t5_ff_forward}
+    if "out=output" in inspect.getsource(llama.TransformerBlock.forward):
+        out[llama.TransformerBlock] = _llama_block_forward
+    return out
 
 
 @contextlib.contextmanager
@@ -400,8 +416,21 @@ class ComfyDitTrainingHost(ComfyTrainingHost):
     def attention_downsample(self) -> int:
         return int(self.unet.patch_size)
 
+    @contextlib.contextmanager
     def differentiable_model(self):
-        return norms_read_copies(self.unet)
+        """Norms read copies (:func:`norms_read_copies`), and ComfyUI's own training flag is up
+        where it has one (``model_management.in_training``: newer ComfyUI then applies RoPE with
+        plain torch ops instead of a fused kernel that has no backward)."""
+        had = hasattr(mm, "in_training")
+        previous = getattr(mm, "in_training", None)
+        if had:
+            mm.in_training = True
+        try:
+            with norms_read_copies(self.unet):
+                yield
+        finally:
+            if had:
+                mm.in_training = previous
 
     def checkpoint_blocks(self) -> list:
         if self.dit == "flux":

@@ -219,3 +219,36 @@ def test_a_unet_library_or_text_encoder_is_refused_on_a_dit(sd15, tmp_path):
         th.training_host(BUILD["flux"](), sd15.clip, dit_world.tiny_flux_vae())
     with pytest.raises(ProductSceneError, match=r"clip: .*flux.*but the model is sd15"):
         th.training_host(sd15.model, text_encoder("flux"), sd15.vae)
+
+
+def test_the_command_line_trains_and_scores_a_flux_library(tmp_path):
+    """``train-categories`` then ``evaluate-library`` (their DiT path: the host chosen by the
+    model's class) on a Flux.1 file in the DiT world base's format (untrained: this is about the
+    commands, tests/test_dit_learning.py about learning), loaded by its own loader through
+    ``python -m devkit.dit_world cli``."""
+    import json
+    import subprocess
+    import sys
+    from devkit.comfy_env import COMFYUI_DIR, REPO_ROOT
+
+    base = dit_world.write_untrained(tmp_path / "flux-tiny.safetensors")
+    data = write_data(tmp_path / "data")
+    env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_DIR), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "devkit.dit_world", "cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=REPO_ROOT)
+
+    lib = tmp_path / "flux-lib.safetensors"
+    done = cli("train-categories", "--data", data, "--checkpoint", base, "--out", lib, "--steps", 2, "--resolution", 64,
+               "--batch-size", 2, "--rank", 2, "--cpu", "--cache-dir", tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-3000:]
+    library = productscene.library.TokenLibrary.open(lib)
+    assert library.family == "flux" and library.names == list(CATS) and library.training["steps"] == 2
+    assert tuple(library.training["config"]["targets"]) == FLUX_TARGETS and library.has_lora
+    done = cli("evaluate-library", "--data", data, "--checkpoint", base, "--library", lib, "--draws", 1, "--cpu",
+               "--cache-dir", tmp_path / "cache", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    score = json.loads(done.stdout)
+    assert score["identifiers"] == list(CATS) and score["images"] == 2 * len(CATS)
+    assert torch.tensor(score["loss"]).shape == (len(CATS), len(CATS))
