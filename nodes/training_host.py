@@ -130,6 +130,36 @@ def norms_read_copies(root: torch.nn.Module):
             h.remove()
 
 
+STREAM_ARGS = ("img", "txt", "x")  # the residual streams a Flux block updates in place
+
+
+@contextlib.contextmanager
+def blocks_read_copies(blocks):
+    """While inside, each block runs on copies of the residual streams it is given (its first
+    argument, and ``img``/``txt``/``x``), so its in-place residual adds never touch its caller's
+    tensors: a checkpointed block (``gradient_checkpointing``, entered after this) recomputes from
+    inputs that are still as they were."""
+    def wrap(block):
+        forward = type(block).forward
+
+        def run(*args, **kwargs):
+            args = tuple(a.clone() if i == 0 and torch.is_tensor(a) else a for i, a in enumerate(args))
+            kwargs = {k: v.clone() if k in STREAM_ARGS and torch.is_tensor(v) else v for k, v in kwargs.items()}
+            return forward(block, *args, **kwargs)
+        return run
+
+    patched = []
+    try:
+        for block in blocks:
+            if "forward" not in block.__dict__:
+                block.forward = wrap(block)
+                patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
 @contextlib.contextmanager
 def trainable_weights(*modules: torch.nn.Module):
     """Checkpoints loaded inside a ComfyUI run are created under ``torch.inference_mode``: their
@@ -246,7 +276,7 @@ class ComfyTrainingHost:
                                memory_required=self.training_memory(latent_shape, lora), force_full_load=True)
             blocks = self.checkpoint_blocks() if gradient_checkpoint else []
             with trainable_weights(self.base, self.clip.cond_stage_model), loaded_once(self.clip), \
-                    gradient_checkpointing(blocks), differentiable_clip(self.clip), self.differentiable_model(), \
+                    self.differentiable_model(), gradient_checkpointing(blocks), differentiable_clip(self.clip), \
                     (lora.attached() if lora is not None else contextlib.nullcontext()):
                 flags = [(p, p.requires_grad) for p in self.base.parameters()]
                 for p, _ in flags:
@@ -418,7 +448,8 @@ class ComfyDitTrainingHost(ComfyTrainingHost):
 
     @contextlib.contextmanager
     def differentiable_model(self):
-        """Norms read copies (:func:`norms_read_copies`), and ComfyUI's own training flag is up
+        """Norms and Flux's blocks read copies (:func:`norms_read_copies`, :func:`blocks_read_copies`),
+        and ComfyUI's own training flag is up
         where it has one (``model_management.in_training``: newer ComfyUI then applies RoPE with
         plain torch ops instead of a fused kernel that has no backward)."""
         had = hasattr(mm, "in_training")
@@ -426,7 +457,8 @@ class ComfyDitTrainingHost(ComfyTrainingHost):
         if had:
             mm.in_training = True
         try:
-            with norms_read_copies(self.unet):
+            with norms_read_copies(self.unet), \
+                    blocks_read_copies(self.checkpoint_blocks() if self.dit == "flux" else []):
                 yield
         finally:
             if had:
