@@ -49,6 +49,7 @@ LATENT_CHANNELS = 16
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611     # comfy.latent_formats.Flux
 HIDDEN, HEADS, DEPTH, SINGLE = 64, 2, 2, 2
 PROMPTS = world_model.PROMPTS
+# 1000 steps (about 40 s of CPU): the held-out loss falls 0.536 -> 0.070, levelling off (0.0709 at 900)
 PRETRAIN_STEPS = 1000
 PRETRAIN_BATCH = 8
 PRETRAIN_LR = 1e-3

@@ -8,7 +8,7 @@
 #
 # Two lanes: the tests run with one torch thread each (tests/conftest.py), so with no pytest args
 # (the whole suite, as CI runs it) the learning proofs on the first host (pytest -m learning: the
-# world base and three trainings), then its command-line tests, run beside everything else (the other
+# world base and three trainings; the DiT world base and one training), then its command-line tests, run beside everything else (the other
 # tests on the first host, then the second host's). Their output is shown when both are done.
 # PRODUCTSCENE_TEST_LANES=1 runs everything one after another; pytest args always do.
 # PRODUCTSCENE_SECOND_HOST picks the second ComfyUI (a tree or tarball; "none": the first alone);
