@@ -275,3 +275,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(fam):
                 grads.append(torch.autograd.grad(loss, trainables))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert max(float(a.abs().max()) for a in grads[0]) > 0.0
+
+
+def test_the_node_shows_previews_drawn_by_the_flux_model(tmp_path):
+    """preview_every on a DiT: the preview is a real sample of the flow model (Euler on its own
+    slope) under the first categories' identifiers, decoded by the VAE, left of the loss curve."""
+    from tests.support.progress_hook import progress_previews
+    node = pack.nodes.train_categories.ProductSceneTrainCategoryLibrary
+    live = pack.nodes.live_progress
+    data = write_data(tmp_path / "data")
+    with progress_previews() as shown, torch.inference_mode():
+        node.execute(**node_kwargs("flux", data, steps=2, output_name="dit_preview_lib"), preview_every=2)
+    with_sample = [(v, im) for v, im in shown if im.width > live.PREVIEW_SIZE[0]]
+    assert [v for v, _ in with_sample][:1] == [2], [v for v, _ in shown]
+    image = with_sample[-1][1]
+    sample = image.crop((0, 0, image.width - live.PREVIEW_SIZE[0], live.PREVIEW_SIZE[1]))
+    assert len(set(sample.convert("RGB").resize((16, 16)).getdata())) > 20  # a picture, not a blank
