@@ -39,7 +39,9 @@ EVAL_DRAWS, EVAL_SEED = 32, 1234
 def config() -> CategoryConfig:
     # as the SD proof: four vectors per identifier, the loss on the background only; the shared
     # LoRA on the joint attention's projections (double blocks' image/text q/k/v and outputs,
-    # single blocks' fused linears: productscene.train.lora.FLUX_TARGETS, the trainer's default)
+    # single blocks' fused linears: productscene.train.lora.FLUX_TARGETS, the trainer's default).
+    # Measured on DiT world base v1 (480 steps, 32 draws): worst own-identifier margin seed 0 +18.3%
+    # (ocean), seed 1 +33.1%, seed 2 +27.4%; top-1 100% for each seed
     return CategoryConfig(template=TEMPLATE, vectors_per_token=4, batch_size=4, steps=STEPS, lr_tokens=5e-3,
                           lr_lora=3e-3, rank=4, resolution=64, min_timestep=T_MIN, max_timestep=T_MAX,
                           targets=FLUX_TARGETS, product_weight=0.0)
