@@ -29,8 +29,13 @@ class Encoded:
 
 @runtime_checkable
 class DiffusionHost(Protocol):
-    """What a recipe needs from the diffusion framework."""
-    family: str                        # sd15 | sd2 | sdxl
+    """What a recipe needs from the diffusion framework.
+
+    Optional: ``lora_targets`` (the LoRA's target patterns when a recipe keeps the default
+    ``lora.DEFAULT_TARGETS``: a DiT host names its joint attention's projections) and
+    ``euler_slope(x, sigma, encoded, scene)`` (dx/dsigma for previews, where the model's ODE slope
+    is not its noise prediction: flow matching)."""
+    family: str                        # sd15 | sd2 | sdxl | flux | z_image
     encoders: Mapping[str, int]        # library encoder name -> width, e.g. {"clip_l": 768}
     device: torch.device
     unet: torch.nn.Module              # module tree that LoRA targets are searched in
