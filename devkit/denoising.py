@@ -1,4 +1,5 @@
-"""Plain denoising pretraining of a whole UNet (the world base model, ``devkit/world_model.py``).
+"""Plain denoising pretraining of a whole UNet or DiT (the world bases, ``devkit/world_model.py``,
+``devkit/dit_world.py``).
 
 Group ``unet``: every parameter of ``host.unet``. Each step draws latents, one of a few
 category-agnostic prompts (encoded once, no gradient), noise and timesteps over the whole
@@ -30,9 +31,17 @@ class DenoisingRecipe:
         self._cond = None
 
     def conditioning(self) -> torch.Tensor:
+        return self.encoded().cond
+
+    def encoded(self):
+        """Every prompt encoded once (no gradient), with its global vector where the model takes
+        one (Flux.1's pooled CLIP-L output)."""
         if self._cond is None:
+            from dataclasses import replace
             with torch.no_grad():
-                self._cond = self.host.encode([Prompt(p) for p in self.prompts]).cond.detach()
+                enc = self.host.encode([Prompt(p) for p in self.prompts])
+            self._cond = replace(enc, cond=enc.cond.detach(),
+                                 pooled=enc.pooled.detach() if enc.pooled is not None else None)
         return self._cond
 
     def parameter_groups(self):
@@ -48,12 +57,10 @@ class DenoisingRecipe:
         return {"latents": latents, "noise": noise, "timesteps": t, "prompt": prompt}
 
     def predict(self, batch) -> torch.Tensor:
-        from productscene.train.recipes import Encoded
         dev = self.host.device
-        cond = self.conditioning()[batch["prompt"].to(dev)]
+        enc = self.encoded().select(batch["prompt"])
         sigma = self.host.sigmas(batch["timesteps"].to(dev))
         x = self.host.add_noise(batch["latents"].to(dev), batch["noise"].to(dev), sigma)
-        enc = Encoded(cond=cond, pooled=None, rows=tuple({} for _ in range(len(cond))), context_rows=int(cond.shape[1]))
         return self.host.predict_noise(x, sigma, enc, None)
 
     def loss(self, batch, step):

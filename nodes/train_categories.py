@@ -8,7 +8,7 @@ from productscene.prompt import DEFAULT_TEMPLATE
 from productscene.train.recipes.categories import CategoryConfig, train_category_library
 from .paths import LIBRARY_FOLDER
 from .trainer_files import finished, model_folder, node_outputs, resolve_data, run_inputs, run_options, work_folder
-from .training_host import ComfyProgress, ComfyTrainingHost
+from .training_host import ComfyProgress, training_host
 
 
 def library_folder() -> str:
@@ -28,8 +28,8 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
                          "library to models/category_libraries. Cancel keeps a checkpoint; run again with resume on."),
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to train for (SD1.5, SD2.x or SDXL)."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; identifiers are learned in its embedding space."),
+                io.Model.Input("model", tooltip="The diffusion model to train for (SD1.5, SD2.x, SDXL, Flux.1 or Z-Image)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint (Flux.1: DualCLIPLoader type flux; Z-Image: CLIPLoader type lumina2); identifiers are learned in its embedding space."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; images are encoded once and cached."),
                 io.String.Input("data_folder", default="",
                                 tooltip="Data set folder (absolute, or relative to ComfyUI's input folder). Folder layout: "
@@ -42,7 +42,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
                 io.Float.Input("lr_tokens", default=0.005, min=1e-7, max=1.0, step=1e-5,
                                tooltip="Learning rate of the category identifier vectors."),
                 io.Float.Input("lr_lora", default=0.0001, min=1e-7, max=1.0, step=1e-6,
-                               tooltip="Learning rate of the shared LoRA on the UNet's attention projections."),
+                               tooltip="Learning rate of the shared LoRA on the attention projections (UNet: self- and cross-attention; Flux.1 / Z-Image: the joint attention)."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128, tooltip="Rank of the shared LoRA."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Training images are scaled and centre-cropped to this square size (multiple of 64)."),
@@ -67,7 +67,7 @@ class ProductSceneTrainCategoryLibrary(io.ComfyNode):
         config = CategoryConfig(template=template, rank=lora_rank, batch_size=batch_size, resolution=resolution,
                                 steps=steps, lr_tokens=lr_tokens, lr_lora=lr_lora)
         run = train_category_library(
-            ComfyTrainingHost(model, clip, vae), data, library, config,
+            training_host(model, clip, vae), data, library, config,
             run_options(steps, state, checkpoint_every, resume, seed, preview_every), layout=layout,
             cache_dir=work_folder("latent_cache"), latent_progress=ComfyProgress(1))
         return io.NodeOutput(name, finished(run).graph)

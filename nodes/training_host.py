@@ -28,15 +28,19 @@ import torch
 
 import comfy.clip_model
 import comfy.model_management as mm
+import comfy.patcher_extension
 import comfy.utils
 
 from productscene.attention import SceneAttention
 from productscene.errors import ProductSceneError
 from productscene.library import check_family, family_of_encoders
-from productscene.prompt import ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, Prompt, PromptTemplate
+from productscene.prompt import (ENCODER_OF_TOKENIZER_KEY, TOKENIZER_KEYS, Prompt, PromptTemplate,
+                                 category_free_template, only_keys)
 from productscene.train.engine import gradient_checkpointing
+from productscene.train.lora import DIT_TARGETS
 from productscene.train.recipes import Encoded
 from .clip_text import clip_widths, word_token_embeddings
+from .dit_host import dit_family, install_dit
 from .host import SCENE_KEY, install
 
 CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
@@ -53,20 +57,107 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
     return x + self.mlp(self.layer_norm2(x))
 
 
+def _t5_attention_forward(self, x, mask=None, past_bias=None, optimized_attention=None):
+    """comfy.text_encoders.t5.T5LayerSelfAttention.forward without its in-place add."""
+    output, past_bias = self.SelfAttention(self.layer_norm(x), mask=mask, past_bias=past_bias,
+                                           optimized_attention=optimized_attention)
+    return x + output, past_bias
+
+
+def _t5_ff_forward(self, x):
+    """comfy.text_encoders.t5.T5LayerFF.forward without its in-place add."""
+    return x + self.DenseReluDense(self.layer_norm(x))
+
+
+def _llama_block_forward(self, x, attention_mask=None, freqs_cis=None, optimized_attention=None,
+                         past_key_value=None):
+    """comfy.text_encoders.llama.TransformerBlock.forward of the ComfyUI versions that write the
+    second residual into the block's input (``torch.add(..., out=x)``, no autograd), out of place."""
+    h, present = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=attention_mask,
+                                freqs_cis=freqs_cis, optimized_attention=optimized_attention,
+                                past_key_value=past_key_value)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+def _out_of_place_forwards() -> dict:
+    """The text-encoder layers whose forward adds in place, and an out-of-place forward for each
+    (CLIP for every family; T5-XXL for Flux.1; Qwen3's blocks where ComfyUI adds into the input)."""
+    import inspect
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.t5 as t5
+    out = {comfy.clip_model.CLIPLayer: _clip_layer_forward, t5.T5LayerSelfAttention: _t5_attention_forward,
+           t5.T5LayerFF: _t5_ff_forward}
+    if "out=output" in inspect.getsource(llama.TransformerBlock.forward):
+        out[llama.TransformerBlock] = _llama_block_forward
+    return out
+
+
 @contextlib.contextmanager
 def differentiable_clip(clip):
-    """Let gradients pass ComfyUI's CLIP text encoders (to spliced vectors) while inside: every
-    ``CLIPLayer`` of ``clip`` runs an out-of-place forward. Restored on exit."""
+    """Let gradients pass ComfyUI's text encoders (to spliced vectors) while inside: every layer of
+    ``clip`` that adds in place (CLIP's ``CLIPLayer``, T5's self-attention and feed-forward layers)
+    runs an out-of-place forward. Restored on exit."""
     patched = []
+    forwards = _out_of_place_forwards()
     try:
         for m in clip.cond_stage_model.modules():
-            if isinstance(m, comfy.clip_model.CLIPLayer) and "forward" not in m.__dict__:
-                m.forward = _clip_layer_forward.__get__(m)
+            forward = next((f for cls, f in forwards.items() if isinstance(m, cls)), None)
+            if forward is not None and "forward" not in m.__dict__:
+                m.forward = forward.__get__(m)
                 patched.append(m)
         yield clip
     finally:
         for m in patched:
             del m.forward
+
+
+@contextlib.contextmanager
+def norms_read_copies(root: torch.nn.Module):
+    """While inside, every normalisation layer under ``root`` reads a copy of its input. ComfyUI's
+    Flux blocks add their residuals in place (``img += ...``, ``x += ...``) into the tensor their
+    pre-norms saved for backward, so autograd fails; with the norm saving its own copy, the
+    residual stream is free to be updated in place (same numbers, one copy per norm)."""
+    def copy_input(module, args):
+        return (args[0].clone(),) + tuple(args[1:])
+
+    handles = [m.register_forward_pre_hook(copy_input) for m in root.modules()
+               if "Norm" in type(m).__name__]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+STREAM_ARGS = ("img", "txt", "x")  # the residual streams a Flux block updates in place
+
+
+@contextlib.contextmanager
+def blocks_read_copies(blocks):
+    """While inside, each block runs on copies of the residual streams it is given (its first
+    argument, and ``img``/``txt``/``x``), so its in-place residual adds never touch its caller's
+    tensors: a checkpointed block (``gradient_checkpointing``, entered after this) recomputes from
+    inputs that are still as they were."""
+    def wrap(block):
+        forward = type(block).forward
+
+        def run(*args, **kwargs):
+            args = tuple(a.clone() if i == 0 and torch.is_tensor(a) else a for i, a in enumerate(args))
+            kwargs = {k: v.clone() if k in STREAM_ARGS and torch.is_tensor(v) else v for k, v in kwargs.items()}
+            return forward(block, *args, **kwargs)
+        return run
+
+    patched = []
+    try:
+        for block in blocks:
+            if "forward" not in block.__dict__:
+                block.forward = wrap(block)
+                patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
 
 
 @contextlib.contextmanager
@@ -183,10 +274,9 @@ class ComfyTrainingHost:
         with torch.inference_mode(False), torch.enable_grad():
             mm.load_models_gpu([self.model, self.clip.patcher],
                                memory_required=self.training_memory(latent_shape, lora), force_full_load=True)
-            blocks = list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks) \
-                if gradient_checkpoint else []
+            blocks = self.checkpoint_blocks() if gradient_checkpoint else []
             with trainable_weights(self.base, self.clip.cond_stage_model), loaded_once(self.clip), \
-                    gradient_checkpointing(blocks), differentiable_clip(self.clip), \
+                    self.differentiable_model(), gradient_checkpointing(blocks), differentiable_clip(self.clip), \
                     (lora.attached() if lora is not None else contextlib.nullcontext()):
                 flags = [(p, p.requires_grad) for p in self.base.parameters()]
                 for p, _ in flags:
@@ -197,6 +287,14 @@ class ComfyTrainingHost:
                     for p, flag in flags:
                         p.requires_grad_(flag)
 
+    def differentiable_model(self):
+        """What the diffusion model needs so that autograd can pass it (nothing, on a UNet)."""
+        return contextlib.nullcontext()
+
+    def checkpoint_blocks(self) -> list:
+        """The blocks gradient checkpointing recomputes: every input, middle and output block."""
+        return list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks)
+
     # -- text ----------------------------------------------------------------------------------
     def token_embeddings(self, word: str) -> dict[str, torch.Tensor]:
         return self._embed_word(word)
@@ -205,7 +303,7 @@ class ComfyTrainingHost:
         key = (template, tuple(sorted(counts.items())))
         hit = self._templates.get(key)
         if hit is None:
-            hit = self._templates[key] = PromptTemplate(self.clip.tokenize, template, counts, self.widths_by_key)
+            hit = self._templates[key] = PromptTemplate(self.template_tokenize, template, counts, self.widths_by_key)
         return hit
 
     def encode(self, prompts: Sequence[Prompt]) -> Encoded:
@@ -213,15 +311,8 @@ class ComfyTrainingHost:
             raise ProductSceneError("encode: no prompts to encode")
         conds, pooled, rows = [], [], []
         for prompt in prompts:
-            if prompt.vectors:
-                counts = {name: int(next(iter(v.values())).shape[0]) for name, v in prompt.vectors.items()}
-                template = self._template(prompt.template, counts)
-                tokens = template.splice({name: {TOKENIZER_KEYS[e]: t for e, t in v.items()}
-                                          for name, v in prompt.vectors.items()})
-                rows.append(template.rows)
-            else:
-                tokens = self.clip.tokenize(prompt.template)
-                rows.append({})
+            tokens, prompt_rows = self.tokens(prompt)
+            rows.append(prompt_rows)
             cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
             conds.append(cond)
             pooled.append(pool)
@@ -231,6 +322,21 @@ class ComfyTrainingHost:
         cond = torch.cat(conds).to(self.device)
         pooled_t = torch.cat(pooled).to(self.device) if all(p is not None for p in pooled) else None
         return Encoded(cond=cond, pooled=pooled_t, rows=tuple(rows), context_rows=int(cond.shape[1]))
+
+    @property
+    def template_tokenize(self):
+        """The tokenizer a template with vectors is tokenized by (every encoder of the CLIP)."""
+        return self.clip.tokenize
+
+    def tokens(self, prompt: Prompt) -> tuple[dict, dict]:
+        """``(tokens, {placeholder: rows})`` of one prompt, its vectors spliced in."""
+        if not prompt.vectors:
+            return self.clip.tokenize(prompt.template), {}
+        counts = {name: int(next(iter(v.values())).shape[0]) for name, v in prompt.vectors.items()}
+        template = self._template(prompt.template, counts)
+        tokens = template.splice({name: {TOKENIZER_KEYS[e]: t for e, t in v.items()}
+                                  for name, v in prompt.vectors.items()})
+        return tokens, template.rows
 
     # -- diffusion -----------------------------------------------------------------------------
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -281,6 +387,141 @@ class ComfyTrainingHost:
                 h.update(k.encode())
                 h.update(f"{t.numel()}:{float(t[:64].sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
         return h.hexdigest()[:16]
+
+
+# the gate's DiT family (nodes/dit_host.py) -> the library family
+LIBRARY_FAMILY_OF_DIT = {"flux": "flux", "zimage": "z_image"}
+FLUX_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance during training (FluxGuidance's default)
+
+
+def training_host(model, clip, vae=None):
+    """The training host for ``model``: :class:`ComfyDitTrainingHost` for a DiT the gate knows
+    (Flux.1, Z-Image: told by ComfyUI's model class), else :class:`ComfyTrainingHost` (a UNet)."""
+    if model is not None and dit_family(model) is not None:
+        return ComfyDitTrainingHost(model, clip, vae)
+    return ComfyTrainingHost(model, clip, vae)
+
+
+class ComfyDitTrainingHost(ComfyTrainingHost):
+    """``DiffusionHost`` for a ComfyUI DiT (Flux.1, Z-Image) and its text encoder.
+
+    What differs from the UNet host: the family comes from the model's class (``dit_family``); the
+    identifier is spliced only into the encoder that carries the prompt (T5-XXL / Qwen3-4B), other
+    encoders (Flux.1's CLIP-L, a global vector) get the category-free prompt; the gate acts through
+    the DiT walker (``install_dit``: ``[T | F | image]`` with one block mask per joint attention);
+    the model is a flow-matching one (``CONST`` sampling), so the noise prediction is recovered from
+    the denoised output through the model's own ``noise_scaling``; timesteps 0..999 index its sigma
+    table (Flux.1 keeps 10000 entries); the LoRA goes on the joint attention's projections
+    (``productscene.train.lora.DIT_TARGETS``)."""
+
+    def __init__(self, model, clip, vae=None):
+        if model is None or clip is None:
+            raise ProductSceneError("model/clip: training needs a model and its text encoder")
+        self.dit = dit_family(model)
+        if self.dit is None:
+            raise ProductSceneError("model: not a DiT this trainer knows; expected Flux.1 or Z-Image")
+        self.family = LIBRARY_FAMILY_OF_DIT[self.dit]
+        self.encoders = check_family(self.family)
+        widths = {ENCODER_OF_TOKENIZER_KEY.get(k, k): w for k, w in clip_widths(clip).items()}
+        clip_family = family_of_encoders(widths)
+        if clip_family != self.family:
+            raise ProductSceneError(
+                f"clip: its text encoders {widths} belong to {clip_family or 'an unsupported model'}, but the "
+                f"model is {self.family}; use the text encoder of the model (Flux.1: DualCLIPLoader type flux, "
+                f"Z-Image: CLIPLoader type lumina2)")
+        self._embed_word = word_token_embeddings(clip, encoders=self.encoders)
+        self.widths_by_key = {TOKENIZER_KEYS[e]: w for e, w in self.encoders.items()}
+        self.lora_targets = DIT_TARGETS[self.family]
+        self.model = install_dit(model, SceneAttention(), self.dit)
+        self.clip = clip
+        self.vae = vae
+        self.base = self.model.model
+        self.unet = self.base.diffusion_model
+        self.sampling = self.base.model_sampling
+        self.num_timesteps = 1000
+        self.device = torch.device(self.model.load_device)
+        self._templates: dict = {}
+
+    @property
+    def attention_downsample(self) -> int:
+        return int(self.unet.patch_size)
+
+    @contextlib.contextmanager
+    def differentiable_model(self):
+        """Norms and Flux's blocks read copies (:func:`norms_read_copies`, :func:`blocks_read_copies`),
+        and ComfyUI's own training flag is up
+        where it has one (``model_management.in_training``: newer ComfyUI then applies RoPE with
+        plain torch ops instead of a fused kernel that has no backward)."""
+        had = hasattr(mm, "in_training")
+        previous = getattr(mm, "in_training", None)
+        if had:
+            mm.in_training = True
+        try:
+            with norms_read_copies(self.unet), \
+                    blocks_read_copies(self.checkpoint_blocks() if self.dit == "flux" else []):
+                yield
+        finally:
+            if had:
+                mm.in_training = previous
+
+    def checkpoint_blocks(self) -> list:
+        if self.dit == "flux":
+            return list(self.unet.double_blocks) + list(self.unet.single_blocks)
+        return list(self.unet.layers)
+
+    # -- text ----------------------------------------------------------------------------------
+    @property
+    def template_tokenize(self):
+        return only_keys(self.clip.tokenize, self.widths_by_key)
+
+    def tokens(self, prompt: Prompt) -> tuple[dict, dict]:
+        tokens, rows = super().tokens(prompt)
+        others = set(self.clip.tokenize("")) - set(tokens)
+        if others:  # global-only encoders: the prompt without any placeholder
+            free = prompt.template
+            for name in prompt.vectors:
+                free = category_free_template(free, name)
+            free_tokens = self.clip.tokenize(free)
+            tokens = {**{k: free_tokens[k] for k in others}, **tokens}
+        return tokens, rows
+
+    # -- diffusion -----------------------------------------------------------------------------
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        table = self.sampling.sigmas
+        n = int(len(table))
+        idx = ((timesteps.long().cpu() + 1) * n // self.num_timesteps - 1).clamp(0, n - 1)
+        return table.detach().cpu()[idx].to(self.device, torch.float32)
+
+    def _denoised(self, x, sigma, encoded: Encoded, scene=None):
+        options = dict(self.model.model_options.get("transformer_options", {}))
+        options[SCENE_KEY] = scene
+        options["cond_or_uncond"] = [0]
+        options["sigmas"] = sigma
+        options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+            options.get("wrappers", {}), self.model.wrappers, copy_dict1=True)
+        kwargs = {}
+        if self.dit == "flux":
+            if encoded.pooled is None:
+                raise ProductSceneError("clip: Flux.1 training needs the pooled CLIP-L output of its text encoder")
+            kwargs["y"] = encoded.pooled.to(self.device)
+            kwargs["guidance"] = torch.full((x.shape[0],), FLUX_GUIDANCE, device=self.device)
+        else:
+            kwargs["num_tokens"] = int(encoded.cond.shape[1])
+        return self.base.apply_model(x, sigma, c_crossattn=encoded.cond, transformer_options=options, **kwargs)
+
+    def predict_noise(self, x, sigma, encoded: Encoded, scene=None):
+        """eps of ``x = noise_scaling(sigma, eps, x0)`` (flow: ``sigma eps + (1 - sigma) x0``) with
+        the model's ``x0`` (its denoised output): ``(x - noise_scaling(sigma, 0, x0)) / sigma``."""
+        denoised = self._denoised(x, sigma, encoded, scene)
+        clean = self.sampling.noise_scaling(sigma.to(denoised.dtype), torch.zeros_like(denoised), denoised)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
+        return (x.to(denoised.dtype) - clean) / s
+
+    def euler_slope(self, x, sigma, encoded: Encoded, scene=None):
+        """dx/dsigma of the model's ODE, ``(x - x0) / sigma`` (the velocity of a flow model)."""
+        denoised = self._denoised(x, sigma, encoded, scene)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
+        return (x.to(denoised.dtype) - denoised) / s
 
 
 class ComfyProgress:

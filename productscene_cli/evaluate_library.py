@@ -43,7 +43,7 @@ def run(args) -> int:
     latents = bar(len(dataset), "latents")
     batches = bar(None, "evaluating", unit="batch")
     try:
-        score = evaluate_library(host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.library,
+        score = evaluate_library(host_mod.training_host(model, clip, vae), dataset, args.library,
                                  cache_dir=args.cache_dir or default_cache(), draws=args.draws, seed=args.seed,
                                  batch_size=args.batch_size, min_timestep=args.min_timestep,
                                  max_timestep=args.max_timestep, resolution=args.resolution,

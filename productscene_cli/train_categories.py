@@ -51,7 +51,7 @@ def run(args) -> int:
     host_mod = comfyui.load_host_adapter(args.comfyui, cpu=args.cpu)
     model, clip, vae = comfyui.load_checkpoint(args.checkpoint)
     done = train_interruptibly(lambda bars, should_stop: train_category_library(
-        host_mod.ComfyTrainingHost(model, clip, vae), dataset, args.out, config, options, layout=args.layout,
+        host_mod.training_host(model, clip, vae), dataset, args.out, config, options, layout=args.layout,
         checked=report, cache_dir=args.cache_dir or default_cache(), latent_progress=bars.latent_progress,
         license=args.license, progress=bars.progress, should_stop=should_stop), ckpt, args.steps, images=len(dataset), main=options.ranks.is_main)
     if done is None:

@@ -8,7 +8,7 @@
 #
 # Two lanes: the tests run with one torch thread each (tests/conftest.py), so with no pytest args
 # (the whole suite, as CI runs it) the learning proofs on the first host (pytest -m learning: the
-# world base and three trainings), then its command-line tests, run beside everything else (the other
+# world base and three trainings; the DiT world base and one training), then its command-line tests, run beside everything else (the other
 # tests on the first host, then the second host's). Their output is shown when both are done.
 # PRODUCTSCENE_TEST_LANES=1 runs everything one after another; pytest args always do.
 # PRODUCTSCENE_SECOND_HOST picks the second ComfyUI (a tree or tarball; "none": the first alone);
@@ -57,15 +57,18 @@ for i in "${!hosts[@]}"; do
   [ "$i" = 0 ] || others+=("$i")
 done
 if [ $# -eq 0 ] && [ "${PRODUCTSCENE_TEST_LANES:-2}" != 1 ]; then
-  # tests/test_cli.py and tests/test_distributed.py go with the learning proofs: they even the two lanes
+  # tests/test_cli.py, tests/test_distributed.py and tests/test_dit_training.py (about 1.5 min: the DiT
+  # trainer's node and commands) go with the learning proofs: they even the two lanes
   # (fresh clone at 29040ed on 2 cores: 21.9 + 3.3 min in this lane with test_distributed.py in the
   # other, 16.7 + 16.9 min there)
   ( run_tests 0-learning 0 "learning proofs" -m learning
-    run_tests 0-cli 0 "command-line tests" -m "not learning" tests/test_cli.py tests/test_distributed.py ) > "$logs/lane.out" 2>&1 &
+    run_tests 0-cli 0 "command-line tests" -m "not learning" tests/test_cli.py tests/test_distributed.py \
+      tests/test_dit_training.py ) > "$logs/lane.out" 2>&1 &
   lane_pid=$!
-  echo "(the learning proofs, tests/test_cli.py and tests/test_distributed.py run beside these tests on ComfyUI ${hosts[0]%%$'\t'*};" \
+  echo "(the learning proofs, tests/test_cli.py, tests/test_distributed.py and tests/test_dit_training.py run beside these tests on ComfyUI ${hosts[0]%%$'\t'*};" \
        "their output follows at the end)"
-  run_tests 0-rest 0 "all other tests" -m "not learning" --ignore=tests/test_cli.py --ignore=tests/test_distributed.py
+  run_tests 0-rest 0 "all other tests" -m "not learning" --ignore=tests/test_cli.py --ignore=tests/test_distributed.py \
+    --ignore=tests/test_dit_training.py
   for i in "${others[@]}"; do run_tests "$i" "$i" "host-level tests"; done
   wait "$lane_pid" || true
   lane_pid=""

@@ -174,3 +174,23 @@ def world(pack):
 @pytest.fixture(scope="session")
 def world_models(world):
     return world_model.load_world_base(world.checkpoint)
+
+
+# -- the DiT world base (issue 26) ---------------------------------------------------------------
+@pytest.fixture(scope="session")
+def dit_world(pack):
+    """The DiT world base (devkit/dit_world.py): ``.checkpoint`` (a tiny Flux.1 pretrained on the
+    world, with its own loader ``dit_world.load_dit_world_base``), ``.data`` (the SD world's data),
+    ``.categories``; built once and cached in .cache/productscene/dit-world-<version>/."""
+    import importlib
+    from devkit import dit_world as dit_world_mod
+
+    host_adapter = importlib.import_module(pack.__name__ + ".nodes.training_host")
+    return dit_world_mod.ensure_dit_world(host_adapter=host_adapter, log=print)
+
+
+@pytest.fixture(scope="session")
+def dit_world_models(dit_world):
+    """(model, clip, vae) of the DiT world base (shared: clone before patching)."""
+    from devkit import dit_world as dit_world_mod
+    return dit_world_mod.load_dit_world_base(dit_world.checkpoint)

@@ -41,6 +41,18 @@ DEFAULT_TARGETS = (
     r"(^|\.)attn[12]\.to_out\.0$",
 )
 CROSS_ATTENTION_TARGETS = (r"(^|\.)attn2\.to_k$", r"(^|\.)attn2\.to_v$")
+# DiT joint attention (text and image tokens in one attention). Flux.1: each double-stream block's
+# image and text q/k/v (``img_attn.qkv``, ``txt_attn.qkv``) and output projections (``*.proj``);
+# each single-stream block's ``linear1`` (q/k/v fused with the MLP's input) and ``linear2`` (the
+# attention output fused with the MLP's). Z-Image: every block's ``attention.qkv`` and
+# ``attention.out`` (context refiner, noise refiner and main layers).
+FLUX_TARGETS = (
+    r"(^|\.)(img|txt)_attn\.qkv$",
+    r"(^|\.)(img|txt)_attn\.proj$",
+    r"(^|\.)single_blocks\.\d+\.linear[12]$",
+)
+Z_IMAGE_TARGETS = (r"(^|\.)attention\.qkv$", r"(^|\.)attention\.out$")
+DIT_TARGETS = {"flux": FLUX_TARGETS, "z_image": Z_IMAGE_TARGETS}
 
 
 class LoRALayer(nn.Module):

@@ -29,8 +29,13 @@ class Encoded:
 
 @runtime_checkable
 class DiffusionHost(Protocol):
-    """What a recipe needs from the diffusion framework."""
-    family: str                        # sd15 | sd2 | sdxl
+    """What a recipe needs from the diffusion framework.
+
+    Optional: ``lora_targets`` (the LoRA's target patterns when a recipe keeps the default
+    ``lora.DEFAULT_TARGETS``: a DiT host names its joint attention's projections) and
+    ``euler_slope(x, sigma, encoded, scene)`` (dx/dsigma for previews, where the model's ODE slope
+    is not its noise prediction: flow matching)."""
+    family: str                        # sd15 | sd2 | sdxl | flux | z_image
     encoders: Mapping[str, int]        # library encoder name -> width, e.g. {"clip_l": 768}
     device: torch.device
     unet: torch.nn.Module              # module tree that LoRA targets are searched in
@@ -82,8 +87,11 @@ def sample_preview(host: DiffusionHost, encoded: Encoded, latent_shape: Sequence
     sigmas = torch.cat([host.sigmas(t).float().cpu(), torch.zeros(1)])
     noise = torch.randn(tuple(latent_shape), generator=generator).to(host.device)
     x = host.add_noise(torch.zeros_like(noise), noise, sigmas[0].expand(noise.shape[0]).to(host.device))
+    # the Euler step's slope dx/dsigma: the noise prediction on an eps model; a host whose model is
+    # parameterised otherwise (flow matching: the velocity) gives it as ``euler_slope``
+    slope = getattr(host, "euler_slope", host.predict_noise)
     for i in range(int(steps)):
         sigma = sigmas[i].expand(noise.shape[0]).to(host.device)
-        eps = host.predict_noise(x, sigma, encoded, scene).to(x.dtype)
+        eps = slope(x, sigma, encoded, scene).to(x.dtype)
         x = x + eps * float(sigmas[i + 1] - sigmas[i])
     return host.decode_images(x)

@@ -136,6 +136,9 @@ class CategoryRecipe:
         self.host = host
         self.source = source
         self.config = config or CategoryConfig()
+        host_targets = getattr(host, "lora_targets", None)  # a DiT host: its joint attention's projections
+        if host_targets is not None and tuple(self.config.targets) == DEFAULT_TARGETS:
+            self.config = replace(self.config, targets=tuple(host_targets))
         self.categories = list(categories)
         if not self.categories:
             raise ProductSceneError("categories: expected at least one category to train")
