@@ -103,6 +103,49 @@ def attention_only(heads: int, text: int, image: int, product: float, repeats: i
         print(f"  {name:>26}: median {statistics.median(ts):.2f} s{ratio}")
 
 
+def encoder_pass(texts, repeats: int) -> None:
+    """The extra text-encoder pass per prompt (Category Tokens encodes the prompt once more without
+    the identifier, once per prompt, never per step), at the released encoders' real widths:
+    ComfyUI's own T5-XXL (d_model 4096, d_ff 10240, 64 heads) and Qwen3-4B (2560, 9728, 32/8 heads)
+    classes. The released depths (24 / 36 layers) do not fit this machine's time, so each is built
+    with 1 and with 2 layers and the per-layer time (the difference) is scaled to the full depth."""
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.t5 as t5
+    import json as _json
+
+    t5_config = _json.loads((Path(t5.__file__).parent / "t5_config_xxl.json").read_text())
+
+    def t5_model(layers):
+        return t5.T5(dict(t5_config, num_layers=layers), torch.float32, "cpu", comfy.ops.manual_cast)
+
+    def qwen_model(layers):
+        return llama.Qwen3_4B({"num_hidden_layers": layers}, torch.float32, "cpu", comfy.ops.manual_cast)
+
+    for name, build, depth in (("T5-XXL", t5_model, 24), ("Qwen3-4B", qwen_model, 36)):
+        for text in texts:
+            times = {}
+            for layers in (1, 2):
+                model = build(layers)
+                for p in model.parameters():
+                    torch.nn.init.normal_(p, 0.0, 0.02)
+                ids = torch.randint(0, 32000, (1, text))
+                runs = []
+                with torch.no_grad():
+                    model(ids, None)  # warm-up
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        model(ids, None)
+                        runs.append(time.perf_counter() - start)
+                times[layers] = statistics.median(runs)
+                del model
+                gc.collect()
+            per_layer = max(times[2] - times[1], 0.0)
+            full = times[1] + per_layer * (depth - 1)
+            print(f"extra encode {name} {text} tokens: per layer {per_layer * 1e3:.0f} ms, "
+                  f"{depth} layers (scaled) {full:.2f} s per prompt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["flux", "zimage", "both"], default="both")
@@ -112,9 +155,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--attention-only", action="store_true",
                         help="time the joint-attention kernel alone (vanilla, gate mask, two calls)")
+    parser.add_argument("--encoder", action="store_true",
+                        help="time the extra text-encoder pass per prompt (T5-XXL, Qwen3-4B widths)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encoder:
+        encoder_pass([int(n) for n in args.text.split(",")], args.repeats)
+        return
     if args.attention_only:
         for family in (["flux", "zimage"] if args.family == "both" else [args.family]):
             for text in (int(n) for n in args.text.split(",")):
