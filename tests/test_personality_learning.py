@@ -21,7 +21,9 @@ to_k_ip/to_v_ip train at ``lr``. Measured own-style margins brick/linen/meadow/o
 - resampler at the same rate (scale 1), 1000 steps: -2.3/+23.4/+19.4/+20.6% (brick FAILS: the meadow
   reference helps brick images more);
 - scale 0.1, 400 steps: +6.1/+1.1/+9.8/+21.2% (linen fails);
-- scale 0.01, 400 steps: +16.7/+9.2/+8.7/+28.0% (held; this test), MORE_0_01
+- scale 0.01, 400 steps: +16.7/+9.2/+8.7/+28.0% (held; this test; the
+  same run measured on: 600 steps +6.1/+34.5/+15.3/+29.2%, 800 steps +10.8/+39.7/+15.0/+26.1%, 1000 steps
+  +6.4/+38.7/+29.1/+25.9%).
 
 400 steps (not 1000) keep the learning lane's added time down; every margin is >= 7% there.
 """
