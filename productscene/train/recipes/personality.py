@@ -7,8 +7,8 @@ the adapter (its projection and its per-layer to_k/to_v) trains; the UNet and bo
 frozen. An IP-Adapter file's image projection (a deep resampler, learned on millions of images) is
 a group of its own at ``lr x projection_lr_scale`` (0.01 by default: nearly kept, while its layers'
 to_k_ip/to_v_ip adapt at ``lr``): at the same rate a catalogue's run bends it and a style's margin
-is lost (tests/test_personality_learning.py has the measurements). The prompt is one category-agnostic sentence, so the reference is the only way style
-reaches the model. The reference acts on background positions only (as at inference); the
+is lost (tests/test_personality_learning.py has the measurements). The prompt is one
+category-agnostic sentence, so the reference is the only way style reaches the model. The reference acts on background positions only (as at inference); the
 noise-prediction MSE is weighted to the background.
 
 The CLIP-vision features are computed every step from a fresh augmentation (CLIP vision is frozen
@@ -153,8 +153,8 @@ class PersonalityRecipe:
     # -- engine protocol -------------------------------------------------------------------------
     def parameter_groups(self):
         """``adapter``: the per-layer to_k/to_v (and a new adapter's own small projection);
-        ``projection``: an IP-Adapter file's image projection (its resampler), a deep network that
-        trains at a lower rate, as IP-Adapter's own training does (1e-4)."""
+        ``projection``: an IP-Adapter file's image projection (its resampler), already learned, which
+        a run nearly keeps (``projection_lr_scale``)."""
         projection = getattr(self.adapter, "projection", None)
         if projection is None:
             return {"adapter": list(self.adapter.parameters())}
