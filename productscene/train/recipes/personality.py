@@ -8,8 +8,9 @@ frozen. An IP-Adapter file's image projection (a deep resampler, learned on mill
 a group of its own at ``lr x projection_lr_scale`` (0.01 by default: nearly kept, while its layers'
 to_k_ip/to_v_ip adapt at ``lr``): at the same rate a catalogue's run bends it and a style's margin
 is lost (tests/test_personality_learning.py has the measurements). The prompt is one
-category-agnostic sentence, so the reference is the only way style reaches the model. The reference acts on background positions only (as at inference); the
-noise-prediction MSE is weighted to the background.
+category-agnostic sentence, so the reference is the only way style reaches the model. The reference
+acts on background positions only (as at inference); the noise-prediction MSE is weighted to the
+background.
 
 The CLIP-vision features are computed every step from a fresh augmentation (CLIP vision is frozen
 and small beside the UNet), so no feature cache grows with the data set.
