@@ -83,7 +83,8 @@ class ProductSceneTrainPersonalityAdapter(io.ComfyNode):
                 io.Int.Input("steps", default=1000, min=1, max=1000000,
                              tooltip="Optimizer steps in total (a resumed run continues up to this number)."),
                 io.Float.Input("lr", default=0.0001, min=1e-7, max=1.0, step=1e-6,
-                               tooltip="Learning rate of the adapter (projection and per-layer to_k/to_v)."),
+                               tooltip="Learning rate of the adapter (projection and per-layer to_k/to_v). An "
+                                       "IP-Adapter file's image projection trains at a hundredth of it."),
                 io.Int.Input("tokens", default=16, min=1, max=256, tooltip="Reference tokens per image (K)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Training images are scaled and centre-cropped to this square size (multiple of 64)."),

@@ -26,7 +26,8 @@ def register(sub) -> None:
     r.add_argument("--prompt", default="a product photo",
                    help="the one training prompt; name no style, the reference is what should carry it")
     r.add_argument("--steps", type=int, default=1000)
-    r.add_argument("--lr", type=float, default=1e-4, help="learning rate of the adapter")
+    r.add_argument("--lr", type=float, default=1e-4, help="learning rate of the adapter (an IP-Adapter file's image projection "
+                                                                   "trains at a hundredth of it)")
     r.add_argument("--resolution", type=int, default=512, help="training resolution (multiple of 64)")
     r.add_argument("--batch-size", type=int, default=2)
     r.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation, noise and timesteps")

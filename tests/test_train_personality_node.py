@@ -12,6 +12,7 @@ import torch
 import productscene
 from productscene.errors import ProductSceneError
 from productscene.personality import PersonalityAdapter
+from productscene.train.recipes.personality import PersonalityConfig
 from devkit.clip_vision import build_clip_vision
 from devkit.models import encode, sample
 from tests.support.progress_hook import cancel_when
@@ -124,6 +125,10 @@ def test_node_fine_tunes_an_ipadapter_file_from_its_weights(pack, sd15, tmp_path
     moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
     assert max(moved.values()) <= 1.1 * lr, max(moved.items(), key=lambda kv: kv[1])
     assert max(moved.values()) > 0.1 * lr  # and it trained
+    # its resampler at its own, lower rate (the layers' pairs at lr)
+    rate = lr * PersonalityConfig().projection_lr_scale
+    resampler = {k: v for k, v in moved.items() if k.startswith("image_proj.")}
+    assert 0.1 * rate < max(resampler.values()) <= 1.1 * rate, max(resampler.items(), key=lambda kv: kv[1])
     # a fine-tuned file is offered as a start too
     assert name in tp.start_files()
 

@@ -4,9 +4,13 @@ Self-supervised: the reference for a training image is that same image's backgro
 filled with CLIP's mean colour) under augmentation (random resized crop, horizontal flip, mild
 brightness and saturation jitter), so the adapter learns to carry style, not to copy pixels. Only
 the adapter (its projection and its per-layer to_k/to_v) trains; the UNet and both encoders are
-frozen. The prompt is one category-agnostic sentence, so the reference is the only way style
-reaches the model. The reference acts on background positions only (as at inference); the
-noise-prediction MSE is weighted to the background.
+frozen. An IP-Adapter file's image projection (a deep resampler, learned on millions of images) is
+a group of its own at ``lr x projection_lr_scale`` (0.01 by default: nearly kept, while its layers'
+to_k_ip/to_v_ip adapt at ``lr``): at the same rate a catalogue's run bends it and a style's margin
+is lost (tests/test_personality_learning.py has the measurements). The prompt is one
+category-agnostic sentence, so the reference is the only way style reaches the model. The reference
+acts on background positions only (as at inference); the noise-prediction MSE is weighted to the
+background.
 
 The CLIP-vision features are computed every step from a fresh augmentation (CLIP vision is frozen
 and small beside the UNet), so no feature cache grows with the data set.
@@ -50,6 +54,7 @@ class PersonalityConfig:
     crop_scale: float = 0.6          # random resized crop keeps between this and all of each side
     flip: float = 0.5
     jitter: float = 0.1              # brightness and saturation factors drawn from 1 +- jitter
+    projection_lr_scale: float = 0.01  # an IP-Adapter file's projection trains at lr x this (its own group)
 
     def __post_init__(self):
         if int(self.resolution) < 64 or int(self.resolution) % 64:
@@ -59,6 +64,8 @@ class PersonalityConfig:
                 raise ProductSceneError(f"{name}: expected 1 or more, got {getattr(self, name)}")
         if not float(self.lr) > 0:
             raise ProductSceneError(f"lr: expected a learning rate > 0, got {self.lr}")
+        if not 0 < float(self.projection_lr_scale) <= 1:
+            raise ProductSceneError(f"projection_lr_scale: expected a factor above 0 and at most 1, got {self.projection_lr_scale}")
         if not 0.1 <= float(self.crop_scale) <= 1.0:
             raise ProductSceneError(f"crop_scale: expected 0.1 to 1, got {self.crop_scale}")
         if not 0.0 <= float(self.flip) <= 1.0 or not 0.0 <= float(self.jitter) < 1.0:
@@ -66,8 +73,11 @@ class PersonalityConfig:
         if not str(self.prompt).strip():
             raise ProductSceneError("prompt: expected a category-agnostic sentence, e.g. 'a product photo'")
 
-    def phases(self) -> list[Phase]:
-        return [Phase("adapter", int(self.steps), {"adapter": float(self.lr)})]
+    def phases(self, groups: Sequence[str] = ("adapter",)) -> list[Phase]:
+        """One phase training ``groups`` (:meth:`PersonalityRecipe.parameter_groups`' names): the
+        adapter at ``lr``, an IP-Adapter file's projection (group ``projection``) at ``lr x projection_lr_scale``."""
+        rates = {"adapter": float(self.lr), "projection": float(self.lr) * float(self.projection_lr_scale)}
+        return [Phase("adapter", int(self.steps), {g: rates[g] for g in groups})]
 
 
 class ImageSource:
@@ -143,7 +153,15 @@ class PersonalityRecipe:
 
     # -- engine protocol -------------------------------------------------------------------------
     def parameter_groups(self):
-        return {"adapter": list(self.adapter.parameters())}
+        """``adapter``: the per-layer to_k/to_v (and a new adapter's own small projection);
+        ``projection``: an IP-Adapter file's image projection (its resampler), already learned, which
+        a run nearly keeps (``projection_lr_scale``)."""
+        projection = getattr(self.adapter, "projection", None)
+        if projection is None:
+            return {"adapter": list(self.adapter.parameters())}
+        own = {id(p) for p in projection.parameters()}
+        return {"adapter": [p for p in self.adapter.parameters() if id(p) not in own],
+                "projection": list(projection.parameters())}
 
     def batch(self, step: int, generator: torch.Generator):
         cfg = self.config
@@ -283,7 +301,7 @@ def train_personality_adapter(host: DiffusionHost, data, out_path, config: Perso
         adapter = initial if initial is not None else PersonalityAdapter.for_layers(
             host.family, int(vision_width), layers, tokens=int(config.tokens), seed=options.seed)
         recipe = PersonalityRecipe(host, DatasetSource(cache, config.resolution), encode_vision, adapter, config)
-        trained = run_recipe(host, recipe, config.phases(), options, name="personality",
+        trained = run_recipe(host, recipe, config.phases(list(recipe.parameter_groups())), options, name="personality",
                              latent_shape=(int(config.batch_size),) + tuple(cache.get(0)[0].shape))
     if trained.cancelled:
         return PersonalityRun(None, trained.result, recipe, trained.graph)
