@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
+from yarl import URL
 
 from .errors import ProductSceneError
 
@@ -140,12 +141,16 @@ class AsyncComfyClient:
         self.session = session
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
+        self._base = str(URL(self.base_url))      # encoded once (IDNA host, quoted path): paths join it as they are
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     # ------------------------------------------------------------------ transport
     async def _request(self, method: str, path: str, *, raw: bool = False, **kwargs):
+        """``path``: already quoted (every caller quotes what it puts in), so the URL is not parsed
+        and quoted again on every request."""
         try:
-            async with self.session.request(method, self.base_url + path,
-                                            timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs) as r:
+            async with self.session.request(method, URL(self._base + path, encoded=True),
+                                            timeout=self._timeout, **kwargs) as r:
                 body = await r.read()
                 status = r.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -210,16 +215,17 @@ class AsyncComfyClient:
             kind = ServerError if e.code >= 500 else ProductSceneError
             raise kind(f"ComfyUI refused the upload of {name!r} (HTTP {e.code}): {e.payload}") from None
 
-    async def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
-        """``POST /prompt`` with an API-format graph; returns the prompt id.
+    async def queue(self, prompt: dict | bytes, client_id: str | None = None, *, strict: bool = True) -> str:
+        """``POST /prompt`` with an API-format graph (a dict, or its JSON as bytes when the caller
+        has it already); returns the prompt id.
 
         A rejected prompt raises ProductSceneError with the server's node_errors. With ``strict``
         (default) a prompt that was queued although some of its outputs failed validation raises
         too (the valid outputs still run; the message names the prompt id)."""
-        payload = {"prompt": prompt, "client_id": client_id or self.client_id}
+        graph_json = prompt if isinstance(prompt, bytes) else json.dumps(prompt).encode()
+        body = b'{"prompt": ' + graph_json + b', "client_id": ' + json.dumps(client_id or self.client_id).encode() + b"}"
         try:
-            answer = await self._request("POST", "/prompt", data=json.dumps(payload).encode(),
-                                         headers=_JSON)
+            answer = await self._request("POST", "/prompt", data=body, headers=_JSON)
         except _HTTPError as e:
             if e.code >= 500:
                 raise ServerError(f"ComfyUI could not take the prompt (HTTP {e.code}): {e.payload}") from None
@@ -368,7 +374,7 @@ class ComfyClient:
                      overwrite: bool = True, type: str = "input") -> dict:
         return self._call("upload_image", path_or_bytes, name, subfolder=subfolder, overwrite=overwrite, type=type)
 
-    def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
+    def queue(self, prompt: dict | bytes, client_id: str | None = None, *, strict: bool = True) -> str:
         return self._call("queue", prompt, client_id, strict=strict)
 
     def history(self, prompt_id: str) -> dict | None:
