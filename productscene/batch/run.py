@@ -189,7 +189,7 @@ class _Writer:
     call (a thread hand-off per row cost more than the write). A row's image is renamed into place
     before its provenance line is written, so a killed client leaves whole rows."""
 
-    PAUSE = float(os.environ.get('PS_PAUSE', '0.01'))   # seconds it lets rows gather after the first: latency the workers do not wait on
+    PAUSE = 0.01   # seconds it lets rows gather after the first: latency the workers do not wait on
 
     def __init__(self, run: "BatchRun", loop: asyncio.AbstractEventLoop):
         self.run, self.loop = run, loop
@@ -334,13 +334,6 @@ class BatchRun:
             self.discarded += 1
             return False
         task.state = "writing"   # from here no other server's result for this row is written
-        if os.environ.get("PS_INLINE"):
-            try:
-                self._write(task.job, images, record)
-                self._written([(server, task, None)])
-            except Exception as e:
-                self._written([(server, task, e)])
-            return True
         self.writer.put((server, task, images, record))
         return True
 
@@ -688,12 +681,6 @@ class BatchRun:
             listeners = [asyncio.ensure_future(self._listen(s)) for s in self.servers]
             workers = [asyncio.ensure_future(self._worker(s)) for s in self.servers for _ in range(self.o.concurrency)]
             self._progress(force=True)
-            if os.environ.get("PS_DEBUG"):
-                async def dbg():
-                    while True:
-                        await asyncio.sleep(1)
-                        print("writer queue", self.writer.rows.qsize(), "done", self.done, "active", self.active, flush=True)
-                asyncio.ensure_future(dbg())
             try:
                 await asyncio.gather(*workers)
                 for task in list(self.retry) + [t for s in self.servers for t in s.adopted]:
