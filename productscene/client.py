@@ -1,5 +1,6 @@
-"""A client for ComfyUI's HTTP API and its ``/ws`` websocket, on aiohttp (which every ComfyUI
-installs); host-free.
+"""A client for ComfyUI's HTTP API and its ``/ws`` websocket; host-free. The requests go over the
+client's own kept-alive HTTP/1.1 connections (:mod:`productscene.http1`), the websocket over aiohttp
+(which every ComfyUI installs).
 
 ``AsyncComfyClient`` is the client: one aiohttp session, many servers, for the batch run's event
 loop. ``ComfyClient`` is the same API for synchronous callers (tests, the demo, benchmarks)::
