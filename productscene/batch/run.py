@@ -190,6 +190,7 @@ class _Writer:
     before its provenance line is written, so a killed client leaves whole rows."""
 
     PAUSE = 0.01   # seconds it lets rows gather after the first: latency the workers do not wait on
+    BACKLOG = 64   # rows waiting beyond which the workers wait for the writer
 
     def __init__(self, run: "BatchRun", loop: asyncio.AbstractEventLoop):
         self.run, self.loop = run, loop
@@ -336,6 +337,16 @@ class BatchRun:
         task.state = "writing"   # from here no other server's result for this row is written
         self.writer.put((server, task, images, record))
         return True
+
+    async def _writer_room(self) -> None:
+        """While the writer has more than ``_Writer.BACKLOG`` rows waiting (a starved machine), the
+        workers wait: what rows waiting to be written hold stays bounded."""
+        while self.writer.rows.qsize() > _Writer.BACKLOG and not self.stopping:
+            wake = self.wake
+            try:
+                await asyncio.wait_for(wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
 
     def _written(self, batch: list) -> None:
         """On the loop: rows the writer finished (``error`` None) or could not write."""
@@ -590,7 +601,8 @@ class BatchRun:
             "fingerprint": job.fingerprint, "server": server.url, "prompt_id": prompt_id,
             "attempts": task.attempts, "timings": timings,
         }
-        self._finish(server, task, images, record)
+        if self._finish(server, task, images, record):
+            await self._writer_room()
 
     def _bound_seed(self, job: Job):
         if "seed" in job.values:
