@@ -1,5 +1,6 @@
-"""A client for ComfyUI's HTTP API and its ``/ws`` websocket, on aiohttp (which every ComfyUI
-installs); host-free.
+"""A client for ComfyUI's HTTP API and its ``/ws`` websocket; host-free. The requests go over the
+client's own kept-alive HTTP/1.1 connections (:mod:`productscene.http1`), the websocket over aiohttp
+(which every ComfyUI installs).
 
 ``AsyncComfyClient`` is the client: one aiohttp session, many servers, for the batch run's event
 loop. ``ComfyClient`` is the same API for synchronous callers (tests, the demo, benchmarks)::
@@ -26,8 +27,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
+from yarl import URL
 
 from .errors import ProductSceneError
+from .http1 import HTTPConnectionError, HTTPPool
 
 
 class ServerError(ProductSceneError):
@@ -109,9 +112,6 @@ def _format_node_errors(node_errors: dict) -> str:
     return "\n".join(lines)
 
 
-_JSON = {"Content-Type": "application/json"}
-
-
 def _multipart(fields: dict[str, str], file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     """A multipart/form-data body as one bytes object, so a request is one socket write (aiohttp's
     FormData writes every part apart: about a dozen writes an upload)."""
@@ -132,7 +132,9 @@ class _HTTPError(ProductSceneError):
 
 
 class AsyncComfyClient:
-    """ComfyUI's API on one server, through ``session`` (the caller's; shared by many clients)."""
+    """ComfyUI's API on one server. Requests go through the client's own kept-alive connections
+    (:mod:`productscene.http1`; :meth:`close` closes them), the websocket through ``session`` (the
+    caller's; shared by many clients)."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, *, timeout: float = 60.0,
                  client_id: str | None = None):
@@ -140,15 +142,23 @@ class AsyncComfyClient:
         self.session = session
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
+        try:
+            self._http = HTTPPool(str(URL(self.base_url)))     # URL(): an IDNA host, a quoted path
+        except ValueError as e:
+            raise ProductSceneError(f"server: {e}") from None
+
+    def close(self) -> None:
+        """Close the kept-alive connections (the next request opens a new one)."""
+        self._http.close()
 
     # ------------------------------------------------------------------ transport
-    async def _request(self, method: str, path: str, *, raw: bool = False, **kwargs):
+    async def _request(self, method: str, path: str, *, raw: bool = False, data: bytes | None = None,
+                       content_type: str | None = None):
+        """``path``: already quoted (every caller quotes what it puts in)."""
         try:
-            async with self.session.request(method, self.base_url + path,
-                                            timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs) as r:
-                body = await r.read()
-                status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            status, _, body = await self._http.request(method, path, body=data, content_type=content_type,
+                                                       timeout=self.timeout)
+        except (HTTPConnectionError, asyncio.TimeoutError, OSError) as e:
             raise ServerUnreachable(f"ComfyUI at {self.base_url} is not reachable ({method} {path}): "
                                     f"{type(e).__name__}: {e}") from None
         if status >= 400:
@@ -204,22 +214,22 @@ class AsyncComfyClient:
         body, content_type = _multipart({"type": type, "subfolder": subfolder,
                                          "overwrite": "true" if overwrite else "false"}, "image", name, data)
         try:
-            return await self._request("POST", "/upload/image", data=body,
-                                       headers={"Content-Type": content_type})
+            return await self._request("POST", "/upload/image", data=body, content_type=content_type)
         except _HTTPError as e:
             kind = ServerError if e.code >= 500 else ProductSceneError
             raise kind(f"ComfyUI refused the upload of {name!r} (HTTP {e.code}): {e.payload}") from None
 
-    async def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
-        """``POST /prompt`` with an API-format graph; returns the prompt id.
+    async def queue(self, prompt: dict | bytes, client_id: str | None = None, *, strict: bool = True) -> str:
+        """``POST /prompt`` with an API-format graph (a dict, or its JSON as bytes when the caller
+        has it already); returns the prompt id.
 
         A rejected prompt raises ProductSceneError with the server's node_errors. With ``strict``
         (default) a prompt that was queued although some of its outputs failed validation raises
         too (the valid outputs still run; the message names the prompt id)."""
-        payload = {"prompt": prompt, "client_id": client_id or self.client_id}
+        graph_json = prompt if isinstance(prompt, bytes) else json.dumps(prompt).encode()
+        body = b'{"prompt": ' + graph_json + b', "client_id": ' + json.dumps(client_id or self.client_id).encode() + b"}"
         try:
-            answer = await self._request("POST", "/prompt", data=json.dumps(payload).encode(),
-                                         headers=_JSON)
+            answer = await self._request("POST", "/prompt", data=body, content_type="application/json")
         except _HTTPError as e:
             if e.code >= 500:
                 raise ServerError(f"ComfyUI could not take the prompt (HTTP {e.code}): {e.payload}") from None
@@ -349,7 +359,10 @@ class ComfyClient:
         async def call():
             async with aiohttp.ClientSession() as session:
                 client = AsyncComfyClient(self.base_url, session, timeout=self.timeout, client_id=self.client_id)
-                return await getattr(client, name)(*args, **kwargs)
+                try:
+                    return await getattr(client, name)(*args, **kwargs)
+                finally:
+                    client.close()
         return _run(call())
 
     def get(self, path: str, **params):
@@ -368,7 +381,7 @@ class ComfyClient:
                      overwrite: bool = True, type: str = "input") -> dict:
         return self._call("upload_image", path_or_bytes, name, subfolder=subfolder, overwrite=overwrite, type=type)
 
-    def queue(self, prompt: dict, client_id: str | None = None, *, strict: bool = True) -> str:
+    def queue(self, prompt: dict | bytes, client_id: str | None = None, *, strict: bool = True) -> str:
         return self._call("queue", prompt, client_id, strict=strict)
 
     def history(self, prompt_id: str) -> dict | None:

@@ -16,26 +16,36 @@ class Fidelity(NamedTuple):
 
 class ProductPixels:
     """A cut-out's product pixels (alpha 255) and background pixels (alpha 0), taken apart once for
-    the many outputs made from it."""
+    the many outputs made from it: their RGB values, one 3-byte item a pixel, and where they lie, so
+    each output costs one comparison and two counts."""
 
     def __init__(self, product: Image.Image):
         self.masked = "A" in product.getbands()
         if self.masked:
             a = np.asarray(product.convert("RGBA"))
-            self.rgb, alpha = a[..., :3], a[..., 3]
-            self.product, self.background = alpha == 255, alpha == 0
-            self.count = int(self.product.sum())
-            self.any_background = bool(self.background.any())
+            self.size = product.size
+            self.rgb = _pixels(np.ascontiguousarray(a[..., :3]).tobytes())
+            alpha = a[..., 3].reshape(-1)
+            self.product = np.flatnonzero(alpha == 255)
+            self.background = np.flatnonzero(alpha == 0)
+            self.count = len(self.product)
 
     def compare(self, result: Image.Image) -> Fidelity | None:
         """None when the product has no alpha (no mask says which pixels are the product). A result
         of another size keeps none."""
         if not self.masked:
             return None
-        out = np.asarray(result.convert("RGB"))
-        if out.shape != self.rgb.shape:
+        if result.size != self.size:
             return Fidelity(0, self.count, 0.0)
-        same = (out == self.rgb).all(-1)
-        changed = float((~same[self.background]).mean()) if self.any_background else 0.0
-        return Fidelity(int(same[self.product].sum()), self.count, changed)
+        if result.mode != "RGB":
+            result = result.convert("RGB")
+        changed = _pixels(result.tobytes()) != self.rgb
+        kept = self.count - int(np.count_nonzero(changed[self.product]))
+        background = len(self.background)
+        share = int(np.count_nonzero(changed[self.background])) / background if background else 0.0
+        return Fidelity(kept, self.count, share)
 
+
+def _pixels(rgb: bytes) -> np.ndarray:
+    """RGB bytes as one 3-byte item a pixel (compared whole, far faster than channel by channel)."""
+    return np.frombuffer(rgb, "V3")

@@ -5,8 +5,9 @@ completion and sampling progress; the rows are bound one at a time as workers ta
 
 A server that stops answering hands its rows back to the others, or, when it is the only one, is
 waited for; a prompt a restarted server lost is queued again; a row is written once (the first
-result wins), atomically, with its provenance record. Files are written on a worker thread; the
-loop only decides who writes."""
+result wins), atomically, with its provenance record. Rows are finished (output decoded for the
+fidelity figure, written, recorded) by one writer thread, a few at a time; the loop only decides who
+writes and hears of each batch once."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -132,8 +134,104 @@ _HEARD = {"progress", "execution_start", "execution_success", "execution_error",
           "executed", "executing"}     # the websocket messages the run listens to
 
 
+_second = (0, "")     # the last whole second formatted (one tuple: read whole from any thread)
+
+
 def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    """UTC now, to the millisecond, as ``datetime.isoformat`` writes it (``...T12:00:00.123+00:00``);
+    the seconds are formatted once a second (three stamps a row)."""
+    global _second
+    now = time.time()
+    second, text = _second
+    if second != int(now):
+        second = int(now)
+        text = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()[:-6]
+        _second = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}+00:00"
+
+
+class _PromptJSON:
+    """The workflow's ``POST /prompt`` graph as JSON with each bound value's place cut out, made once
+    per set of bound keys: a row's graph is the pieces joined with its values' JSON (the same bytes
+    as ``json.dumps(graph.bind(...))``, which costs more than the rest of queueing a row)."""
+
+    def __init__(self, workflow: dict, targets: dict):
+        self.workflow, self.targets = workflow, targets
+        self.made: dict[tuple, tuple[list[bytes], tuple] | None] = {}
+
+    def __call__(self, values: dict) -> bytes:
+        keys = tuple(values)
+        made = self.made.get(keys, 0)
+        if made == 0:
+            made = self.made[keys] = self._make(keys)
+        if made is None:          # a mark that is not in the JSON exactly once: the slow, plain way
+            return json.dumps(graph.bind(self.workflow, values, self.targets)).encode()
+        pieces, order = made
+        out = [pieces[0]]
+        for key, piece in zip(order, pieces[1:]):
+            out.append(json.dumps(values[key]).encode())
+            out.append(piece)
+        return b"".join(out)
+
+    def _make(self, keys: tuple):
+        marks = {key: f"\x00productscene-slot-{i}\x00" for i, key in enumerate(keys)}
+        text = json.dumps(graph.bind(self.workflow, marks, self.targets))   # raises for a linked input
+        where = {json.dumps(mark): key for key, mark in marks.items()}
+        if any(text.count(m) != 1 for m in where):
+            return None
+        parts = re.split("(" + "|".join(re.escape(m) for m in where) + ")", text)
+        return [p.encode() for p in parts[0::2]], tuple(where[m] for m in parts[1::2])
+
+
+class _Writer:
+    """One thread that finishes rows (:meth:`BatchRun._write`), in the order they came, a few at a
+    time: it takes what is waiting after a short pause and tells the loop of the whole batch in one
+    call (a thread hand-off per row cost more than the write). A row's image is renamed into place
+    before its provenance line is written, so a killed client leaves whole rows."""
+
+    PAUSE = 0.01   # seconds it lets rows gather after the first: latency the workers do not wait on
+    BACKLOG = 64   # rows waiting beyond which the workers wait for the writer
+
+    def __init__(self, run: "BatchRun", loop: asyncio.AbstractEventLoop):
+        self.run, self.loop = run, loop
+        self.rows: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._main, name="batch-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        self.rows.put(item)
+
+    def close(self) -> None:
+        """After the loop stopped: rows still waiting are not written (they run again on --resume)."""
+        self.rows.put(None)
+        self.thread.join()
+
+    def _main(self) -> None:
+        while True:
+            item = self.rows.get()
+            if item is None:
+                return
+            time.sleep(self.PAUSE)
+            batch = [item]
+            while True:
+                try:
+                    batch.append(self.rows.get_nowait())
+                except queue.Empty:
+                    break
+            done = []
+            for item in batch:
+                if item is None or self.run.stopping:
+                    return
+                server, task, images, record = item
+                try:
+                    self.run._write(task.job, images, record)
+                    done.append((server, task, None))
+                except Exception as e:   # disk full, folder gone: the row fails, the job goes on
+                    done.append((server, task, e))
+            try:
+                self.loop.call_soon_threadsafe(self.run._written, done)
+            except RuntimeError:      # the loop has closed: the job is over
+                return
 
 
 class BatchRun:
@@ -155,6 +253,7 @@ class BatchRun:
         self.last_report = 0.0
         self.servers: list[_Server] = []
         self.targets: dict = {}          # graph.bind's targets, found once
+        self.prompt_json = _PromptJSON(plan.workflow, self.targets)
 
     # -------------------------------------------------------------- shared state
     def _over(self) -> bool:
@@ -227,26 +326,43 @@ class BatchRun:
         self.log(f"failed: {task.job.row.where} ({task.job.output}): {why}")
         self._progress(force=True, last=task.job.output)
 
-    async def _finish(self, server: _Server, task: _Task, images: list[bytes], record: dict) -> bool:
-        """Write the row's files and its provenance record, once: a second result is discarded."""
+    def _finish(self, server: _Server, task: _Task, images: list[bytes], record: dict) -> bool:
+        """Hand the row to the writer, once: a second result is discarded. The worker goes on to its
+        next row; :meth:`_written` hears when the row is on disk."""
         if self.stopping:
             return False
         if task.state != "running":
             self.discarded += 1
             return False
         task.state = "writing"   # from here no other server's result for this row is written
-        try:
-            await asyncio.to_thread(self._write, task.job, images, record)
-        except BaseException:
-            task.state = "running"
-            raise
-        task.state = "done"
-        self.active -= 1
-        self.done += 1
-        server.rows += 1
-        self._changed()
-        self._progress(force=True, last=task.job.output)
+        self.writer.put((server, task, images, record))
         return True
+
+    async def _writer_room(self) -> None:
+        """While the writer has more than ``_Writer.BACKLOG`` rows waiting (a starved machine), the
+        workers wait: what rows waiting to be written hold stays bounded."""
+        while self.writer.rows.qsize() > _Writer.BACKLOG and not self.stopping:
+            wake = self.wake
+            try:
+                await asyncio.wait_for(wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    def _written(self, batch: list) -> None:
+        """On the loop: rows the writer finished (``error`` None) or could not write."""
+        if self.stopping:
+            return
+        for server, task, error in batch:
+            if error is not None:
+                task.state = "running"
+                self._fail(task, f"writing {task.job.output}: {type(error).__name__}: {error}")
+                continue
+            task.state = "done"
+            self.active -= 1
+            self.done += 1
+            server.rows += 1
+            self._progress(force=True, last=task.job.output)
+        self._changed()
 
     def _write(self, job: Job, images: list[bytes], record: dict) -> None:
         """The output files (temporary name, then renamed) and then the provenance line. A killed
@@ -433,7 +549,7 @@ class BatchRun:
                     if role in job.sha256:
                         values[role] = await self._call(server, task, lambda r=role: self._upload(server, r, job))
                 values["output"] = f"{OUTPUT_SUBFOLDER}/{self.tag}/{Path(job.output).stem}"
-                prompt = graph.bind(self.plan.workflow, values, self.targets)
+                prompt = self.prompt_json(values)
                 timings["upload_s"] = round(time.monotonic() - t0, 4)
                 prompt_id = await self._call(server, task, lambda: server.client.queue(prompt))
                 fresh = True
@@ -485,7 +601,8 @@ class BatchRun:
             "fingerprint": job.fingerprint, "server": server.url, "prompt_id": prompt_id,
             "attempts": task.attempts, "timings": timings,
         }
-        await self._finish(server, task, images, record)
+        if self._finish(server, task, images, record):
+            await self._writer_room()
 
     def _bound_seed(self, job: Job):
         if "seed" in job.values:
@@ -569,6 +686,7 @@ class BatchRun:
         self.retry: deque[_Task] = deque()
         self.exhausted = False
         self.active = 0           # rows taken and neither done nor failed nor handed back
+        self.writer = _Writer(self, asyncio.get_running_loop())
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.o.concurrency + 4)
         async with aiohttp.ClientSession(connector=connector) as session:
             self.servers = [_Server(url, session, self.plan.client_id) for url in self.o.servers]
@@ -587,6 +705,9 @@ class BatchRun:
                 for t in workers + listeners:
                     t.cancel()
                 await asyncio.gather(*workers, *listeners, return_exceptions=True)
+                for s in self.servers:
+                    s.client.close()
+                    s.probe_client.close()
 
     def run(self) -> Summary:
         t0 = time.monotonic()
@@ -604,11 +725,15 @@ class BatchRun:
         stop = threading.Event()
         flusher = threading.Thread(target=self._flush, args=(stop,), name="batch-flush", daemon=True)
         flusher.start()
+        self.writer = None
         try:
             asyncio.run(self._main())
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            self.stopping = True
+            if self.writer is not None:
+                self.writer.close()       # before the provenance closes: a row being written ends whole
             self.provenance.close()
             self.journal.close()
             stop.set()
