@@ -92,7 +92,8 @@ def load_checkpoint(path: str):
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
     except Exception as e:  # ComfyUI cannot identify the model ("Could not detect model type"), or bad weights
         raise ProductSceneError(f"checkpoint: ComfyUI could not load {path} as a model checkpoint ({one_line(e)}); give a "
-                                f"full SD1.5, SD2.x or SDXL checkpoint that CheckpointLoaderSimple takes") from None
+                                f"full checkpoint that CheckpointLoaderSimple takes (SD1.5, SD2.x, SDXL; for the category "
+                                f"commands also an all-in-one Flux.1 or Z-Image checkpoint)") from None
     if model is None:
         raise ProductSceneError(f"checkpoint: ComfyUI does not detect a diffusion model in {path}")
     if clip is None or vae is None:
