@@ -21,18 +21,57 @@ sampling (OUTER_SAMPLE wrapper), naming it.
 """
 from __future__ import annotations
 
+import functools
+
 import comfy.ldm.common_dit
 import comfy.patcher_extension
 import torch
 
 from productscene.attention import SceneAttention
 from productscene.dit import family as dit_family_entry
-from productscene.dit import joint_mask, text_positions, token_grid
+from productscene.dit import grouped_attention, joint_groups, joint_mask, text_positions, token_grid
 from productscene.errors import ProductSceneError
 
 from .host import SCENE_KEY, WRAPPER_KEY, scene_of
 
 STREAMS_KEY = "productscene.streams"  # per model call: (text, free, image) token counts, for tests and patches
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+class JointAttention:
+    """An ``optimized_attention_override`` for one model call: a call that carries this call's joint
+    mask runs as ``productscene.dit.grouped_attention`` (two unmasked calls per row, the same
+    attention; with the mask every query also scored the keys it may not read, about 1.4x the
+    vanilla call's work on the CPU). The override another pack installed, if any, still gets every
+    call as before, mask included; the attention function it is handed does the grouping."""
+
+    def __init__(self, mask, groups, previous=None):
+        self.mask, self.groups, self.previous = mask, groups, previous
+
+    def __call__(self, func, *args, **kwargs):
+        mask = kwargs["mask"] if "mask" in kwargs else (args[4] if len(args) > 4 else None)
+        if mask is self.mask and kwargs.get("skip_reshape") and len(args) >= 4:
+            func = functools.partial(self._grouped, func)
+        return self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
+
+    def _grouped(self, func, q, k, v, heads, *args, **kwargs):
+        mask = args[0] if args else kwargs.get("mask")
+        if mask is not self.mask or not kwargs.get("skip_reshape"):
+            return func(q, k, v, heads, *args, **kwargs)
+        rest = {key: value for key, value in kwargs.items() if key not in ("mask", "skip_output_reshape")}
+        out = grouped_attention(q, k, v, self.groups,
+                                lambda qs, ks, vs: func(qs, ks, vs, heads, skip_output_reshape=True, **rest))
+        if kwargs.get("skip_output_reshape"):
+            return out
+        b, _, length, dim = out.shape
+        return out.transpose(1, 2).reshape(b, length, heads * dim)
+
+
+def _with_joint_attention(options: dict, mask, groups) -> dict:
+    """A copy of ``options`` whose attention override runs ``mask``'s calls as two unmasked calls."""
+    if groups is None:
+        return options
+    return dict(options, **{OVERRIDE_KEY: JointAttention(mask, groups, options.get(OVERRIDE_KEY))})
 
 
 def dit_family(model_patcher) -> str | None:
@@ -72,9 +111,11 @@ def _flux_streams(executor, x, timestep, context, y=None, guidance=None, ref_lat
     image = sum(h * w for h, w in grids)  # the latent's tokens, then reference latents' (Kontext)
     text = context.shape[1]
     transformer_options[STREAMS_KEY] = (text, free.shape[1], image)
-    kwargs["attention_mask"] = joint_mask(text, free.shape[1], image, product, gated, valid, dtype=x.dtype)
+    mask = kwargs["attention_mask"] = joint_mask(text, free.shape[1], image, product, gated, valid, dtype=x.dtype)
+    options = _with_joint_attention(transformer_options, mask,
+                                    joint_groups(text, free.shape[1], image, product, gated, valid))
     both = torch.cat([context, free.to(context)], dim=1)
-    return executor(x, timestep, both, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    return executor(x, timestep, both, y, guidance, ref_latents, control, options, **kwargs)
 
 
 def _pad_stream(net, feats):
@@ -133,10 +174,11 @@ def _zimage_streams(executor, x, timesteps, context, num_tokens, attention_mask=
         img = layer(img, None, freqs[:, text + nf:], t, transformer_options=options)
     options[STREAMS_KEY] = (text, nf, img.shape[1])
     mask = joint_mask(text, nf, img.shape[1], product, gated, valid, dtype=img.dtype)
+    joint = _with_joint_attention(options, mask, joint_groups(text, nf, img.shape[1], product, gated, valid))
     full = torch.cat((cap_t, cap_f, img), dim=1)
     for i, layer in enumerate(net.layers):
-        options["block_index"] = i
-        full = layer(full, mask, freqs, t, transformer_options=options)
+        options["block_index"] = joint["block_index"] = i
+        full = layer(full, mask, freqs, t, transformer_options=joint)
     out = net.final_layer(full, t)
     out = net.unpatchify(out, [(hp, wp)] * b, [text + nf] * b, return_tensor=True)[:, :, :h0, :w0]
     return -out

@@ -90,6 +90,28 @@ def patch_tokens(mask: torch.Tensor, latent_hw: tuple[int, int], patch: int, gro
     return (tokens > 0.5).flatten(1)
 
 
+def _streams(text: int, free: int, image: int, product: torch.Tensor, gated: torch.Tensor,
+             free_valid: torch.Tensor | None):
+    """Per query, which text stream it reads (``[B, L]`` bool, True = F), and per row the keys of
+    F (``[B, L]`` bool: the real F tokens); T's keys are the first ``text`` columns, the image's the
+    last ``image``."""
+    b = product.shape[0]
+    device = product.device
+    total = text + free + image
+    reads_free = torch.zeros(b, total, dtype=torch.bool, device=device)
+    reads_free[:, text:text + free] = True
+    img_free = gated.to(device)[:, None].expand(b, image).clone()  # tokens after the grid read F
+    img_free[:, :product.shape[1]] &= product
+    reads_free[:, text + free:] = img_free
+    key_f = torch.zeros(b, total, dtype=torch.bool, device=device)
+    if free_valid is None:
+        key_f[:, text:text + free] = True
+    else:
+        cols = torch.arange(free, device=device)
+        key_f[:, text:text + free] = cols[None, :] < free_valid.to(device)[:, None]
+    return reads_free, key_f
+
+
 def joint_mask(text: int, free: int, image: int, product: torch.Tensor, gated: torch.Tensor,
                free_valid: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
     """The additive mask ``[B, 1, L, L]`` (0 = attend, -inf = never), L = text + free + image, for
@@ -103,20 +125,9 @@ def joint_mask(text: int, free: int, image: int, product: torch.Tensor, gated: t
     b = product.shape[0]
     device = product.device
     total = text + free + image
-    # per query: which text stream it reads (0 = T, 1 = F)
-    reads_free = torch.zeros(b, total, dtype=torch.bool, device=device)
-    reads_free[:, text:text + free] = True
-    img_free = gated.to(device)[:, None].expand(b, image).clone()  # tokens after the grid read F
-    img_free[:, :product.shape[1]] &= product
-    reads_free[:, text + free:] = img_free
+    reads_free, key_f = _streams(text, free, image, product, gated, free_valid)
     key_t = torch.zeros(total, dtype=torch.bool, device=device)
     key_t[:text] = True
-    key_f = torch.zeros(b, total, dtype=torch.bool, device=device)
-    if free_valid is None:
-        key_f[:, text:text + free] = True
-    else:
-        cols = torch.arange(free, device=device)
-        key_f[:, text:text + free] = cols[None, :] < free_valid.to(device)[:, None]
     key_img = torch.zeros(total, dtype=torch.bool, device=device)
     key_img[text + free:] = True
     # allowed[b, q, k] = image key, or the stream the query reads
@@ -125,6 +136,54 @@ def joint_mask(text: int, free: int, image: int, product: torch.Tensor, gated: t
         allowed[:, text:text + free, text:text + free] |= ~key_f[:, None, text:text + free].any(-1, keepdim=True)
     out = torch.zeros(b, 1, total, total, dtype=dtype, device=device)
     return out.masked_fill_(~allowed[:, None], float("-inf"))
+
+
+@dataclass(frozen=True)
+class JointGroups:
+    """``joint_mask`` as two unmasked attention calls per batch row: the queries that read T (T,
+    background image) against the keys ``[T | image]``, and those that read F (F, product image)
+    against ``[F | image]``. The same attention as the mask (a masked key gets exactly nothing), but
+    no mask: attention kernels without mask support (flash) stay usable, and no query is scored
+    against keys it may not read. Per row: ``reads_t``, ``reads_f`` query indices; ``keys_t``,
+    ``keys_f`` key indices."""
+
+    reads_t: tuple
+    reads_f: tuple
+    keys_t: tuple
+    keys_f: tuple
+
+
+def joint_groups(text: int, free: int, image: int, product: torch.Tensor, gated: torch.Tensor,
+                 free_valid: torch.Tensor | None = None) -> JointGroups | None:
+    """The :class:`JointGroups` of ``joint_mask``'s pattern; None where a row has no real F token
+    (the mask then lets F padding read the whole F slot: keep the mask for that case)."""
+    reads_free, key_f = _streams(text, free, image, product, gated, free_valid)
+    if not bool(key_f[:, text:text + free].any(-1).all()):
+        return None
+    total = text + free + image
+    device = product.device
+    key_img = torch.zeros(total, dtype=torch.bool, device=device)
+    key_img[text + free:] = True
+    key_t = key_img.clone()
+    key_t[:text] = True
+    keys_t = key_t.nonzero()[:, 0]
+    rows = range(reads_free.shape[0])
+    return JointGroups(reads_t=tuple((~reads_free[r]).nonzero()[:, 0] for r in rows),
+                       reads_f=tuple(reads_free[r].nonzero()[:, 0] for r in rows),
+                       keys_t=tuple(keys_t for _ in rows),
+                       keys_f=tuple((key_f[r] | key_img).nonzero()[:, 0] for r in rows))
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: JointGroups, attend) -> torch.Tensor:
+    """Joint attention by :class:`JointGroups`: ``q``, ``k``, ``v`` ``[B, H, L, D]``; ``attend(q, k,
+    v)`` is one unmasked attention call on ``[1, H, n, D]`` tensors returning ``[1, H, n, D]``.
+    Returns ``[B, H, L, D]``."""
+    out = torch.empty_like(q)
+    for r in range(q.shape[0]):
+        for reads, keys in ((groups.reads_t[r], groups.keys_t[r]), (groups.reads_f[r], groups.keys_f[r])):
+            if reads.numel():
+                out[r:r + 1, :, reads] = attend(q[r:r + 1, :, reads], k[r:r + 1, :, keys], v[r:r + 1, :, keys])
+    return out
 
 
 def identifier_only_mask(text: int, image: int, product: torch.Tensor, identifier_rows, dtype=torch.float32):

@@ -20,7 +20,7 @@ import comfy.patcher_extension
 import comfy.sample
 
 from productscene.attention import CategoryGate, SceneAttention
-from productscene.dit import DIT_FAMILIES, identifier_only_mask
+from productscene.dit import DIT_FAMILIES, identifier_only_mask, joint_mask
 from productscene.errors import ProductSceneError
 from productscene.prompt import CategoryTokens
 from devkit import comfy_env
@@ -315,3 +315,32 @@ def test_node_names_a_dit_it_does_not_know():
         **dict(vars(model.model.diffusion_model.params), global_modulation=True))
     with pytest.raises(ProductSceneError, match="this model is a Flux"):
         gate_node.execute(model, product_mask(), tokens, 1.0, 0, 0.0)
+
+
+def test_grouped_joint_attention_is_the_masked_attention():
+    """The gate's joint calls run as two unmasked calls per row (``dit.grouped_attention``); they
+    compute the masked call's attention: gated and ungated rows, F padding, image tokens after the
+    grid."""
+    from productscene.dit import grouped_attention, joint_groups
+    g = torch.Generator().manual_seed(3)
+    text, free, image = 7, 5, 20
+    product = torch.rand(3, 16, generator=g) > 0.6
+    gated = torch.tensor([True, False, True])
+    valid = torch.tensor([5, 2, 4])
+    mask = joint_mask(text, free, image, product, gated, valid)
+    groups = joint_groups(text, free, image, product, gated, valid)
+    q, k, v = (torch.randn(3, 2, text + free + image, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())
+    grouped = grouped_attention(q, k, v, groups, torch.nn.functional.scaled_dot_product_attention)
+    assert (grouped - masked).abs().max() < 1e-12
+    assert joint_groups(text, free, image, product, gated, torch.tensor([5, 0, 4])) is None  # no real F: the mask
+
+
+@pytest.mark.parametrize("fam", ["flux", "zimage"])
+def test_the_joint_calls_run_grouped_behind_a_foreign_override(fam):
+    """A foreign ``optimized_attention_override`` still sees every joint call with its mask, and
+    the attention function it is handed is the grouped one."""
+    (rec, _, _), _ = two_categories(fam)
+    calls = joint_calls(rec)
+    assert calls and all(getattr(c["func"], "func", None) is not None
+                         and c["func"].func.__name__ == "_grouped" for c in calls)
