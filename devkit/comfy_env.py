@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import logging
 import os
 import shutil
@@ -117,3 +118,16 @@ def import_pack(name: str = "productscene_pack_under_test") -> types.ModuleType:
     through ComfyUI's own loader)."""
     from productscene_cli.comfyui import import_repo_as_pack
     return import_repo_as_pack(name)
+
+
+def cached_model(builder):
+    """``functools.cache`` for a builder of ComfyUI models, emptied at interpreter exit while
+    ComfyUI's modules still exist: a ModelPatcher freed during module teardown fails in its
+    ``__del__`` and prints "Exception ignored in ModelPatcher.__del__"."""
+    cached = functools.cache(builder)
+
+    def release():
+        cached.cache_clear()
+        gc.collect()
+    atexit.register(release)
+    return cached

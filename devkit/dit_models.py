@@ -16,7 +16,6 @@ by the identifier's rows, as Category Tokens makes them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -54,13 +53,13 @@ def zimage_config(dim: int = 256, heads: int = 4, layers: int = 2, refiners: int
                 ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
 
 
-@functools.cache
+@comfy_env.cached_model
 def tiny_flux(seed: int = 0, **kwargs) -> "comfy.model_patcher.ModelPatcher":
     """Flux.1 (double-stream then single-stream blocks) at width 64: shared, clone before patching."""
     return _patcher(sm.Flux, flux_config(**kwargs), seed)
 
 
-@functools.cache
+@comfy_env.cached_model
 def tiny_zimage(seed: int = 0, **kwargs) -> "comfy.model_patcher.ModelPatcher":
     """Z-Image (context and noise refiners, then one stream) at width 256 (Z-Image modulation needs >= 256): shared, clone before patching."""
     return _patcher(sm.ZImage, zimage_config(**kwargs), seed)

@@ -116,7 +116,7 @@ def state_dicts(family: str) -> tuple:
     raise ValueError(f"family: expected flux or z_image, got {family!r}")
 
 
-@functools.cache
+@comfy_env.cached_model
 def tiny_text_encoder(family: str) -> "comfy.sd.CLIP":
     """The tiny text encoder of ``family`` ("flux": CLIP-L + T5-XXL, "z_image": Qwen3-4B), as
     DualCLIPLoader (type flux) / CLIPLoader (type lumina2) would give it."""
